@@ -1,0 +1,161 @@
+"""
+Answer a prompt about an image with LLaVA-1.5 (model.py): prefill, then a decode loop over a preallocated KV cache.
+
+    python generate.py --image photo.jpg --model path/to/llava-1.5-7b-hf
+    python generate.py --image photo.jpg --model DIR --prompt "What is unusual here?" --json
+
+A batch (generate() with several image/prompt pairs) pads each row at its end and every cache row keeps its own
+length, so no row ever attends to padding and each row computes what it would alone. Streams the answer, then prints
+one summary line (prompt tokens, new tokens, prefill ms, decode tokens/s, peak memory) on stderr.
+"""
+import argparse
+import json
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from model import Llava, StreamDecoder, Tokenizer, preprocess
+
+
+@dataclass
+class Generation:
+    """The result of one generate() call; `rows` holds one dict per image/prompt pair."""
+    rows: list = field(default_factory=list)  # text, token_ids (new tokens, EOS included), prompt_tokens, image_token_start
+    prefill_ms: float = 0.0  # vision tower + prompt forward + first token
+    decode_ms_per_token: float = 0.0
+    peak_memory_bytes: int = 0  # CUDA: max allocated; CPU: the process's peak resident set
+
+
+def sample(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
+    """(B, V) logits -> (B,) next tokens. temperature 0 is greedy; top_k and top_p restrict what is sampled."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def generate(model: Llava, tokenizer: Tokenizer, images, prompts, max_new_tokens=64, temperature=0.0, top_k=0,
+             top_p=1.0, seed=0, conv="llava-hf", pad=False, on_text=None):
+    """Generate for a batch of image/prompt pairs. on_text(row, piece) receives the text as it is produced."""
+    if len(images) != len(prompts) or not images:
+        raise ValueError(f"Give one prompt per image: got {len(images)} images and {len(prompts)} prompts.")
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be at least 1.")
+    cfg, device = model.config, model.language_model.lm_head.weight.device
+    encoded = [tokenizer.encode_prompt(p, conv) for p in prompts]
+    lengths = torch.tensor([len(ids) for ids, _ in encoded], device=device)  # (B,)
+    B, T = len(encoded), int(lengths.max())
+    model.check_length(T + max_new_tokens)
+    input_ids = torch.full((B, T), cfg.pad_token_id, dtype=torch.long, device=device)  # rows padded at their end
+    for b, (ids, _) in enumerate(encoded):
+        input_ids[b, :len(ids)] = torch.tensor(ids)
+    dtype = model.language_model.lm_head.weight.dtype
+    pixel_values = torch.stack([preprocess(im, cfg.vision.image_size, pad) for im in images]).to(device, dtype)
+    caches = model.new_caches(B, T + max_new_tokens)
+    generator = torch.Generator(device).manual_seed(seed)
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    sync(device)
+    t0 = time.perf_counter()
+    positions = torch.arange(T, device=device).expand(B, T)
+    token = sample(model.step(input_ids, positions, caches, lengths, pixel_values), temperature, top_k, top_p, generator)
+    sync(device)
+    t1 = time.perf_counter()
+    streams, new_tokens = [StreamDecoder(tokenizer) for _ in range(B)], []
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    for t in range(1, max_new_tokens + 1):  # `token` is new token t-1
+        if on_text is not None:
+            for b in range(B):
+                if not done[b]:
+                    on_text(b, streams[b].push(token[b]))
+        new_tokens.append(token)
+        done |= token == cfg.eos_token_id
+        if bool(done.all()) or t == max_new_tokens:
+            break
+        # new token t-1 sits at index lengths + t - 1 of its row's full sequence: that is its RoPE position
+        logits = model.step(token[:, None], (lengths + t - 1)[:, None], caches)
+        token = sample(logits, temperature, top_k, top_p, generator)
+    sync(device)
+    t2 = time.perf_counter()
+
+    out = Generation(prefill_ms=(t1 - t0) * 1e3, decode_ms_per_token=(t2 - t1) * 1e3 / max(len(new_tokens) - 1, 1))
+    if torch.device(device).type == "cuda":
+        out.peak_memory_bytes = torch.cuda.max_memory_allocated(device)
+    else:
+        out.peak_memory_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    all_tokens = torch.stack(new_tokens, dim=1).tolist()  # (B, n_new)
+    for b, (ids, start) in enumerate(encoded):
+        row = all_tokens[b]
+        if cfg.eos_token_id in row:
+            row = row[:row.index(cfg.eos_token_id) + 1]
+        out.rows.append(dict(text=tokenizer.decode(row), token_ids=row, prompt_tokens=len(ids), image_token_start=start))
+    return out
+
+
+def default_dtype(device):
+    return "float16" if torch.device(device).type == "cuda" else "float32"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Answer a prompt about an image with LLaVA-1.5.")
+    g = p.add_argument_group("input")
+    g.add_argument("--image", required=True, help="image file (anything Pillow opens)")
+    g.add_argument("--prompt", default="Provide a one-sentence caption for the provided image.", help="the question")
+    g.add_argument("--conv", choices=["llava-hf", "vicuna_v1"], default="llava-hf",
+                   help="prompt template: llava-hf's 'USER: <image>\\n... ASSISTANT:' or the original with a system prompt")
+    g.add_argument("--pad", action="store_true", help="pad the image to a square first (original LLaVA evaluation)")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=True, help="llava-hf checkpoint folder (config.json, safetensors, tokenizer.json)")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:1, cpu, ...")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="default: float16 on CUDA, float32 on CPU (use bfloat16 for 7B on CPU: ~14 GB)")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="stop after this many new tokens (or at EOS)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the sampler")
+    g = p.add_argument_group("output")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    args = p.parse_args(argv)
+
+    dtype = getattr(torch, args.dtype or default_dtype(args.device))
+    print(f"loading {args.model} on {args.device} in {dtype} ...", file=sys.stderr)
+    model = Llava.from_pretrained(args.model, device=args.device, dtype=dtype)
+    tokenizer = Tokenizer(args.model, model.config)
+    stream = None if args.json else (lambda b, piece: print(piece, end="", flush=True))
+    out = generate(model, tokenizer, [args.image], [args.prompt], args.max_new_tokens, args.temperature, args.top_k,
+                   args.top_p, args.seed, args.conv, args.pad, on_text=stream)
+    row = out.rows[0]
+    if args.json:
+        print(json.dumps(dict(row, prefill_ms=round(out.prefill_ms, 3), decode_ms_per_token=round(out.decode_ms_per_token, 3),
+                              new_tokens=len(row["token_ids"]), peak_memory_bytes=out.peak_memory_bytes)))
+        return out
+    print()
+    n_new = len(row["token_ids"])
+    print(f"prompt tokens {row['prompt_tokens']} | new tokens {n_new} | prefill {out.prefill_ms:.1f} ms | decode "
+          f"{1e3 / out.decode_ms_per_token if n_new > 1 else float('nan'):.1f} tok/s | peak memory "
+          f"{out.peak_memory_bytes / 2**30:.2f} GiB", file=sys.stderr)
+    return out
+
+
+if __name__ == "__main__":
+    main()

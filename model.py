@@ -1,0 +1,658 @@
+"""
+LLaVA-1.5 written from scratch: CLIP ViT-L/14-336 -> 2-layer GELU projector -> Llama (Vicuna).
+
+Loads the public llava-hf safetensors checkpoints (llava-hf/llava-1.5-7b-hf, -13b-hf) from a local folder and
+computes what HF transformers' LlavaForConditionalGeneration computes (test_dyrate.py proves it). Module names
+mirror the checkpoint keys, so loading is one key canonicalisation plus a strict, shape-checked copy.
+
+Read top to bottom: configs, the CLIP vision tower, the projector, the Llama decoder with its KV cache, the LLaVA
+wrapper and its loader, then image preprocessing and the prompt/tokenizer. dyrate.py plugs into LlamaModel.forward
+through its `pruner` argument; nothing else here knows about pruning.
+
+    model = Llava.from_pretrained("path/to/llava-1.5-7b-hf", device="cuda", dtype=torch.float16)
+"""
+import json
+import os
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+GET_WEIGHTS = ("Download a checkpoint with `hf download llava-hf/llava-1.5-7b-hf --local-dir DIR` "
+               "(or llava-hf/llava-1.5-13b-hf) and pass that DIR.")
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Configs. Defaults are LLaVA-1.5-7B's; the hub config.json lists only some fields, the rest are these.
+
+
+@dataclass
+class VisionConfig:
+    """CLIP ViT-L/14 at 336 px (openai/clip-vit-large-patch14-336)."""
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    image_size: int = 336
+    patch_size: int = 14  # 336 / 14 = 24 x 24 = 576 patches
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-5  # the hub file omits it
+    hidden_act: str = "quick_gelu"  # NOTE: x * sigmoid(1.702 x), not GELU; the hub file omits it too
+
+
+@dataclass
+class TextConfig:
+    """Vicuna-7B v1.5, a Llama-2 decoder. The hub file gives only vocab size, max positions and rms_norm_eps."""
+    vocab_size: int = 32064  # Llama-2's 32000 + <image> + <pad>, padded to a multiple of 64
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32  # fewer than the attention heads = grouped-query attention
+    head_dim: int = 128  # hidden_size // num_attention_heads unless the file says otherwise
+    rms_norm_eps: float = 1e-5  # NOTE: LLaVA's file says 1e-5; the generic Llama default is 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    hidden_act: str = "silu"
+
+
+@dataclass
+class LlavaConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    image_token_index: int = 32000
+    pad_token_id: int = 32001
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    vision_feature_layer: int = -2  # NOTE: the image feature is the output of the second-to-last CLIP block
+    vision_feature_select_strategy: str = "default"  # "default" drops the CLS token, "full" keeps it
+    projector_hidden_act: str = "gelu"  # NOTE: exact (erf) GELU here, unlike CLIP's quick_gelu
+
+    @property
+    def n_image_tokens(self):
+        """Image features (= image token ids in the prompt) per image: 576 for LLaVA-1.5."""
+        n = (self.vision.image_size // self.vision.patch_size) ** 2
+        return n + (self.vision_feature_select_strategy == "full")
+
+    @property
+    def n_vision_layers_used(self):
+        """CLIP blocks that run: hidden_states[f] is the output of block f-1, hidden_states[0] the embeddings."""
+        f = self.vision_feature_layer
+        return f if f >= 0 else self.vision.num_hidden_layers + 1 + f
+
+    @classmethod
+    def from_json(cls, path):
+        with open(path) as f:
+            d = json.load(f)
+        tc, vc = dict(d.get("text_config") or {}), dict(d.get("vision_config") or {})
+        # rope theta lives at the top of text_config in older files and in rope_parameters in newer ones
+        rope = tc.get("rope_parameters") or tc.get("rope_scaling") or {}
+        tc.setdefault("rope_theta", rope.get("rope_theta", TextConfig.rope_theta))
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ValueError(f"{path}: RoPE scaling {rope} is not supported; LLaVA-1.5 uses plain RoPE.")
+        for key in ("num_key_value_heads", "head_dim"):  # None or absent means "derive it"
+            if tc.get(key) is None:
+                tc.pop(key, None)
+        text = TextConfig(**{k: v for k, v in tc.items() if k in {f.name for f in fields(TextConfig)}})
+        if "num_key_value_heads" not in tc:
+            text.num_key_value_heads = text.num_attention_heads
+        if "head_dim" not in tc:
+            text.head_dim = text.hidden_size // text.num_attention_heads
+        vision = VisionConfig(**{k: v for k, v in vc.items() if k in {f.name for f in fields(VisionConfig)}})
+        top = {k: d[k] for k in ("image_token_index", "pad_token_id", "vision_feature_layer",
+                                 "vision_feature_select_strategy", "projector_hidden_act") if d.get(k) is not None}
+        for key in ("bos_token_id", "eos_token_id"):
+            value = tc.get(key, d.get(key))
+            if value is not None:
+                top[key] = value[0] if isinstance(value, list) else value
+        cfg = cls(vision=vision, text=text, **top)
+        checks = [(text.hidden_act == "silu", f"text hidden_act {text.hidden_act!r} (Llama uses 'silu')"),
+                  (vision.hidden_act in ("quick_gelu", "gelu"), f"vision hidden_act {vision.hidden_act!r}"),
+                  (cfg.projector_hidden_act == "gelu", f"projector_hidden_act {cfg.projector_hidden_act!r}"),
+                  (isinstance(cfg.vision_feature_layer, int), "a list of vision_feature_layer (LLaVA-1.5 uses -2)"),
+                  (cfg.vision_feature_select_strategy in ("default", "full"),
+                   f"vision_feature_select_strategy {cfg.vision_feature_select_strategy!r}"),
+                  (text.num_attention_heads % text.num_key_value_heads == 0,
+                   f"{text.num_attention_heads} heads over {text.num_key_value_heads} key/value heads")]
+        for ok, what in checks:
+            if not ok:
+                raise ValueError(f"{path}: unsupported {what}. This is a LLaVA-1.5 (CLIP + Llama) implementation.")
+        return cfg
+
+
+def activation(name):
+    if name == "quick_gelu":
+        return lambda x: x * torch.sigmoid(1.702 * x)
+    return {"gelu": F.gelu, "silu": F.silu}[name]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CLIP vision tower (vision_tower.vision_model.*)
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.n_head = cfg.num_attention_heads
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        hs = C // self.n_head
+        q, k, v = (proj(x).view(B, T, self.n_head, hs).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v, scale=hs ** -0.5)  # (B, nh, T, hs), bidirectional
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.act = activation(cfg.hidden_act)
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CLIPEncoderLayer(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.self_attn = CLIPAttention(cfg)
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = CLIPMLP(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+
+
+class CLIPVisionEmbeddings(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.class_embedding = nn.Parameter(torch.empty(cfg.hidden_size))
+        # NOTE: CLIP's patch embedding has no bias
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size, bias=False)
+        self.position_embedding = nn.Embedding((cfg.image_size // cfg.patch_size) ** 2 + 1, cfg.hidden_size)
+
+    def forward(self, pixel_values):
+        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (B, C, 24, 24)
+        x = x.flatten(2).transpose(1, 2)  # (B, 576, C), patches in row-major order
+        cls = self.class_embedding.expand(x.shape[0], 1, -1)  # (B, 1, C)
+        return torch.cat([cls, x], dim=1) + self.position_embedding.weight  # (B, 577, C)
+
+
+class CLIPVisionTransformer(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.embeddings = CLIPVisionEmbeddings(cfg)
+        self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # NOTE: HF's spelling, kept
+        self.encoder = CLIPEncoder(cfg)
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # in the checkpoint, unused
+
+    def forward(self, pixel_values, n_layers):
+        """Hidden state after the first `n_layers` blocks (the blocks after LLaVA's feature layer never run)."""
+        x = self.pre_layrnorm(self.embeddings(pixel_values))
+        for layer in self.encoder.layers[:n_layers]:
+            x = layer(x)
+        return x  # (B, 577, C)
+
+
+class CLIPVisionModel(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.vision_model = CLIPVisionTransformer(cfg)
+
+
+class LlavaMultiModalProjector(nn.Module):
+    def __init__(self, cfg: LlavaConfig):
+        super().__init__()
+        self.linear_1 = nn.Linear(cfg.vision.hidden_size, cfg.text.hidden_size)
+        self.act = activation(cfg.projector_hidden_act)
+        self.linear_2 = nn.Linear(cfg.text.hidden_size, cfg.text.hidden_size)
+
+    def forward(self, x):
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Llama decoder (language_model.*)
+
+
+class LlamaRMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # NOTE: normalise in fp32 and cast back to the input dtype *before* the weight multiply, as HF does
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def rope_inv_freq(cfg: TextConfig, device=None):
+    return 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float, device=device) / cfg.head_dim))
+
+
+def apply_rope(x, cos, sin):
+    """Rotate-half RoPE (HF layout, so HF q/k weights load unpermuted). x (B, nh, T, hs), cos/sin (B, 1, T, hs)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """One decoder layer's keys and values, preallocated (gpt-fast style) for `batch` rows of `max_len` slots.
+
+    Each row keeps its own valid length and each slot the RoPE position of the token in it, so rows of different
+    lengths share a batch and a layer that dropped tokens (dyrate.py) simply holds fewer slots than its neighbours.
+    `used` is a host-side upper bound of the lengths: attention reads slots [0, used) and masks the rest.
+    """
+
+    def __init__(self, batch, max_len, n_kv_heads, head_dim, dtype, device):
+        self.k = torch.zeros(batch, n_kv_heads, max_len, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.pos = torch.full((batch, max_len), -1, dtype=torch.long, device=device)  # -1 = empty slot
+        self.length = torch.zeros(batch, dtype=torch.long, device=device)
+        self.used = 0
+
+    def update(self, k, v, positions, n_valid):
+        """Write a chunk k/v (B, nkv, T, hs) at each row's end; the first n_valid[b] of row b's T tokens are real.
+        Returns all keys/values (B, nkv, used, hs) and each row's length before the chunk."""
+        B, _, T, _ = k.shape
+        base = self.length
+        assert self.used + T <= self.k.shape[2], "KV cache overflow: allocate max_len >= prompt + new tokens"
+        slots = base[:, None] + torch.arange(T, device=k.device)  # (B, T), junk tokens of short rows included
+        idx = slots[:, None, :, None].expand_as(k)
+        self.k.scatter_(2, idx, k)
+        self.v.scatter_(2, idx, v)
+        self.pos.scatter_(1, slots, positions)
+        self.length = base + n_valid
+        self.used += T
+        return self.k[:, :, :self.used], self.v[:, :, :self.used], base
+
+    def keep(self, slots, lengths):
+        """Keep only the given slots (B, S') of each row, in order (the first lengths[b] are real): physical dropping."""
+        S = slots.shape[1]
+        for buf in (self.k, self.v):
+            buf[:, :, :S] = buf.gather(2, slots[:, None, :, None].expand(-1, buf.shape[1], -1, buf.shape[3]))
+        self.pos[:, :S] = self.pos.gather(1, slots)
+        self.pos[:, S:] = -1
+        self.length, self.used = lengths, S
+
+
+def causal_mask(base, T, S):
+    """(B, 1, T, S) bool: query i of row b sits in slot base[b] + i and may see slots up to and including its own."""
+    q = base[:, None] + torch.arange(T, device=base.device)  # (B, T)
+    return (torch.arange(S, device=base.device) <= q[:, :, None])[:, None]
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x, rope, cache=None, n_valid=None, probe_rows=None, key_weight=None):
+        """x (B, T, C). rope = (cos, sin, positions). Without a cache the chunk attends to itself (causal).
+        probe_rows (B, R): also return those query rows' attention probabilities (B, nh, R, S), from this forward.
+        key_weight (B, T, S) in [0, 1]: multiplies each query's attention over the keys, then renormalises
+        (dyrate.py's differentiable masked softmax for training)."""
+        B, T, _ = x.shape
+        cos, sin, positions = rope
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            base = torch.zeros(B, dtype=torch.long, device=x.device)
+        else:
+            k, v, base = cache.update(k, v, positions, n_valid)
+        mask = causal_mask(base, T, k.shape[2])  # (B, 1, T, S)
+        scale = self.head_dim ** -0.5
+        if key_weight is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=self.n_kv_head != self.n_head)
+        else:
+            probs = attention_probs(q, k, mask, scale) * key_weight[:, None]  # (B, nh, T, S), fp32
+            y = (probs / probs.sum(-1, keepdim=True)).to(v.dtype) @ repeat_kv(v, self.n_head // self.n_kv_head)
+        probs = None
+        if probe_rows is not None:
+            rows = probe_rows[:, None, :, None]  # (B, 1, R, 1)
+            probs = attention_probs(q.gather(2, rows.expand(-1, self.n_head, -1, self.head_dim)), k,
+                                    mask.gather(2, rows.expand(-1, -1, -1, mask.shape[3])), scale)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), probs
+
+
+def repeat_kv(k, n_rep):
+    """(B, nkv, S, hs) -> (B, nkv * n_rep, S, hs): each key/value head serves n_rep query heads."""
+    return k if n_rep == 1 else k.repeat_interleave(n_rep, dim=1)
+
+
+def attention_probs(q, k, mask, scale):
+    """Explicit softmax(q k^T) in fp32 for the given query rows: q (B, nh, R, hs), k (B, nkv, S, hs), mask (B, 1, R, S)."""
+    scores = (q.float() @ repeat_kv(k, q.shape[1] // k.shape[1]).float().transpose(-1, -2)) * scale  # (B, nh, R, S)
+    return scores.masked_fill(~mask, float("-inf")).softmax(-1)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.self_attn = LlamaAttention(cfg)
+        self.mlp = LlamaMLP(cfg)
+        self.input_layernorm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, rope, cache=None, n_valid=None, probe_rows=None, key_weight=None):
+        h, probs = self.self_attn(self.input_layernorm(x), rope, cache, n_valid, probe_rows, key_weight)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), probs
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def rope(self, positions, dtype):
+        freqs = positions[..., None].float() * self.inv_freq  # (B, T, hs/2), built in fp32 like HF
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hs)
+        return emb.cos().to(dtype), emb.sin().to(dtype), positions
+
+    def forward(self, x, positions, n_valid=None, caches=None, pruner=None):
+        """x (B, T, C) input embeddings; positions (B, T): each token's RoPE position = its index in its row's full
+        sequence (never a cache length); n_valid (B,): real tokens per row, the rest of a row is padding at its end.
+
+        `pruner` (dyrate.py) is the only hook: layer pruner.layer - 1 also computes the attention probabilities of
+        the query rows pruner.probe_rows(...) asks for, and before layer pruner.layer the pruner may drop image
+        tokens (gather x and positions, compact the caches of the later layers) or return a key mask for them.
+        Returns the final-normed hidden states and the real tokens per row after any dropping."""
+        B, T, _ = x.shape
+        n_valid = torch.full((B,), T, device=x.device) if n_valid is None else n_valid
+        rope = self.rope(positions, x.dtype)
+        probs = key_weight = None
+        for i, layer in enumerate(self.layers):
+            if pruner is not None and i == pruner.layer:  # dyrate: from here on layers see only kept image tokens
+                x, new_positions, n_valid, key_weight = pruner(probs, x, positions, n_valid, caches)
+                if new_positions is not positions:
+                    positions, rope = new_positions, self.rope(new_positions, x.dtype)
+            probe = pruner.probe_rows(n_valid, x.shape[1]) if pruner is not None and i == pruner.layer - 1 else None
+            x, p = layer(x, rope, caches[i] if caches is not None else None, n_valid, probe, key_weight)
+            probs = p if p is not None else probs
+        return self.norm(x), n_valid
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.model = LlamaModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # not tied to embed_tokens
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# LLaVA: the image features replace the image token ids' embeddings, then it is a plain Llama
+
+
+class Llava(nn.Module):
+    def __init__(self, cfg: LlavaConfig):
+        super().__init__()
+        self.config = cfg
+        self.vision_tower = CLIPVisionModel(cfg.vision)
+        self.multi_modal_projector = LlavaMultiModalProjector(cfg)
+        self.language_model = LlamaForCausalLM(cfg.text)
+
+    def image_features(self, pixel_values):
+        """(n_images, 3, H, W) -> projected image features (n_images, 576, text hidden)."""
+        v = self.config.vision
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (v.num_channels, v.image_size, v.image_size):
+            raise ValueError(f"pixel_values must be (n_images, {v.num_channels}, {v.image_size}, {v.image_size}), got "
+                             f"{tuple(pixel_values.shape)}; make them with model.preprocess().")
+        h = self.vision_tower.vision_model(pixel_values, self.config.n_vision_layers_used)  # (n, 577, Cv)
+        if self.config.vision_feature_select_strategy == "default":
+            h = h[:, 1:]  # drop CLS: (n, 576, Cv)
+        return self.multi_modal_projector(h)
+
+    def embed(self, input_ids, pixel_values=None):
+        """Token embeddings (B, T, C) with the image token ids' rows replaced by the image features, in order."""
+        cfg = self.config
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= cfg.text.vocab_size):
+            raise ValueError(f"input_ids must lie in [0, {cfg.text.vocab_size}); is the tokenizer from this model?")
+        x = self.language_model.model.embed_tokens(input_ids)
+        is_image = input_ids == cfg.image_token_index
+        n_ids, n_features = int(is_image.sum()), 0 if pixel_values is None else len(pixel_values) * cfg.n_image_tokens
+        if n_ids != n_features:
+            raise ValueError(f"input_ids hold {n_ids} image token ids ({cfg.image_token_index}) but the images give "
+                             f"{n_features} features: each image needs exactly {cfg.n_image_tokens} image ids "
+                             f"(Tokenizer.encode_prompt expands <image> to them).")
+        if n_ids:
+            x = x.masked_scatter(is_image[..., None], self.image_features(pixel_values).to(x.dtype))
+        return x
+
+    def check_length(self, n_tokens):
+        limit = self.config.text.max_position_embeddings
+        if n_tokens > limit:
+            raise ValueError(f"{n_tokens} tokens (prompt with its {self.config.n_image_tokens} image tokens, plus new "
+                             f"tokens) exceed the model's context of {limit}: shorten the prompt or ask for fewer tokens.")
+
+    def forward(self, input_ids, pixel_values=None):
+        """The full sequence without a cache: logits (B, T, vocab)."""
+        B, T = input_ids.shape
+        self.check_length(T)
+        positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        h, _ = self.language_model.model(self.embed(input_ids, pixel_values), positions)
+        return self.language_model.lm_head(h)
+
+    def new_caches(self, batch, max_len):
+        t, p = self.config.text, self.language_model.lm_head.weight
+        return [KVCache(batch, max_len, t.num_key_value_heads, t.head_dim, p.dtype, p.device)
+                for _ in range(t.num_hidden_layers)]
+
+    def step(self, input_ids, positions, caches, n_valid=None, pixel_values=None, pruner=None):
+        """One forward over the caches: a whole prompt (prefill; rows padded at the end, n_valid real tokens each,
+        with the images) or one new token per row (decode). Returns the logits of each row's last real token (B, V)."""
+        h, n_valid = self.language_model.model(self.embed(input_ids, pixel_values), positions, n_valid, caches, pruner)
+        last = h.gather(1, (n_valid - 1)[:, None, None].expand(-1, 1, h.shape[2]))[:, 0]  # (B, C)
+        return self.language_model.lm_head(last)
+
+    @classmethod
+    def from_pretrained(cls, model_dir, device="cpu", dtype=torch.float32):
+        """Load a llava-hf checkpoint folder (config.json + model.safetensors or a sharded index). Tensors go from the
+        memory-mapped files straight to `device` in `dtype`, one at a time, into a model built on the meta device."""
+        from safetensors import safe_open
+        model_dir = os.fspath(model_dir)
+        config_path = os.path.join(model_dir, "config.json")
+        if not os.path.isdir(model_dir) or not os.path.isfile(config_path):
+            raise FileNotFoundError(f"No LLaVA checkpoint at {model_dir!r} (no config.json). {GET_WEIGHTS}")
+        cfg = LlavaConfig.from_json(config_path)
+        with torch.device("meta"):
+            model = cls(cfg)
+        expected, state = model.state_dict(), {}
+        for path in checkpoint_files(model_dir):
+            with safe_open(path, framework="pt", device=str(device)) as f:
+                for key in f.keys():
+                    name = canonical_key(key)
+                    if name is None:
+                        continue
+                    if name not in expected or name in state:
+                        raise ValueError(f"{path}: unexpected tensor {key!r}" + (" (seen twice)" if name in state else
+                                         "; is this a LLaVA-1.5 checkpoint, and does config.json match it?"))
+                    shape, want = tuple(f.get_slice(key).get_shape()), tuple(expected[name].shape)
+                    if shape != want:
+                        raise ValueError(f"{path}: tensor {key!r} has shape {shape} but config.json implies {want}; "
+                                         f"the weights and config.json come from different models.")
+                    state[name] = f.get_tensor(key).to(dtype)
+        missing = sorted(set(expected) - set(state))
+        if missing:
+            raise ValueError(f"{model_dir}: {len(missing)} tensor(s) missing from the checkpoint, e.g. {missing[:3]}; "
+                             f"the download is partial or not a LLaVA-1.5 checkpoint. {GET_WEIGHTS}")
+        model.load_state_dict(state, strict=True, assign=True)
+        model.language_model.model.inv_freq = rope_inv_freq(cfg.text).to(device)  # meta buffer -> real one
+        return model.eval().requires_grad_(False)
+
+
+def checkpoint_files(model_dir):
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):  # sharded: shard names come from the index, never hard-coded
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        missing = [n for n in names if not os.path.isfile(os.path.join(model_dir, n))]
+        if missing:
+            raise FileNotFoundError(f"{model_dir}: shard(s) {missing} listed in model.safetensors.index.json are "
+                                    f"missing (partial download?). {GET_WEIGHTS}")
+        return [os.path.join(model_dir, n) for n in names]
+    if os.path.isfile(os.path.join(model_dir, "model.safetensors")):
+        return [os.path.join(model_dir, "model.safetensors")]
+    pickled = any(n.endswith((".bin", ".pt", ".pth")) for n in os.listdir(model_dir))
+    raise FileNotFoundError(f"{model_dir}: no model.safetensors or model.safetensors.index.json"
+                            + (" (pickled .bin weights are not loaded; use safetensors)" if pickled else "")
+                            + f". {GET_WEIGHTS}")
+
+
+def canonical_key(key):
+    """Map any of the three key layouts to the hub's, which our module names mirror; None = a buffer to skip.
+    hub: language_model.model.*, language_model.lm_head.*, vision_tower.vision_model.*, multi_modal_projector.*
+    transformers 4.52-4.57 in memory: model.language_model.*, lm_head.*, model.vision_tower.vision_model.*, ...
+    transformers 5 save_pretrained: the hub's, but vision_tower.* without vision_model."""
+    if key.startswith("model.language_model."):
+        key = "language_model.model." + key[len("model.language_model."):]
+    elif key == "lm_head.weight":
+        key = "language_model.lm_head.weight"
+    elif key.startswith("model."):
+        key = key[len("model."):]
+    if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
+        key = "vision_tower.vision_model." + key[len("vision_tower."):]
+    if key.endswith(("rotary_emb.inv_freq", "embeddings.position_ids")):  # derived buffers some exports contain
+        return None
+    return key
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Image preprocessing, bit-exact with llava-hf (transformers' CLIPImageProcessorPil)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def load_image(image):
+    """A path or PIL image -> an RGB PIL image: EXIF orientation applied, transparency composited onto white (as HF
+    does), 16-bit greyscale scaled to 8 bits, palette/CMYK/greyscale converted."""
+    if not isinstance(image, Image.Image):
+        path = os.fspath(image)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"Image {path!r} does not exist.")
+        try:
+            image = Image.open(path)
+            image.load()
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"{path!r} is not an image Pillow can read ({e}); give a JPEG, PNG, WebP, ... file.")
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):  # 16/32-bit greyscale: assume 16-bit range
+        image = Image.fromarray((np.clip(np.asarray(image, dtype=np.float64), 0, 65535) / 257).round().astype(np.uint8))
+    if "A" in image.getbands() or "transparency" in image.info:
+        image = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
+    return image.convert("RGB")
+
+
+def preprocess(image, size=336, pad=False):
+    """A path or PIL image -> pixel values (3, size, size) float32, exactly like llava-hf's processor: resize the short
+    side to `size` (bicubic, long side truncated), centre-crop, x/255 in float64 then float32, CLIP mean/std.
+    pad=True first pastes the image centred on a square filled with the mean colour (original LLaVA expand2square)."""
+    image = load_image(image)
+    if pad:
+        side = max(image.size)
+        square = Image.new("RGB", (side, side), tuple(int(m * 255) for m in CLIP_MEAN))  # (122, 116, 104)
+        square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+        image = square
+    w, h = image.size
+    short, long = min(w, h), max(w, h)
+    new_long = int(size * long / short)
+    image = image.resize((size, new_long) if w <= h else (new_long, size), Image.BICUBIC)
+    left, top = (image.width - size) // 2, (image.height - size) // 2
+    x = np.asarray(image.crop((left, top, left + size, top + size)))  # (size, size, 3) uint8
+    x = (x.astype(np.float64) * (1 / 255)).astype(np.float32)
+    x = (x - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
+    return torch.from_numpy(x.transpose(2, 0, 1).copy())  # (3, size, size)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Prompt and tokenizer (the `tokenizers` library on the checkpoint's tokenizer.json)
+
+SYSTEM_PROMPT = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+TEMPLATES = {"llava-hf": "USER: <image>\n{} ASSISTANT:",  # what llava-hf's model card uses
+             "vicuna_v1": SYSTEM_PROMPT + " USER: <image>\n{} ASSISTANT:"}  # original LLaVA-1.5 evaluation
+
+
+class Tokenizer:
+    """llava-hf's tokenizer.json is Llama-2's SentencePiece BPE with the "legacy" normalizer: loaded as is, it encodes
+    the text after <image> as '▁', '\\n', ... exactly like the original LLaVA tokenizer_image_token."""
+
+    def __init__(self, model_dir, cfg: LlavaConfig):
+        from tokenizers import Tokenizer as HFTokenizer
+        path = os.path.join(os.fspath(model_dir), "tokenizer.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"No tokenizer.json in {model_dir!r}. {GET_WEIGHTS}")
+        self.tok, self.cfg = HFTokenizer.from_file(path), cfg
+        if self.tok.token_to_id("<image>") != cfg.image_token_index:
+            raise ValueError(f"{path}: <image> has id {self.tok.token_to_id('<image>')} but config.json says "
+                             f"{cfg.image_token_index}; the tokenizer and the model do not belong together.")
+
+    def encode_prompt(self, question, conv="llava-hf"):
+        """Prompt ids with the one <image> expanded to n_image_tokens ids, and the index of the first image id."""
+        if conv not in TEMPLATES:
+            raise ValueError(f"Unknown conversation template {conv!r}; choose one of {sorted(TEMPLATES)}.")
+        if "<image>" in question:
+            raise ValueError("The question must not contain '<image>': the template places the image.")
+        ids = self.tok.encode(TEMPLATES[conv].format(question)).ids  # BOS added by the post-processor
+        start = ids.index(self.cfg.image_token_index)
+        return ids[:start] + [self.cfg.image_token_index] * self.cfg.n_image_tokens + ids[start + 1:], start
+
+    def decode(self, ids):
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+
+class StreamDecoder:
+    """Text of a growing list of ids, released piece by piece: decode everything so far and emit the new suffix,
+    holding back while it ends in an incomplete UTF-8 sequence (byte-fallback tokens of a multi-byte character)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.text = tokenizer, [], ""
+
+    def push(self, token_id):
+        self.ids.append(int(token_id))
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd") or not text.startswith(self.text):
+            return ""
+        new, self.text = text[len(self.text):], text
+        return new

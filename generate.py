@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model import Llava, StreamDecoder, Tokenizer, preprocess
+from model import Llava, Tokenizer, preprocess
 
 
 @dataclass
@@ -27,6 +27,28 @@ class Generation:
     prefill_ms: float = 0.0  # vision tower + prompt forward + first token
     decode_ms_per_token: float = 0.0
     peak_memory_bytes: int = 0  # CUDA: max allocated; CPU: the process's peak resident set
+
+
+class StreamDecoder:
+    """Text of a growing list of ids, released piece by piece: decode everything so far and emit the new suffix,
+    holding back while it ends in an incomplete UTF-8 sequence (byte-fallback tokens of a multi-byte character)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.text = tokenizer, [], ""
+
+    def push(self, token_id):
+        self.ids.append(int(token_id))
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd") or not text.startswith(self.text):
+            return ""
+        new, self.text = text[len(self.text):], text
+        return new
+
+    def flush(self):
+        """Whatever was held back (an incomplete character at the very end decodes to U+FFFD)."""
+        text = self.tokenizer.decode(self.ids)
+        new, self.text = text[len(self.text):] if text.startswith(self.text) else "", text
+        return new
 
 
 def sample(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
@@ -95,6 +117,9 @@ def generate(model: Llava, tokenizer: Tokenizer, images, prompts, max_new_tokens
         token = sample(logits, temperature, top_k, top_p, generator)
     sync(device)
     t2 = time.perf_counter()
+    if on_text is not None:
+        for b in range(B):
+            on_text(b, streams[b].flush())
 
     out = Generation(prefill_ms=(t1 - t0) * 1e3, decode_ms_per_token=(t2 - t1) * 1e3 / max(len(new_tokens) - 1, 1))
     if torch.device(device).type == "cuda":
@@ -138,12 +163,15 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     dtype = getattr(torch, args.dtype or default_dtype(args.device))
-    print(f"loading {args.model} on {args.device} in {dtype} ...", file=sys.stderr)
-    model = Llava.from_pretrained(args.model, device=args.device, dtype=dtype)
-    tokenizer = Tokenizer(args.model, model.config)
-    stream = None if args.json else (lambda b, piece: print(piece, end="", flush=True))
-    out = generate(model, tokenizer, [args.image], [args.prompt], args.max_new_tokens, args.temperature, args.top_k,
-                   args.top_p, args.seed, args.conv, args.pad, on_text=stream)
+    try:
+        print(f"loading {args.model} on {args.device} in {dtype} ...", file=sys.stderr)
+        model = Llava.from_pretrained(args.model, device=args.device, dtype=dtype)
+        tokenizer = Tokenizer(args.model, model.config)
+        stream = None if args.json else (lambda b, piece: print(piece, end="", flush=True))
+        out = generate(model, tokenizer, [args.image], [args.prompt], args.max_new_tokens, args.temperature,
+                       args.top_k, args.top_p, args.seed, args.conv, args.pad, on_text=stream)
+    except (ValueError, FileNotFoundError) as e:  # a user mistake: the message says what to do
+        sys.exit(f"error: {e}")
     row = out.rows[0]
     if args.json:
         print(json.dumps(dict(row, prefill_ms=round(out.prefill_ms, 3), decode_ms_per_token=round(out.decode_ms_per_token, 3),

@@ -86,46 +86,32 @@ class LlavaConfig:
     def from_json(cls, path):
         with open(path) as f:
             d = json.load(f)
-        tc, vc = dict(d.get("text_config") or {}), dict(d.get("vision_config") or {})
-        # rope theta lives at the top of text_config in older files and in rope_parameters in newer ones
-        rope = tc.get("rope_parameters") or tc.get("rope_scaling") or {}
-        tc.setdefault("rope_theta", rope.get("rope_theta", TextConfig.rope_theta))
+        tc = d.get("text_config") or {}
+        rope = tc.get("rope_parameters") or tc.get("rope_scaling") or {}  # newer files keep theta in rope_parameters
         if rope.get("rope_type", rope.get("type", "default")) != "default":
             raise ValueError(f"{path}: RoPE scaling {rope} is not supported; LLaVA-1.5 uses plain RoPE.")
-        for key in ("num_key_value_heads", "head_dim"):  # None or absent means "derive it"
-            if tc.get(key) is None:
-                tc.pop(key, None)
-        text = TextConfig(**{k: v for k, v in tc.items() if k in {f.name for f in fields(TextConfig)}})
-        if "num_key_value_heads" not in tc:
-            text.num_key_value_heads = text.num_attention_heads
-        if "head_dim" not in tc:
-            text.head_dim = text.hidden_size // text.num_attention_heads
-        vision = VisionConfig(**{k: v for k, v in vc.items() if k in {f.name for f in fields(VisionConfig)}})
-        top = {k: d[k] for k in ("image_token_index", "pad_token_id", "vision_feature_layer",
-                                 "vision_feature_select_strategy", "projector_hidden_act") if d.get(k) is not None}
-        for key in ("bos_token_id", "eos_token_id"):
-            value = tc.get(key, d.get(key))
-            if value is not None:
-                top[key] = value[0] if isinstance(value, list) else value
-        cfg = cls(vision=vision, text=text, **top)
-        checks = [(text.hidden_act == "silu", f"text hidden_act {text.hidden_act!r} (Llama uses 'silu')"),
-                  (vision.hidden_act in ("quick_gelu", "gelu"), f"vision hidden_act {vision.hidden_act!r}"),
-                  (cfg.projector_hidden_act == "gelu", f"projector_hidden_act {cfg.projector_hidden_act!r}"),
-                  (isinstance(cfg.vision_feature_layer, int), "a list of vision_feature_layer (LLaVA-1.5 uses -2)"),
-                  (cfg.vision_feature_select_strategy in ("default", "full"),
-                   f"vision_feature_select_strategy {cfg.vision_feature_select_strategy!r}"),
-                  (text.num_attention_heads % text.num_key_value_heads == 0,
-                   f"{text.num_attention_heads} heads over {text.num_key_value_heads} key/value heads")]
-        for ok, what in checks:
+
+        def pick(dc, src):  # the keys the file gives; absent or null ones keep our (LLaVA-1.5-7B) defaults
+            return dc(**{f.name: src[f.name] for f in fields(dc) if src.get(f.name) is not None})
+        text = pick(TextConfig, {"rope_theta": rope.get("rope_theta"), **tc})
+        text.num_key_value_heads = tc.get("num_key_value_heads") or text.num_attention_heads
+        text.head_dim = tc.get("head_dim") or text.hidden_size // text.num_attention_heads
+        cfg = pick(cls, {**d, **{k: tc[k] for k in ("bos_token_id", "eos_token_id") if tc.get(k) is not None}})
+        cfg.vision, cfg.text = pick(VisionConfig, d.get("vision_config") or {}), text
+        for ok, what in [(text.hidden_act == "silu", f"text hidden_act {text.hidden_act!r}"),
+                         (cfg.vision.hidden_act in ("quick_gelu", "gelu"), f"vision hidden_act {cfg.vision.hidden_act!r}"),
+                         (cfg.projector_hidden_act == "gelu", f"projector_hidden_act {cfg.projector_hidden_act!r}"),
+                         (isinstance(cfg.vision_feature_layer, int), "vision_feature_layer list (LLaVA-1.5 uses -2)"),
+                         (cfg.vision_feature_select_strategy in ("default", "full"), "vision_feature_select_strategy"),
+                         (isinstance(cfg.eos_token_id, int), "eos_token_id list"),
+                         (text.num_attention_heads % text.num_key_value_heads == 0, "key/value head count")]:
             if not ok:
                 raise ValueError(f"{path}: unsupported {what}. This is a LLaVA-1.5 (CLIP + Llama) implementation.")
         return cfg
 
 
-def activation(name):
-    if name == "quick_gelu":
-        return lambda x: x * torch.sigmoid(1.702 * x)
-    return {"gelu": F.gelu, "silu": F.silu}[name]
+def quick_gelu(x):
+    return x * torch.sigmoid(1.702 * x)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -152,7 +138,7 @@ class CLIPAttention(nn.Module):
 class CLIPMLP(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.act = activation(cfg.hidden_act)
+        self.act = quick_gelu if cfg.hidden_act == "quick_gelu" else F.gelu
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
 
@@ -220,11 +206,10 @@ class LlavaMultiModalProjector(nn.Module):
     def __init__(self, cfg: LlavaConfig):
         super().__init__()
         self.linear_1 = nn.Linear(cfg.vision.hidden_size, cfg.text.hidden_size)
-        self.act = activation(cfg.projector_hidden_act)
         self.linear_2 = nn.Linear(cfg.text.hidden_size, cfg.text.hidden_size)
 
     def forward(self, x):
-        return self.linear_2(self.act(self.linear_1(x)))
+        return self.linear_2(F.gelu(self.linear_1(x)))  # NOTE: exact (erf) GELU, unlike CLIP's quick_gelu
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -274,11 +259,14 @@ class KVCache:
         B, _, T, _ = k.shape
         base = self.length
         assert self.used + T <= self.k.shape[2], "KV cache overflow: allocate max_len >= prompt + new tokens"
-        slots = base[:, None] + torch.arange(T, device=k.device)  # (B, T), junk tokens of short rows included
-        idx = slots[:, None, :, None].expand_as(k)
-        self.k.scatter_(2, idx, k)
-        self.v.scatter_(2, idx, v)
-        self.pos.scatter_(1, slots, positions)
+        if self.used == 0:  # an empty cache: every row starts at slot 0
+            self.k[:, :, :T], self.v[:, :, :T], self.pos[:, :T] = k, v, positions
+        else:
+            slots = base[:, None] + torch.arange(T, device=k.device)  # (B, T), junk tokens of short rows included
+            idx = slots[:, None, :, None].expand_as(k)
+            self.k.scatter_(2, idx, k)
+            self.v.scatter_(2, idx, v)
+            self.pos.scatter_(1, slots, positions)
         self.length = base + n_valid
         self.used += T
         return self.k[:, :, :self.used], self.v[:, :, :self.used], base
@@ -319,6 +307,7 @@ class LlamaAttention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        fresh = cache is None or cache.used == 0  # then the mask is the plain causal triangle
         if cache is None:
             base = torch.zeros(B, dtype=torch.long, device=x.device)
         else:
@@ -326,7 +315,8 @@ class LlamaAttention(nn.Module):
         mask = causal_mask(base, T, k.shape[2])  # (B, 1, T, S)
         scale = self.head_dim ** -0.5
         if key_weight is None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=self.n_kv_head != self.n_head)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if fresh else mask, is_causal=fresh, scale=scale,
+                                               enable_gqa=self.n_kv_head != self.n_head)
         else:
             probs = attention_probs(q, k, mask, scale) * key_weight[:, None]  # (B, nh, T, S), fp32
             y = (probs / probs.sum(-1, keepdim=True)).to(v.dtype) @ repeat_kv(v, self.n_head // self.n_kv_head)
@@ -640,19 +630,3 @@ class Tokenizer:
 
     def decode(self, ids):
         return self.tok.decode(list(ids), skip_special_tokens=True)
-
-
-class StreamDecoder:
-    """Text of a growing list of ids, released piece by piece: decode everything so far and emit the new suffix,
-    holding back while it ends in an incomplete UTF-8 sequence (byte-fallback tokens of a multi-byte character)."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.ids, self.text = tokenizer, [], ""
-
-    def push(self, token_id):
-        self.ids.append(int(token_id))
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd") or not text.startswith(self.text):
-            return ""
-        new, self.text = text[len(self.text):], text
-        return new

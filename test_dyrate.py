@@ -319,6 +319,10 @@ def test_cli_json(ckpt, ours, tmp_path, capsys):
     for key in ("text", "prompt_tokens", "image_token_start", "prefill_ms", "decode_ms_per_token"):
         assert key in got
     assert got["image_token_start"] == len(ours[1].tok.encode("USER: ").ids)  # BOS + the text before <image>
+    G.main(["--image", str(path), "--model", ckpt[0], "--max-new-tokens", "6", "--device", "cpu"])
+    assert capsys.readouterr().out == out.rows[0]["text"] + "\n"  # streamed text, then the summary on stderr
+    with pytest.raises(SystemExit, match="error: No LLaVA checkpoint"):
+        G.main(["--image", str(path), "--model", str(tmp_path / "none")])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -385,10 +389,12 @@ def test_stream_decoder_multibyte(ours):
     text = "A café, 日本語 and 🙂 emoji."
     ids = tok.tok.encode(text, add_special_tokens=False).ids
     assert len(ids) > len(text) // 2  # byte-fallback pieces: a character spans several ids
-    stream = M.StreamDecoder(tok)
+    stream = G.StreamDecoder(tok)
     pieces = [stream.push(i) for i in ids]
     assert "".join(pieces) == text == tok.decode(ids)
     assert not any("\ufffd" in p for p in pieces)
+    assert stream.push(tok.tok.token_to_id("<0xF0>")) == ""  # the first of 🙂's four bytes: held back
+    assert stream.flush() == "\ufffd"
 
 
 # ----------------------------------------------------------------------------------------------------------------------

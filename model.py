@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
+from safetensors import safe_open
+from tokenizers import Tokenizer as HFTokenizer
 
 GET_WEIGHTS = ("Download a checkpoint with `hf download llava-hf/llava-1.5-7b-hf --local-dir DIR` "
                "(or llava-hf/llava-1.5-13b-hf) and pass that DIR.")
@@ -478,7 +480,6 @@ class Llava(nn.Module):
     def from_pretrained(cls, model_dir, device="cpu", dtype=torch.float32):
         """Load a llava-hf checkpoint folder (config.json + model.safetensors or a sharded index). Tensors go from the
         memory-mapped files straight to `device` in `dtype`, one at a time, into a model built on the meta device."""
-        from safetensors import safe_open
         model_dir = os.fspath(model_dir)
         config_path = os.path.join(model_dir, "config.json")
         if not os.path.isdir(model_dir) or not os.path.isfile(config_path):
@@ -609,7 +610,6 @@ class Tokenizer:
     the text after <image> as '▁', '\\n', ... exactly like the original LLaVA tokenizer_image_token."""
 
     def __init__(self, model_dir, cfg: LlavaConfig):
-        from tokenizers import Tokenizer as HFTokenizer
         path = os.path.join(os.fspath(model_dir), "tokenizer.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"No tokenizer.json in {model_dir!r}. {GET_WEIGHTS}")

@@ -250,6 +250,34 @@ def test_probe_gives_hf_attention_probabilities(ckpt, ours):
     assert_close(probe.probs[0], ref[:, [T - 1, T - 5]], 1e-6, "probe vs HF attentions")
 
 
+def test_loading_holds_one_copy_in_memory(tmp_path):
+    """An fp16 checkpoint loaded as fp32 in a fresh process: anonymous memory grows by the fp32 model, not more (the
+    fp16 source stays in the reclaimable page cache, memory-mapped); loaded as fp16 it is not even copied."""
+    import subprocess
+    import sys
+    from safetensors.torch import save_file
+    cfg = M.LlavaConfig(vision=M.VisionConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
+                        text=M.TextConfig(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
+                                          num_key_value_heads=8, head_dim=64, intermediate_size=1376))
+    save_file({k: v.half().contiguous() for k, v in M.Llava(cfg).state_dict().items()}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": {k: getattr(cfg.text, k) for k in (
+        "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")}, "vision_config": {
+        k: getattr(cfg.vision, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")}}))
+    script = ("import sys, torch, model\n"  # warm-up first: torch's one-time buffers and meta-device registrations
+              "anon = lambda: int([l for l in open('/proc/self/status') if l.startswith('RssAnon')][0].split()[1]) * 1024\n"
+              "with torch.device('meta'):\n"
+              "    model.Llava(model.LlavaConfig.from_json(sys.argv[1] + '/config.json'))\n"
+              "torch.ones(8, dtype=torch.float16).float() @ torch.ones(8, 8)\n"
+              "before = anon()\n"
+              "m = model.Llava.from_pretrained(sys.argv[1], dtype=getattr(torch, sys.argv[2]))\n"
+              "print(anon() - before, sum(p.numel() * p.element_size() for p in m.parameters()))\n")
+    for dtype, bound in (("float32", 1.1), ("float16", 0.1)):
+        out = subprocess.run([sys.executable, "-c", script, str(tmp_path), dtype], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout
+        grown, size = map(int, out.split())
+        assert size > 100e6 and grown <= bound * size + 16e6, f"{dtype}: anonymous memory grew {grown / 1e6:.0f} MB for a {size / 1e6:.0f} MB model"
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # generation
 

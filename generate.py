@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+import dyrate
 from model import Llava, Tokenizer, preprocess
 
 
@@ -74,13 +75,22 @@ def sync(device):
 
 @torch.inference_mode()
 def generate(model: Llava, tokenizer: Tokenizer, images, prompts, max_new_tokens=64, temperature=0.0, top_k=0,
-             top_p=1.0, seed=0, conv="llava-hf", pad=False, on_text=None):
-    """Generate for a batch of image/prompt pairs. on_text(row, piece) receives the text as it is produced."""
+             top_p=1.0, seed=0, conv="llava-hf", pad=False, on_text=None, method="none", k=None, ratio=0.5,
+             predictor=None, schedule=None, stats=True):
+    """Generate for a batch of image/prompt pairs. on_text(row, piece) receives the text as it is produced.
+    method/k/ratio/predictor/schedule choose the visual-token pruning (dyrate.Pruner); stats records the type
+    shares at every step. Each row reports its pruning history, FLOPs and KV-cache bytes next to those of `none`."""
     if len(images) != len(prompts) or not images:
         raise ValueError(f"Give one prompt per image: got {len(images)} images and {len(prompts)} prompts.")
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1.")
     cfg, device = model.config, model.language_model.lm_head.weight.device
+    if predictor is not None and k is not None and k != predictor.k:
+        raise ValueError(f"The predictor was trained for K={predictor.k}; drop --k or pass --k {predictor.k}.")
+    k = (predictor.k if predictor is not None else 2) if k is None else k
+    if not 1 <= k < cfg.text.num_hidden_layers:
+        raise ValueError(f"K must lie in [1, {cfg.text.num_hidden_layers - 1}]: layer K-1 ranks the image tokens "
+                         f"and layers K.. see the kept ones.")
     encoded = [tokenizer.encode_prompt(p, conv) for p in prompts]
     lengths = torch.tensor([len(ids) for ids, _ in encoded], device=device)  # (B,)
     B, T = len(encoded), int(lengths.max())
@@ -90,7 +100,9 @@ def generate(model: Llava, tokenizer: Tokenizer, images, prompts, max_new_tokens
         input_ids[b, :len(ids)] = torch.tensor(ids)
     dtype = model.language_model.lm_head.weight.dtype
     pixel_values = torch.stack([preprocess(im, cfg.vision.image_size, pad) for im in images]).to(device, dtype)
-    caches = model.new_caches(B, T + max_new_tokens)
+    caches = model.new_caches(B, max_new_tokens)
+    starts = torch.tensor([start for _, start in encoded], device=device)
+    pruner = dyrate.Pruner(method, cfg.n_image_tokens, starts, lengths, k, ratio, predictor, schedule, stats)
     generator = torch.Generator(device).manual_seed(seed)
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -98,7 +110,8 @@ def generate(model: Llava, tokenizer: Tokenizer, images, prompts, max_new_tokens
     sync(device)
     t0 = time.perf_counter()
     positions = torch.arange(T, device=device).expand(B, T)
-    token = sample(model.step(input_ids, positions, caches, lengths, pixel_values), temperature, top_k, top_p, generator)
+    logits = model.step(input_ids, positions, caches, lengths, pixel_values, pruner)
+    token = sample(logits, temperature, top_k, top_p, generator)
     sync(device)
     t1 = time.perf_counter()
     streams, new_tokens = [StreamDecoder(tokenizer) for _ in range(B)], []
@@ -113,7 +126,7 @@ def generate(model: Llava, tokenizer: Tokenizer, images, prompts, max_new_tokens
         if bool(done.all()) or t == max_new_tokens:
             break
         # new token t-1 sits at index lengths + t - 1 of its row's full sequence: that is its RoPE position
-        logits = model.step(token[:, None], (lengths + t - 1)[:, None], caches)
+        logits = model.step(token[:, None], (lengths + t - 1)[:, None], caches, pruner=pruner)
         token = sample(logits, temperature, top_k, top_p, generator)
     sync(device)
     t2 = time.perf_counter()
@@ -131,7 +144,14 @@ def generate(model: Llava, tokenizer: Tokenizer, images, prompts, max_new_tokens
         row = all_tokens[b]
         if cfg.eos_token_id in row:
             row = row[:row.index(cfg.eos_token_id) + 1]
-        out.rows.append(dict(text=tokenizer.decode(row), token_ids=row, prompt_tokens=len(ids), image_token_start=start))
+        hist = pruner.row_history(b, len(row))
+        flops = dyrate.generation_flops(cfg, len(ids), hist["kept_visual"], k, hist.pop("probes"),
+                                        predictor.flops() if method == "dyrate" and predictor is not None else 0)
+        none = dyrate.generation_flops(cfg, len(ids), [cfg.n_image_tokens] * len(row), k)
+        kv = [dyrate.kv_cache_bytes(cfg, len(ids), len(row), kept, k, dtype) for kept in (hist["kept_visual"][-1], cfg.n_image_tokens)]
+        out.rows.append(dict(text=tokenizer.decode(row), token_ids=row, prompt_tokens=len(ids), image_token_start=start,
+                             method=method, k=k, **hist, flops=flops["total"], flops_ratio=flops["total"] / none["total"],
+                             kv_cache_bytes=kv[0], kv_cache_bytes_none=kv[1]))
     return out
 
 
@@ -152,6 +172,14 @@ def main(argv=None):
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:1, cpu, ...")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="default: float16 on CUDA, float32 on CPU (use bfloat16 for 7B on CPU: ~14 GB)")
+    g = p.add_argument_group("visual-token pruning (dyrate.py)")
+    g.add_argument("--method", choices=dyrate.METHODS, default="none",
+                   help="none; fastv: drop --ratio of the image tokens once at prefill; vtw: drop them all at prefill; "
+                        "dyrate: a learned rate at every step (needs --predictor)")
+    g.add_argument("--k", type=int, default=None, help="pruning layer K: layers >= K see only kept image tokens "
+                   "(default 2, or the predictor's)")
+    g.add_argument("--ratio", type=float, default=0.5, help="FastV's R: fraction of the image tokens dropped")
+    g.add_argument("--predictor", default=None, help="DyRate rate predictor file written by train.py")
     g = p.add_argument_group("sampling")
     g.add_argument("--max-new-tokens", type=int, default=64, help="stop after this many new tokens (or at EOS)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -160,16 +188,26 @@ def main(argv=None):
     g.add_argument("--seed", type=int, default=0, help="seed of the sampler")
     g = p.add_argument_group("output")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    g.add_argument("--viz", default=None, metavar="OUT", help="write OUT.gif (kept patches per step with the text so "
+                   "far), OUT_strip.png and OUT_shares.png (attention mass per token type over the steps)")
     args = p.parse_args(argv)
+    if args.method == "dyrate" and args.predictor is None:
+        p.error("--method dyrate needs --predictor FILE (train one with train.py)")
 
     dtype = getattr(torch, args.dtype or default_dtype(args.device))
     try:
         print(f"loading {args.model} on {args.device} in {dtype} ...", file=sys.stderr)
         model = Llava.from_pretrained(args.model, device=args.device, dtype=dtype)
         tokenizer = Tokenizer(args.model, model.config)
+        predictor = args.predictor and dyrate.RatePredictor.load(args.predictor, model.config, args.device)
         stream = None if args.json else (lambda b, piece: print(piece, end="", flush=True))
         out = generate(model, tokenizer, [args.image], [args.prompt], args.max_new_tokens, args.temperature,
-                       args.top_k, args.top_p, args.seed, args.conv, args.pad, on_text=stream)
+                       args.top_k, args.top_p, args.seed, args.conv, args.pad, stream, args.method, args.k,
+                       args.ratio, predictor)
+        if args.viz:
+            import viz
+            for path in viz.save(args.viz, args.image, out.rows[0], tokenizer, model.config, args.pad):
+                print(f"wrote {path}", file=sys.stderr)
     except (ValueError, FileNotFoundError) as e:  # a user mistake: the message says what to do
         sys.exit(f"error: {e}")
     row = out.rows[0]
@@ -181,7 +219,10 @@ def main(argv=None):
     n_new = len(row["token_ids"])
     print(f"prompt tokens {row['prompt_tokens']} | new tokens {n_new} | prefill {out.prefill_ms:.1f} ms | decode "
           f"{1e3 / out.decode_ms_per_token if n_new > 1 else float('nan'):.1f} tok/s | peak memory "
-          f"{out.peak_memory_bytes / 2**30:.2f} GiB", file=sys.stderr)
+          f"{out.peak_memory_bytes / 2**30:.2f} GiB | {row['method']}: image tokens kept {row['kept_visual'][0]} -> "
+          f"{row['kept_visual'][-1]} of {model.config.n_image_tokens}, {row['flops'] / 1e12:.3f} TFLOPs "
+          f"({row['flops_ratio']:.2f} of none), KV cache {row['kv_cache_bytes'] / 2**20:.1f} MiB "
+          f"({row['kv_cache_bytes'] / row['kv_cache_bytes_none']:.2f} of none)", file=sys.stderr)
     return out
 
 

@@ -241,17 +241,17 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """One decoder layer's keys and values, preallocated (gpt-fast style) for `batch` rows of `max_len` slots.
+    """One decoder layer's keys and values (gpt-fast style): preallocated at the first write for that chunk plus
+    `max_new` more tokens, so a layer that dropped tokens at prefill (dyrate.py) is physically smaller.
 
     Each row keeps its own valid length and each slot the RoPE position of the token in it, so rows of different
-    lengths share a batch and a layer that dropped tokens (dyrate.py) simply holds fewer slots than its neighbours.
-    `used` is a host-side upper bound of the lengths: attention reads slots [0, used) and masks the rest.
+    lengths share a batch and layers can hold different numbers of positions. `used` is a host-side upper bound of
+    the lengths: attention reads slots [0, used) and masks what a row does not own.
     """
 
-    def __init__(self, batch, max_len, n_kv_heads, head_dim, dtype, device):
-        self.k = torch.zeros(batch, n_kv_heads, max_len, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
-        self.pos = torch.full((batch, max_len), -1, dtype=torch.long, device=device)  # -1 = empty slot
+    def __init__(self, batch, max_new, n_kv_heads, head_dim, dtype, device):
+        self.shape, self.dtype, self.device, self.max_new = (batch, n_kv_heads, head_dim), dtype, device, max_new
+        self.k = self.v = self.pos = None
         self.length = torch.zeros(batch, dtype=torch.long, device=device)
         self.used = 0
 
@@ -260,7 +260,12 @@ class KVCache:
         Returns all keys/values (B, nkv, used, hs) and each row's length before the chunk."""
         B, _, T, _ = k.shape
         base = self.length
-        assert self.used + T <= self.k.shape[2], "KV cache overflow: allocate max_len >= prompt + new tokens"
+        if self.k is None:  # zeros: a ragged batch reads (masked) slots it never wrote, which must be finite
+            (b, nkv, hs), S = self.shape, T + self.max_new
+            self.k = torch.zeros(b, nkv, S, hs, dtype=self.dtype, device=self.device)
+            self.v = torch.zeros_like(self.k)
+            self.pos = torch.full((b, S), -1, dtype=torch.long, device=self.device)  # -1 = empty slot
+        assert self.used + T <= self.k.shape[2], "KV cache overflow: more new tokens than max_new"
         if self.used == 0:  # an empty cache: every row starts at slot 0
             self.k[:, :, :T], self.v[:, :, :T], self.pos[:, :T] = k, v, positions
         else:
@@ -272,6 +277,11 @@ class KVCache:
         self.length = base + n_valid
         self.used += T
         return self.k[:, :, :self.used], self.v[:, :, :self.used], base
+
+    def nbytes(self):
+        """(B,) bytes of the keys and values each row holds."""
+        _, nkv, hs = self.shape
+        return self.length * (2 * nkv * hs * torch.finfo(self.dtype).bits // 8)
 
     def keep(self, slots, lengths):
         """Keep only the given slots (B, S') of each row, in order (the first lengths[b] are real): physical dropping."""
@@ -456,17 +466,19 @@ class Llava(nn.Module):
             raise ValueError(f"{n_tokens} tokens (prompt with its {self.config.n_image_tokens} image tokens, plus new "
                              f"tokens) exceed the model's context of {limit}: shorten the prompt or ask for fewer tokens.")
 
-    def forward(self, input_ids, pixel_values=None):
-        """The full sequence without a cache: logits (B, T, vocab)."""
+    def forward(self, input_ids, pixel_values=None, pruner=None):
+        """The full sequence without a cache: logits (B, T, vocab). With a training pruner (dyrate.py), layers >= K
+        see its key mask; a pruner that drops tokens returns logits for the kept positions only."""
         B, T = input_ids.shape
         self.check_length(T)
         positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        h, _ = self.language_model.model(self.embed(input_ids, pixel_values), positions)
+        h, _ = self.language_model.model(self.embed(input_ids, pixel_values), positions, pruner=pruner)
         return self.language_model.lm_head(h)
 
-    def new_caches(self, batch, max_len):
+    def new_caches(self, batch, max_new):
+        """One KV cache per decoder layer, each sized at its first write (the prompt) plus max_new tokens."""
         t, p = self.config.text, self.language_model.lm_head.weight
-        return [KVCache(batch, max_len, t.num_key_value_heads, t.head_dim, p.dtype, p.device)
+        return [KVCache(batch, max_new, t.num_key_value_heads, t.head_dim, p.dtype, p.device)
                 for _ in range(t.num_hidden_layers)]
 
     def step(self, input_ids, positions, caches, n_valid=None, pixel_values=None, pruner=None):

@@ -1,0 +1,320 @@
+"""
+DyRate: dynamic visual-token reduction *during generation* for LLaVA-1.5, with the FastV and VTW baselines in the same
+machinery and the FLOPs accounting of all of them. model.py calls into this file at exactly one place: the `pruner`
+argument of LlamaModel.forward, which calls Pruner.probe_rows before layer K-1 and Pruner.__call__ before layer K.
+
+Conventions (the README's "How DyRate works" walks through an example):
+- Decoder layers are 0-based. Pruning layer K (default 2): layers < K always see every token; layers >= K see only the
+  kept image tokens. Statistics and the image ranking come from layer K-1, which still holds every token, for the
+  current query token, from the same forward (model.py's probe: no second run of the layer).
+- Token types: system (before the first image token, BOS included), image, instruction (after the image to the end
+  of the prompt), response (generated so far, including the current query).
+- A rate r is the fraction of the image tokens dropped from layers >= K: a row keeps floor((1 - r) * n_image + 1/2).
+- Step 0 is the prefill; step t >= 1 is the forward that consumes new token t-1.
+
+Inference: at step t the pruner reads the current query's attention at layer K-1, turns it into per-head type shares
+(the predictor's features) and a ranking of the image tokens, picks a rate, and drops the lowest-ranked of the still
+kept image tokens: at prefill from the sequence itself (layers >= K never compute them), later from the KV cache of
+every layer >= K (physically: those caches shrink). Kept counts never grow. Training (train.py): the same statistics
+for every query row, a Gumbel-Softmax straight-through choice of rate per row, and the resulting keep mask applied
+inside the attention softmax of layers >= K, so the language-model loss reaches the predictor.
+"""
+import json
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+METHODS = ("none", "fastv", "vtw", "dyrate")
+TYPES = ("system", "image", "instruction", "response")
+PREDICTOR_FORMAT = "dyrate-predictor-1"
+
+
+def keep_count(rate, n_image):
+    """Image tokens kept at drop rate `rate` (a float or a tensor): round half up, so it is the same in both."""
+    return math.floor((1 - rate) * n_image + 0.5) if isinstance(rate, float) else ((1 - rate) * n_image + 0.5).floor()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# statistics of the current query at layer K-1, where slot j of the cache holds token j
+
+
+def type_masks(image_start, n_image, prompt_len, S):
+    """(B, S, 4) float: which of system / image / instruction / response each key slot 0..S-1 is."""
+    j = torch.arange(S, device=image_start.device)[None]  # (1, S)
+    start, end, length = image_start[:, None], image_start[:, None] + n_image, prompt_len[:, None]
+    return torch.stack([j < start, (j >= start) & (j < end), (j >= end) & (j < length), j >= length], dim=-1).float()
+
+
+def type_shares(probs, image_start, n_image, prompt_len):
+    """Attention probabilities (B, H, R, S) of R query rows -> (B, R, H, 4): each head's attention mass on each token
+    type. Masked (future, padding) slots carry probability 0, so each head's four shares sum to 1."""
+    kinds = type_masks(image_start, n_image, prompt_len, probs.shape[-1])  # (B, S, 4)
+    return (probs @ kinds[:, None]).transpose(1, 2)  # (B, H, R, 4) -> (B, R, H, 4)
+
+
+def image_scores(probs, image_start, n_image):
+    """(B, H, R, S) -> (B, R, n_image): the attention each image token receives, averaged over heads (FastV's rule)."""
+    idx = image_start[:, None] + torch.arange(n_image, device=probs.device)  # (B, N)
+    mean = probs.mean(1)  # (B, R, S)
+    return mean.gather(2, idx[:, None, :].expand(-1, mean.shape[1], -1))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the rate predictor
+
+
+class RatePredictor(nn.Module):
+    """A linear classifier from the current query's (heads, 4) type shares at layer K-1 to logits over the candidate
+    rates. For LLaVA-1.5-7B with 9 rates: 32*4*9 + 9 = 1161 parameters, ~2.3 kFLOPs per step (a decoder layer: ~0.4
+    GFLOPs per token)."""
+
+    def __init__(self, n_heads, rates, k=2):
+        super().__init__()
+        if not rates or any(not 0 <= r <= 1 for r in rates) or sorted(rates) != list(rates):
+            raise ValueError(f"rates must be increasing fractions in [0, 1], got {rates}")
+        self.n_heads, self.rates, self.k = n_heads, [float(r) for r in rates], k
+        self.linear = nn.Linear(4 * n_heads, len(rates))
+        nn.init.zeros_(self.linear.weight)  # start from the uniform distribution over rates
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, shares):
+        return self.linear(shares.flatten(-2).to(self.linear.weight.dtype))  # (..., H, 4) -> (..., n_rates)
+
+    def flops(self):
+        return 2 * self.linear.in_features * self.linear.out_features
+
+    def save(self, path, fingerprint, extra=None):
+        meta = dict(format=PREDICTOR_FORMAT, k=self.k, rates=self.rates, n_heads=self.n_heads, fingerprint=fingerprint,
+                    **(extra or {}))
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}, path,
+                  metadata={"dyrate": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path, model_cfg, device="cpu"):
+        """Load a predictor file written by train.py and check that it was trained for this model."""
+        try:
+            with safe_open(path, framework="pt", device=str(device)) as f:
+                meta, state = json.loads((f.metadata() or {}).get("dyrate", "{}")), {k: f.get_tensor(k) for k in f.keys()}
+        except (OSError, ValueError, SafetensorError) as e:
+            raise ValueError(f"{path} is not a predictor file written by train.py ({e}).") from None
+        if meta.get("format") != PREDICTOR_FORMAT:
+            raise ValueError(f"{path} is not a predictor file written by train.py (no '{PREDICTOR_FORMAT}' metadata).")
+        if meta["fingerprint"] != fingerprint(model_cfg):
+            raise ValueError(f"{path} was trained for a different model ({meta['fingerprint']}) than this one "
+                             f"({fingerprint(model_cfg)}); train one for this model with train.py.")
+        predictor = cls(meta["n_heads"], meta["rates"], meta["k"]).to(device)
+        predictor.load_state_dict(state)
+        predictor.meta = meta
+        return predictor.eval()
+
+
+def fingerprint(cfg):
+    """What a predictor depends on: the decoder's geometry and the number of image tokens."""
+    t = cfg.text
+    return (f"llava L{t.num_hidden_layers} H{t.num_attention_heads} KV{t.num_key_value_heads} D{t.hidden_size} "
+            f"V{t.vocab_size} N{cfg.n_image_tokens}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# training-path pieces: a differentiable choice of rate and the keep masks it implies
+
+
+def gumbel_softmax_st(logits, tau, generator=None):
+    """Straight-through Gumbel-Softmax: a hard one-hot sample forward, the tempered softmax's gradient backward."""
+    u = torch.rand(logits.shape, generator=generator, device=logits.device).clamp(1e-10, 1 - 1e-7)
+    soft = ((logits.float() - torch.log(-torch.log(u))) / tau).softmax(-1)
+    hard = F.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft.dtype)
+    return hard - soft.detach() + soft
+
+
+def rank_of(scores):
+    """(..., N) -> (..., N) long: each token's place when sorted by descending score (0 = most attended; ties keep
+    their order)."""
+    return scores.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
+
+
+def candidate_masks(scores, keeps):
+    """scores (..., N), keeps (C,) -> (..., C, N) bool: candidate c keeps its keeps[c] best-ranked image tokens.
+    One sort serves every candidate (DiffRate's cumulative masks)."""
+    return rank_of(scores)[..., None, :] < keeps[:, None]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the hook
+
+
+def kept_index(positions, length, drop, image_start, n_image):
+    """Which tokens (or cache slots) of each row remain after dropping the image tokens `drop` (B, N), in order.
+    positions (B, S): RoPE position of each token/slot (image token i of row b sits at image_start[b] + i);
+    length (B,): how many of the S are real. Returns a gather index (B, S') and the new lengths (B,)."""
+    rel = positions - image_start[:, None]  # (B, S): index among the image tokens, if one
+    is_image = (rel >= 0) & (rel < n_image)
+    gone = is_image & drop.gather(1, rel.clamp(0, n_image - 1))
+    keep = ~gone & (torch.arange(positions.shape[1], device=positions.device) < length[:, None])
+    new_length = keep.sum(1)
+    order = (~keep).to(torch.int8).argsort(dim=1, stable=True)  # kept first, in their order; the rest is junk after
+    return order[:, :int(new_length.max())], new_length
+
+
+class Pruner:
+    """What LlamaModel.forward calls. One Pruner serves one generation (a prefill and its decode steps) of a batch,
+    or one training forward (train=True). image_start, prompt_len: (B,) tensors; the image occupies token positions
+    image_start .. image_start + n_image - 1 of each row.
+
+    method: 'none' (statistics only), 'fastv' (drop `ratio` of the image tokens once, at prefill), 'vtw' (drop all at
+    prefill) or 'dyrate' (a rate per step from `predictor`, or from `schedule`, a list of rates per step, for tests and
+    constant-rate baselines). stats=True computes the type shares at every step (for --json / --viz)."""
+
+    def __init__(self, method, n_image, image_start, prompt_len, k=2, ratio=0.5, predictor=None, schedule=None,
+                 stats=True, train=False, tau=1.0, generator=None):
+        if method not in METHODS:
+            raise ValueError(f"Unknown method {method!r}; choose one of {METHODS}.")
+        if method == "dyrate" and predictor is None and schedule is None:
+            raise ValueError("--method dyrate needs a trained predictor (--predictor FILE, written by train.py).")
+        if method == "fastv" and not 0 <= ratio <= 1:
+            raise ValueError(f"FastV's drop ratio R must lie in [0, 1], got {ratio}.")
+        if train and predictor is None:
+            raise ValueError("training needs a predictor")
+        self.method, self.n_image, self.layer, self.ratio = method, n_image, k, ratio
+        self.image_start, self.prompt_len = image_start, prompt_len
+        self.predictor, self.schedule, self.stats, self.train, self.tau, self.generator = \
+            predictor, schedule, stats, train, tau, generator
+        self.kept = torch.ones(len(image_start), n_image, dtype=torch.bool, device=image_start.device)
+        self.step = 0
+        self.history = []  # per step: dict of (B, ...) tensors: kept, dropped, rate, shares
+
+    def needs_probe(self):
+        return self.train or self.stats or self.method == "dyrate" and self.schedule is None or \
+            self.method == "fastv" and self.step == 0
+
+    def probe_rows(self, n_valid, T):
+        """The query rows whose layer K-1 attention this step needs: every row in training, else each row's last."""
+        if self.train:
+            return torch.arange(T, device=n_valid.device).expand(len(n_valid), T)
+        return (n_valid - 1)[:, None] if self.needs_probe() else None
+
+    def rate(self, shares):
+        """(B,) drop rate chosen at this step."""
+        B, dev = len(self.kept), self.kept.device
+        if self.method == "dyrate":
+            if self.schedule is not None:
+                return torch.full((B,), float(self.schedule[min(self.step, len(self.schedule) - 1)]), device=dev)
+            rates = torch.tensor(self.predictor.rates, device=dev)
+            return rates[self.predictor(shares).argmax(-1)]
+        return torch.full((B,), {"none": 0.0, "fastv": float(self.ratio), "vtw": 1.0}[self.method], device=dev)
+
+    def __call__(self, probs, x, positions, n_valid, caches):
+        if self.train:
+            return x, positions, n_valid, self.train_mask(probs)
+        shares = scores = None
+        if probs is not None:
+            shares = type_shares(probs, self.image_start, self.n_image, self.prompt_len)[:, 0]  # (B, H, 4)
+            scores = image_scores(probs, self.image_start, self.n_image)[:, 0]  # (B, N)
+        rate = self.rate(shares)
+        keep = torch.minimum(self.kept.sum(1), keep_count(rate, self.n_image).long())  # (B,): never grows
+        if scores is None:  # no ranking needed: nothing or everything goes
+            assert bool(((keep == 0) | (keep == self.kept.sum(1))).all())
+            new_kept = self.kept & (keep[:, None] > 0)
+        else:  # keep the `keep` best-ranked of the still kept image tokens
+            new_kept = rank_of(scores.masked_fill(~self.kept, float("-inf"))) < keep[:, None]
+        drop = self.kept & ~new_kept
+        self.history.append(dict(kept=keep, dropped=drop, rate=rate, shares=shares))
+        self.kept, self.step = new_kept, self.step + 1
+        if not bool(drop.any()):
+            return x, positions, n_valid, None
+        if caches is None or caches[self.layer].used == 0:  # prefill: layers >= K never see the dropped tokens
+            idx, n_valid = kept_index(positions, n_valid, drop, self.image_start, self.n_image)
+            x = x.gather(1, idx[..., None].expand(-1, -1, x.shape[2]))  # (B, T', C)
+            positions = positions.gather(1, idx)  # original RoPE positions: gaps where tokens went
+        else:  # decode: remove them from the cache of every layer >= K (they all hold the same slots)
+            ref = caches[self.layer]
+            before = ref.length
+            idx, length = kept_index(ref.pos[:, :ref.used], before, drop, self.image_start, self.n_image)
+            for cache in caches[self.layer:]:
+                assert torch.equal(cache.length, before)
+                cache.keep(idx, length)
+        return x, positions, n_valid, None
+
+    def train_mask(self, probs):
+        """Training path: a (B, T, T) key weight for layers >= K from a straight-through rate choice per query row.
+        Prompt rows take the decision of the last prompt row (the step-0 decision), as inference does."""
+        B, H, T, S = probs.shape
+        shares = type_shares(probs, self.image_start, self.n_image, self.prompt_len)  # (B, T, H, 4)
+        scores = image_scores(probs, self.image_start, self.n_image)  # (B, T, N)
+        src = torch.maximum(torch.arange(T, device=probs.device)[None], (self.prompt_len - 1)[:, None])  # (B, T)
+        logits = self.predictor(shares.gather(1, src[..., None, None].expand(-1, -1, H, 4)))  # (B, T, C)
+        onehot = gumbel_softmax_st(logits, self.tau, self.generator)  # (B, T, C)
+        keeps = keep_count(torch.tensor(self.predictor.rates, device=probs.device), self.n_image)  # (C,)
+        masks = candidate_masks(scores.gather(1, src[..., None].expand(-1, -1, self.n_image)), keeps)  # (B, T, C, N)
+        weight = (onehot[..., None] * masks).sum(-2)  # (B, T, N): 0/1 forward, gradient into onehot
+        idx = (self.image_start[:, None] + torch.arange(self.n_image, device=probs.device))[:, None].expand(-1, T, -1)
+        self.record = dict(logits=logits, onehot=onehot, kept=onehot @ keeps.to(onehot.dtype))  # kept: (B, T)
+        return torch.ones(B, T, S, device=probs.device).scatter(2, idx, weight)
+
+    def row_history(self, b, n_steps):
+        """Row b's first n_steps steps as plain lists, for --json (probes: how many steps read layer K-1)."""
+        steps = self.history[:n_steps]
+        return dict(kept_visual=[int(h["kept"][b]) for h in steps], probes=sum(h["shares"] is not None for h in steps),
+                    dropped_at_step=[h["dropped"][b].nonzero()[:, 0].tolist() for h in steps],
+                    rates=[round(float(h["rate"][b]), 6) for h in steps],
+                    type_shares=[None if h["shares"] is None else [round(v, 6) for v in h["shares"][b].mean(0).tolist()]
+                                 for h in steps])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# FLOPs
+
+
+def layer_flops(t, T, S):
+    """Matmul FLOPs (2 per multiply-add) of one decoder layer on T tokens attending to S keys each (dense count)."""
+    proj = 2 * T * t.hidden_size * (t.num_attention_heads + 2 * t.num_key_value_heads) * t.head_dim \
+        + 2 * T * t.num_attention_heads * t.head_dim * t.hidden_size  # q, k, v, o
+    return proj + 2 * 3 * T * t.hidden_size * t.intermediate_size + 2 * 2 * t.num_attention_heads * T * S * t.head_dim
+
+
+def generation_flops(cfg, prompt_len, kept, k=2, probes=0, predictor_flops=0, n_images=1):
+    """Matmul FLOPs of generating len(kept) tokens for one row, from what was processed: kept[t] image tokens remain
+    in layers >= k at step t (kept[0] at prefill). Ints give ints; tensors (training) give a differentiable tensor.
+    `probes` steps computed the layer k-1 statistics (probe + type shares) and ran the predictor.
+    Returns a dict: vision, projector, prefill, decode, overhead, total."""
+    t, v, N = cfg.text, cfg.vision, cfg.n_image_tokens
+    Tv = (v.image_size // v.patch_size) ** 2 + 1  # CLIP runs on the patches + CLS
+    vision = n_images * (2 * (Tv - 1) * v.num_channels * v.patch_size ** 2 * v.hidden_size + cfg.n_vision_layers_used
+                         * (2 * 4 * Tv * v.hidden_size ** 2 + 2 * 2 * Tv * v.hidden_size * v.intermediate_size
+                            + 2 * 2 * Tv * Tv * v.hidden_size))
+    projector = n_images * 2 * N * (v.hidden_size * t.hidden_size + t.hidden_size ** 2)
+    lm_head, late = 2 * t.hidden_size * t.vocab_size, t.num_hidden_layers - k
+    short = prompt_len - (N - kept[0])  # tokens in layers >= k after the prefill drop
+    prefill = k * layer_flops(t, prompt_len, prompt_len) + late * layer_flops(t, short, short) + lm_head
+    decode = 0
+    for step in range(1, len(kept)):
+        decode = decode + k * layer_flops(t, 1, prompt_len + step) + \
+            late * layer_flops(t, 1, prompt_len - (N - kept[step]) + step) + lm_head
+    keys_at_probe = sum(prompt_len + s for s in range(probes))  # layer k-1 holds every token
+    overhead = 2 * t.num_attention_heads * t.head_dim * keys_at_probe + 2 * t.num_attention_heads * 4 * keys_at_probe \
+        + probes * predictor_flops  # probe scores, type shares, predictor
+    total = vision + projector + prefill + decode + overhead
+    return dict(vision=vision, projector=projector, prefill=prefill, decode=decode, overhead=overhead, total=total)
+
+
+def kv_cache_bytes(cfg, prompt_len, n_new, kept, k, dtype):
+    """Bytes of keys and values one row holds after generating n_new tokens (the last is never fed back) with `kept`
+    image tokens left in layers >= k."""
+    t = cfg.text
+    n = prompt_len + n_new - 1
+    per_token = 2 * t.num_key_value_heads * t.head_dim * torch.finfo(dtype).bits // 8
+    return per_token * (k * n + (t.num_hidden_layers - k) * (n - (cfg.n_image_tokens - kept)))
+
+
+def fastv_flops(cfg, n_tokens, n_kept_image, k=2):
+    """FastV's published convention: prefill only, per layer 4nd^2 + 2n^2d + 2ndm (n tokens, hidden d, FFN m; 2-matrix
+    FFN, multiply-adds). Returns (pruned, unpruned) so their ratio compares with the papers' TFLOPs ratios."""
+    t = cfg.text
+    d, m, L = t.hidden_size, t.intermediate_size, t.num_hidden_layers
+    per_layer = lambda n: 4 * n * d * d + 2 * n * n * d + 2 * n * d * m  # noqa: E731
+    n_short = n_tokens - (cfg.n_image_tokens - n_kept_image)
+    return k * per_layer(n_tokens) + (L - k) * per_layer(n_short), L * per_layer(n_tokens)

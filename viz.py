@@ -1,0 +1,87 @@
+"""
+Pictures of one generation's visual-token pruning (generate.py --viz OUT), drawn with Pillow alone:
+
+    OUT.gif         the image as the model saw it, dropped patches greyed, one frame per step with the text so far
+    OUT_strip.png   up to 8 of those frames side by side
+    OUT_shares.png  the attention mass of the current query on system / image / instruction / response tokens at
+                    layer K-1, averaged over heads, at every step (the seed paper's figure 2)
+"""
+import textwrap
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from model import CLIP_MEAN, CLIP_STD, preprocess
+
+COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14)]  # system, image, instruction, response
+TYPES = ("system", "image", "instruction", "response")
+
+
+def model_view(image, image_size, pad):
+    """The centre crop the model saw, as an RGB uint8 array (undoing the normalisation of model.preprocess)."""
+    x = preprocess(image, image_size, pad).numpy().transpose(1, 2, 0)  # (S, S, 3)
+    return np.clip((x * np.array(CLIP_STD) + np.array(CLIP_MEAN)) * 255 + 0.5, 0, 255).astype(np.uint8)
+
+
+def frames(view, row, tokenizer, cfg, size=336, text_height=120):
+    """One picture per step: patches dropped so far greyed out, and the step's numbers and text below."""
+    grid, patch = cfg.vision.image_size // cfg.vision.patch_size, size // (cfg.vision.image_size // cfg.vision.patch_size)
+    base = Image.fromarray(view).resize((grid * patch, grid * patch), Image.NEAREST)
+    first = 1 if cfg.vision_feature_select_strategy == "full" else 0  # feature 0 is CLS, not a patch
+    font, dropped, out = ImageFont.load_default(size=13), np.zeros(cfg.n_image_tokens, bool), []
+    for step, gone in enumerate(row["dropped_at_step"]):
+        dropped[gone] = True
+        pic = np.asarray(base).copy()
+        for i in np.flatnonzero(dropped[first:]):
+            r, c = divmod(int(i), grid)
+            cell = pic[r * patch:(r + 1) * patch, c * patch:(c + 1) * patch]
+            cell[:] = (0.25 * cell + 0.75 * 128).astype(np.uint8)  # grey, a trace of the image left
+        frame = Image.new("RGB", (base.width, base.height + text_height), "white")
+        frame.paste(Image.fromarray(pic), (0, 0))
+        draw = ImageDraw.Draw(frame)
+        draw.text((6, base.height + 4), f"step {step}  kept {row['kept_visual'][step]}/{cfg.n_image_tokens}  "
+                  f"rate {row['rates'][step]:.2f}", fill="black", font=font)
+        text = tokenizer.decode(row["token_ids"][:step + 1])
+        lines = textwrap.wrap(text, width=max(10, base.width // 7))[-5:]
+        draw.multiline_text((6, base.height + 24), "\n".join(lines), fill=(60, 60, 60), font=font)
+        out.append(frame)
+    return out
+
+
+def shares_plot(shares, width=640, height=360):
+    """Line plot of the four type shares (a list per step of 4 floats) over the steps."""
+    img = Image.new("RGB", (width, height), "white")
+    draw, font = ImageDraw.Draw(img), ImageFont.load_default(size=13)
+    left, right, top, bottom = 50, width - 130, 20, height - 40
+    draw.rectangle((left, top, right, bottom), outline="black")
+    for y in (0, 0.25, 0.5, 0.75, 1.0):
+        py = bottom - y * (bottom - top)
+        draw.line((left - 4, py, left, py), fill="black")
+        draw.text((8, py - 7), f"{y:.2f}", fill="black", font=font)
+    n = len(shares)
+    xs = [left + (right - left) * (i / max(n - 1, 1)) for i in range(n)]
+    for i in range(0, n, max(1, n // 8)):
+        draw.text((xs[i] - 4, bottom + 6), str(i), fill="black", font=font)
+    draw.text(((left + right) // 2 - 40, height - 18), "generation step", fill="black", font=font)
+    for j, (name, colour) in enumerate(zip(TYPES, COLOURS)):
+        points = [(x, bottom - s[j] * (bottom - top)) for x, s in zip(xs, shares)]
+        draw.line(points, fill=colour, width=2) if n > 1 else draw.ellipse((*[v - 3 for v in points[0]], *[v + 3 for v in points[0]]), fill=colour)
+        draw.line((right + 12, top + 12 + 20 * j, right + 32, top + 12 + 20 * j), fill=colour, width=3)
+        draw.text((right + 38, top + 5 + 20 * j), name, fill="black", font=font)
+    return img
+
+
+def save(out, image, row, tokenizer, cfg, pad=False):
+    """Write OUT.gif, OUT_strip.png and OUT_shares.png for one generated row (a generate() row dict)."""
+    pics = frames(model_view(image, cfg.vision.image_size, pad), row, tokenizer, cfg)
+    paths = [f"{out}.gif", f"{out}_strip.png", f"{out}_shares.png"]
+    pics[0].save(paths[0], save_all=True, append_images=pics[1:], duration=[500] * (len(pics) - 1) + [2500], loop=0)
+    chosen = sorted({round(i * (len(pics) - 1) / 7) for i in range(8)}) if len(pics) > 8 else range(len(pics))
+    strip = Image.new("RGB", (len(chosen) * (pics[0].width + 4), pics[0].height), "white")
+    for n, i in enumerate(chosen):
+        strip.paste(pics[i], (n * (pics[0].width + 4), 0))
+    strip.save(paths[1])
+    if any(s is None for s in row["type_shares"]):
+        raise ValueError("no type shares were recorded (generate(..., stats=True) records them)")
+    shares_plot(row["type_shares"]).save(paths[2])
+    return paths

@@ -21,6 +21,7 @@ inside the attention softmax of layers >= K, so the language-model loss reaches 
 """
 import json
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -87,11 +88,20 @@ class RatePredictor(nn.Module):
     def flops(self):
         return 2 * self.linear.in_features * self.linear.out_features
 
+    def describe(self, cfg):
+        """One line: the predictor's size and cost next to one decoder layer's for one token."""
+        layer = layer_flops(cfg.text, 1, cfg.n_image_tokens + 64)  # a token attending to a ~640-token context
+        n = sum(p.numel() for p in self.parameters())
+        return (f"rate predictor: {n} parameters, {self.flops()} FLOPs per step ({self.flops() / layer:.1e} of one "
+                f"decoder layer's {layer:.3g} FLOPs per token); K={self.k}, rates {self.rates}")
+
     def save(self, path, fingerprint, extra=None):
         meta = dict(format=PREDICTOR_FORMAT, k=self.k, rates=self.rates, n_heads=self.n_heads, fingerprint=fingerprint,
                     **(extra or {}))
-        save_file({k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}, path,
+        tmp = f"{path}.tmp"
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}, tmp,
                   metadata={"dyrate": json.dumps(meta)})
+        os.replace(tmp, path)  # atomic: readers see the old file or the new one
 
     @classmethod
     def load(cls, path, model_cfg, device="cpu"):
@@ -187,9 +197,8 @@ class Pruner:
         self.step = 0
         self.history = []  # per step: dict of (B, ...) tensors: kept, dropped, rate, shares
 
-    def needs_probe(self):
-        return self.train or self.stats or self.method == "dyrate" and self.schedule is None or \
-            self.method == "fastv" and self.step == 0
+    def needs_probe(self):  # dyrate ranks at every step, fastv at prefill only, vtw and none never
+        return self.train or self.stats or self.method == "dyrate" or self.method == "fastv" and self.step == 0
 
     def probe_rows(self, n_valid, T):
         """The query rows whose layer K-1 attention this step needs: every row in training, else each row's last."""

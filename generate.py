@@ -200,6 +200,8 @@ def main(argv=None):
         model = Llava.from_pretrained(args.model, device=args.device, dtype=dtype)
         tokenizer = Tokenizer(args.model, model.config)
         predictor = args.predictor and dyrate.RatePredictor.load(args.predictor, model.config, args.device)
+        if predictor:
+            print(predictor.describe(model.config), file=sys.stderr)
         stream = None if args.json else (lambda b, piece: print(piece, end="", flush=True))
         out = generate(model, tokenizer, [args.image], [args.prompt], args.max_new_tokens, args.temperature,
                        args.top_k, args.top_p, args.seed, args.conv, args.pad, stream, args.method, args.k,

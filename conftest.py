@@ -1,0 +1,139 @@
+"""
+Shared test fixtures: tiny random LLaVA checkpoints built with transformers (the reference) in llava-hf's formats,
+with a tokenizer.json built by the `tokenizers` library in llava-hf's structure.
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import model as M
+
+IMAGE_SIZE, PATCH = 112, 14  # 8 x 8 = 64 image tokens
+
+
+def assert_close(actual, expected, atol, what=""):
+    diff = (actual.double() - expected.double()).abs()
+    assert diff.max() <= atol, f"{what}: max|diff| {diff.max():.3g} (mean {diff.mean():.3g}) > {atol}"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# tiny checkpoints in llava-hf's formats
+
+CORPUS = ["USER: What is in the image? ASSISTANT: A red circle and a blue square on a white background.",
+          "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+          "detailed, and polite answers to the user's questions.", "Provide a one-sentence caption for the provided "
+          "image. Describe the picture. How many shapes are there? There are two shapes: a green triangle."] * 20
+
+
+def build_tokenizer(folder, legacy=True):
+    """A tokenizer.json in llava-hf's structure: BPE with byte fallback, the legacy normalizer (Prepend + Replace),
+    BOS by the post-processor, <unk> <s> </s> then <image> <pad> after the vocabulary."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)  # '▁word' pieces
+    bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=160, special_tokens=["<unk>", "<s>", "</s>"],
+                                                        show_progress=False))
+    d = json.loads(bpe.to_str())
+    # like Llama-2: ids 3-258 are the byte-fallback tokens, plain vocabulary entries (not added tokens)
+    pieces = [p for p, _ in sorted(d["model"]["vocab"].items(), key=lambda kv: kv[1])]
+    pieces = pieces[:3] + [f"<0x{i:02X}>" for i in range(256)] + pieces[3:]
+    d["model"]["vocab"] = {p: i for i, p in enumerate(dict.fromkeys(pieces))}
+    d["pre_tokenizer"] = None
+    d["normalizer"] = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"},
+                                                           {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
+    tok = Tokenizer.from_str(json.dumps(d))
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    tok.add_special_tokens([AddedToken(s, normalized=False, special=True) for s in ["<unk>", "<s>", "</s>", "<image>", "<pad>"]])
+    os.makedirs(folder, exist_ok=True)
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump(dict(add_bos_token=True, add_eos_token=False, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                       pad_token="<pad>", legacy=legacy, tokenizer_class="LlamaTokenizer", padding_side="left",
+                       clean_up_tokenization_spaces=False, image_token="<image>",
+                       extra_special_tokens={"image_token": "<image>"}), f)
+    return tok.token_to_id("<image>"), tok.token_to_id("<pad>")
+
+
+def make_hf(image_id, pad_id, kv_heads=4, head_dim=16, seed=0, layers=4):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=16, hidden_act="quick_gelu")
+    text = LlamaConfig(vocab_size=pad_id + 15, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=kv_heads, head_dim=head_dim, rms_norm_eps=1e-5,
+                       max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_id, pad_token_id=pad_id,
+                      vision_feature_layer=-2, vision_feature_select_strategy="default")
+    hf = LlavaForConditionalGeneration(cfg)
+    with torch.no_grad():  # default norm init is exactly 1 / 0, which would hide a swapped or missing norm
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    hf.generation_config.pad_token_id = pad_id
+    return hf.eval()
+
+
+def save_checkpoint(hf, folder, layout):
+    """layout: 'hub' (sharded, vision_tower.vision_model.*), 'transformers5' (save_pretrained as is) or
+    'memory457' (transformers 4.52-4.57's in-memory names: model.language_model.*, lm_head.*, ...)."""
+    from safetensors.torch import load_file, save_file
+    hf.save_pretrained(folder)
+    if layout == "transformers5":
+        return folder
+    path = os.path.join(folder, "model.safetensors")
+    if layout == "memory457":
+        sd = {k.replace("model.vision_tower.", "model.vision_tower.vision_model."): v.contiguous()
+              for k, v in hf.state_dict().items()}
+        save_file(sd, path)
+        return folder
+    sd = {k.replace("vision_tower.", "vision_tower.vision_model."): v for k, v in load_file(path).items()}
+    os.remove(path)
+    keys, weight_map = sorted(sd), {}
+    for i, part in enumerate(np.array_split(np.array(keys), 3)):
+        name = f"model-{i + 1:05d}-of-00003.safetensors"
+        save_file({k: sd[k] for k in part}, os.path.join(folder, name))
+        weight_map.update({k: name for k in part})
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory):
+    """A hub-layout (sharded) tiny checkpoint with its tokenizer, and the HF reference model (eager attention)."""
+    folder = str(tmp_path_factory.mktemp("tiny"))
+    image_id, pad_id = build_tokenizer(folder)
+    hf = make_hf(image_id, pad_id)
+    save_checkpoint(hf, folder, "hub")
+    hf.set_attn_implementation("eager")
+    return folder, hf
+
+
+@pytest.fixture(scope="session")
+def ours(ckpt):
+    model = M.Llava.from_pretrained(ckpt[0])
+    return model, M.Tokenizer(ckpt[0], model.config)
+
+
+def random_image(seed, size=(160, 120)):
+    rng = np.random.default_rng(seed)
+    w, h = size
+    ramp = np.linspace(0, 255, w)[None, :, None] * np.ones((h, 1, 3))
+    noise = rng.integers(0, 255, (h, w, 3))
+    return Image.fromarray(((ramp + noise) / 2).astype(np.uint8))
+
+
+def prompt_inputs(ours, prompts, seeds):
+    """input_ids (B, T) padded at the end, lengths (B,), pixel values (B, 3, S, S) for image/prompt pairs."""
+    model, tok = ours
+    encoded = [tok.encode_prompt(p)[0] for p in prompts]
+    T = max(map(len, encoded))
+    ids = torch.tensor([e + [model.config.pad_token_id] * (T - len(e)) for e in encoded])
+    px = torch.stack([M.preprocess(random_image(s), IMAGE_SIZE) for s in seeds])
+    return ids, torch.tensor(list(map(len, encoded))), px

@@ -1,12 +1,20 @@
 """
-Benchmark every method (none, fastv, vtw, dyrate) of our generation and HF transformers' generate on the same weights,
-side by side in one run (random weights: nothing to download): prefill and decode times, FLOPs, KV-cache bytes.
+Speed, FLOPs and memory of every method (none, fastv, vtw, dyrate) of our generation, eager and compiled, and of HF
+transformers' generate on the same weights, side by side in one run.
 
-    python bench.py                                   # CPU, mid-size geometry (hidden 1024, 8 layers, 576 image tokens)
-    python bench.py --geometry 7b --device cuda --dtype bfloat16
+    python bench.py                                                # CPU, mid geometry (random weights)
+    python bench.py --geometry 7b --device cuda --dtype bfloat16 --methods none,none+compile,fastv,dyrate,transformers
+    python bench.py --model path/to/llava-1.5-7b-hf --device cuda --dtype float16 --batch-sizes 1,8,32 --memory-gib 80
 
-Greedy decoding of --new-tokens tokens, median of --repeats runs after one warm-up, all methods' runs interleaved,
-CUDA synchronised. Prints a table and writes --out as JSON.
+Each method generates --new-tokens greedy tokens for a prompt of 576 image + --prompt-tokens text tokens, at every
+--batch-sizes batch (identical rows). After one warm-up run per method and batch, --repeats rounds run all of them in
+turn (drift hits all alike); medians are reported, CUDA synchronised. Methods: none, fastv (K, R), vtw (K), dyrate (a
+--predictor, else a predictor whose bias always picks the constant rate R, so its per-step work is real),
+dyrate-ramp (rates rising from R to 1 on the 9 candidates 0, 1/8, .., 1: cache compaction at several steps),
+transformers (LlavaForConditionalGeneration, sdpa); a "+compile" suffix runs ours with Llava.compile_decode.
+Memory is the model's weights plus what a run adds at its peak (CUDA: measured by the allocator; CPU: the KV-cache
+buffers allocated, activations not counted). With --memory-gib the largest batch that fits is extrapolated linearly
+from the two largest batches measured.
 """
 import argparse
 import json
@@ -39,133 +47,226 @@ def random_models(geometry, device, dtype, seed=0):
     torch.manual_seed(seed)
     with torch.device(device):
         hf = LlavaForConditionalGeneration(cfg).to(dtype).eval()
-    hf.generation_config.pad_token_id = 32001
     ours = M.Llava(M.LlavaConfig(
         vision=M.VisionConfig(hidden_size=vh, num_hidden_layers=vl, num_attention_heads=vn, intermediate_size=vi),
         text=M.TextConfig(hidden_size=th, num_hidden_layers=tl, num_attention_heads=tn, num_key_value_heads=tn,
                           head_dim=th // tn, intermediate_size=ti)))
-    ours.load_state_dict({M.canonical_key(k): v for k, v in hf.state_dict().items()}, strict=True, assign=True)
-    ours.language_model.model.inv_freq = M.rope_inv_freq(ours.config.text).to(device)
-    return hf, ours.eval().requires_grad_(False)
+    return hf, share_weights(ours, {M.canonical_key(k): v for k, v in hf.state_dict().items()}, device)
 
 
-def interleaved(fns, repeats):
-    """Run each function once to warm up, then `repeats` rounds of all of them in turn (a, b, a, b, ...) so that drift
-    hits all alike. Each returns a dict of timings (seconds) and results; returns per function the median of each
-    timing and the last results."""
-    for fn in fns:
+def share_weights(model, state, device):
+    """Our Llava on `state`'s very tensors (no copy)."""
+    model.load_state_dict(state, strict=True, assign=True)
+    model.language_model.model.inv_freq = M.rope_inv_freq(model.config.text).to(device)
+    return model.eval().requires_grad_(False)
+
+
+def checkpoint_models(folder, device, dtype, need_hf):
+    """Our Llava from a checkpoint folder, and transformers' from the same files (its own copy of the weights)."""
+    ours = M.Llava.from_pretrained(folder, device, dtype)
+    if not need_hf:
+        return None, ours
+    from transformers import LlavaForConditionalGeneration
+    return LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").to(device).eval(), ours
+
+
+def constant_predictor(n_heads, rate, k, device):
+    """A rate predictor whose bias always picks `rate`: the real per-step work of dyrate at a known rate."""
+    rates = sorted({0.0, float(rate), 1.0})
+    predictor = D.RatePredictor(n_heads, rates, k)
+    with torch.no_grad():
+        predictor.linear.bias[rates.index(float(rate))] = 10.0
+    return predictor.to(device)
+
+
+def memory_mark(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    return 0
+
+
+def memory_added(device, mark, kv_buffer_bytes):
+    """Bytes a run added at its peak: measured on CUDA, the KV-cache buffers on CPU."""
+    return torch.cuda.max_memory_allocated(device) - mark if torch.device(device).type == "cuda" else kv_buffer_bytes
+
+
+def interleaved(fns, repeats, log):
+    """One warm-up run of each function, then `repeats` rounds of all in turn; the median of each timing, the last
+    run's other results."""
+    for i, fn in enumerate(fns):
+        log(f"warm-up {i + 1}/{len(fns)}")
         fn()
-    runs = [[fn() for fn in fns] for _ in range(repeats)]
-    return [dict(runs[-1][i], **{key: statistics.median(r[i][key] for r in runs) for key in ("prefill_s", "decode_s")})
+    runs = []
+    for r in range(repeats):
+        log(f"round {r + 1}/{repeats}")
+        runs.append([fn() for fn in fns])
+    return [dict(runs[-1][i], **{key: statistics.median(run[i][key] for run in runs) for key in ("prefill_s", "decode_s")})
             for i in range(len(fns))]
 
 
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Speed, FLOPs and memory of each method, and of transformers, same weights.")
+    g = p.add_argument_group("model")
+    g.add_argument("--geometry", choices=sorted(GEOMETRIES), default="mid", help="random-weight model of this size")
+    g.add_argument("--model", default=None, help="a llava-hf checkpoint folder instead of random weights")
+    g.add_argument("--device", default="cpu", help="cpu or cuda")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weights, activations")
+    g = p.add_argument_group("methods")
+    g.add_argument("--methods", default="none,fastv,vtw,dyrate,dyrate-ramp,transformers",
+                   help="comma-separated: none, fastv, vtw, dyrate, dyrate-ramp, transformers; add +compile to one of "
+                        "ours for the compiled decode path (e.g. none+compile)")
+    g.add_argument("--k", type=int, default=2, help="pruning layer K")
+    g.add_argument("--ratio", type=float, default=0.5, help="FastV's R; dyrate's constant rate; where the ramp starts")
+    g.add_argument("--predictor", default=None, help="dyrate predictor file (written by train.py for this model)")
+    g = p.add_argument_group("workload")
+    g.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated per run")
+    g.add_argument("--prompt-tokens", type=int, default=40, help="text tokens around the 576 image tokens")
+    g.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes (identical rows)")
+    g.add_argument("--memory-gib", type=float, default=None, help="report the largest batch that fits in this memory")
+    g.add_argument("--repeats", type=int, default=3, help="timed rounds (median reported) after one warm-up")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
+    g.add_argument("--out", default="bench.json", help="JSON results file")
+    return p.parse_args(argv)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Speed, FLOPs and KV cache of each method, and of transformers, same weights.")
-    p.add_argument("--geometry", choices=sorted(GEOMETRIES), default="mid", help="model size (random weights)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weights and activations")
-    p.add_argument("--methods", default="none,fastv,vtw,dyrate,dyrate0,transformers",
-                   help="comma-separated: none, fastv, vtw, dyrate, dyrate0 (statistics every step, nothing dropped: "
-                        "DyRate's overhead), transformers")
-    p.add_argument("--k", type=int, default=2, help="pruning layer K")
-    p.add_argument("--ratio", type=float, default=0.5, help="FastV's R; also where dyrate's ramp starts")
-    p.add_argument("--predictor", default=None, help="dyrate predictor file; without one dyrate follows a ramp of "
-                   "rates from --ratio at prefill to 1 at the last step, on the candidates 0, 1/8, .., 1 as a "
-                   "predictor's would be (so drops happen at a few steps)")
-    p.add_argument("--ramp-every-step", action="store_true", help="dyrate's ramp without the candidates: it drops "
-                   "tokens at every step, the worst case for cache compaction")
-    p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated per run")
-    p.add_argument("--prompt-tokens", type=int, default=40, help="text tokens around the 576 image tokens")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs (median reported) after one warm-up")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
-    p.add_argument("--out", default="bench.json", help="JSON results file")
-    args = p.parse_args(argv)
+    args = parse_args(argv)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype, dev, methods = getattr(torch, args.dtype), args.device, args.methods.split(",")
-    print(f"building {args.geometry} models on {dev} in {args.dtype} ...", file=sys.stderr)
-    hf, ours = random_models(args.geometry, dev, dtype)
+    dtype, dev = getattr(torch, args.dtype), args.device
+    methods, batches = args.methods.split(","), [int(b) for b in args.batch_sizes.split(",")]
+    for m in methods:
+        if m.removesuffix("+compile") not in ("none", "fastv", "vtw", "dyrate", "dyrate-ramp", "transformers") \
+                or m == "transformers+compile":
+            raise SystemExit(f"error: unknown method {m!r} in --methods")
+    log(f"building {args.model or args.geometry} on {dev} in {args.dtype} ...")
+    hf, ours = checkpoint_models(args.model, dev, dtype, "transformers" in methods) if args.model else \
+        random_models(args.geometry, dev, dtype)
+    compiled = None
+    if any(m.endswith("+compile") for m in methods):  # a second Llava on the same tensors, its decode compiled
+        with torch.device("meta"):
+            compiled = M.Llava(ours.config)
+        compiled = share_weights(compiled, ours.state_dict(), dev).compile_decode()
     cfg, N = ours.config, ours.config.n_image_tokens
-    predictor = args.predictor and D.RatePredictor.load(args.predictor, cfg, dev)
+    weights = sum(t.numel() * t.element_size() for t in ours.state_dict().values())
+    predictor = D.RatePredictor.load(args.predictor, cfg, dev) if args.predictor else \
+        constant_predictor(cfg.text.num_attention_heads, args.ratio, args.k, dev)
     torch.manual_seed(1)
-    text = torch.randint(3, 32000, (args.prompt_tokens,)).tolist()
-    ids = torch.tensor([[1] + text[:5] + [32000] * N + text[5:]], device=dev)  # (1, T): the image starts at 6
-    px = torch.randn(1, 3, 336, 336, device=dev, dtype=dtype)
-    T, n = ids.shape[1], args.new_tokens
+    text = torch.randint(3, cfg.image_token_index, (args.prompt_tokens,)).tolist()
+    prompt = [cfg.bos_token_id] + text[:5] + [cfg.image_token_index] * N + text[5:]  # the image starts at 6
+    T, n = len(prompt), args.new_tokens
+    ramp = [round((args.ratio + (1 - args.ratio) * t / max(n - 1, 1)) * 8) / 8 for t in range(n)]
 
-    def pruner(method, new_tokens):
-        one = torch.tensor([6], device=dev), torch.tensor([T], device=dev)
-        if method in ("none", "transformers"):
+    def pruner(method, B):
+        start, length = torch.full((B,), 6, device=dev), torch.full((B,), T, device=dev)
+        if method == "none":
             return None
-        if method == "dyrate0":
-            return D.Pruner("dyrate", N, *one, args.k, schedule=[0.0], stats=True)
-        if method == "dyrate" and predictor is None:
-            ramp = [args.ratio + (1 - args.ratio) * t / max(new_tokens - 1, 1) for t in range(new_tokens)]
-            ramp = ramp if args.ramp_every_step else [round(r * 8) / 8 for r in ramp]
-            return D.Pruner("dyrate", N, *one, args.k, schedule=ramp, stats=True)
-        return D.Pruner(method, N, *one, args.k, args.ratio, predictor, stats=False)
+        if method == "dyrate-ramp":
+            return D.Pruner("dyrate", N, start, length, args.k, schedule=ramp)
+        return D.Pruner(method, N, start, length, args.k, args.ratio, predictor, stats=method == "dyrate")
 
     @torch.inference_mode()
-    def run(method, new_tokens):
-        if method == "transformers":  # one call: time a 1-token generation, then the rest is decode
+    def run(method, B):
+        ids = torch.tensor([prompt] * B, device=dev)
+        S = cfg.vision.image_size
+        px = torch.randn(1, 3, S, S, device=dev, generator=torch.Generator(dev).manual_seed(0)).to(dtype).expand(B, -1, -1, -1)
+        mark = memory_mark(dev)
+        if method == "transformers":  # time a 1-token generation, then the rest is decode
             times = []
-            for count in (1, new_tokens):
+            for count in (1, n):
                 G.sync(dev)
                 t0 = time.perf_counter()
                 out = hf.generate(input_ids=ids, pixel_values=px, attention_mask=torch.ones_like(ids), do_sample=False,
-                                  max_new_tokens=count, min_new_tokens=count)
+                                  max_new_tokens=count, min_new_tokens=count, pad_token_id=cfg.pad_token_id,
+                                  return_dict_in_generate=True)
                 G.sync(dev)
                 times.append(time.perf_counter() - t0)
-            return dict(prefill_s=times[0], decode_s=times[1] - times[0], tokens=out[0, T:].tolist(), hook=None)
-        hook, caches = pruner(method, new_tokens), ours.new_caches(1, new_tokens)
+            kv = sum(t.numel() * t.element_size() for layer in out.past_key_values.layers for t in (layer.keys, layer.values))
+            return dict(prefill_s=times[0], decode_s=times[1] - times[0], tokens=out.sequences[0, T:].tolist(),
+                        hook=None, memory=weights + memory_added(dev, mark, kv))
+        model = compiled if method.endswith("+compile") else ours
+        hook, caches = pruner(method.removesuffix("+compile"), B), model.new_caches(B, n)
         G.sync(dev)
         t0 = time.perf_counter()
-        token = ours.step(ids, torch.arange(T, device=dev)[None], caches, pixel_values=px, pruner=hook).argmax(-1)
+        token = model.step(ids, torch.arange(T, device=dev).expand(B, T), caches, pixel_values=px, pruner=hook).argmax(-1)
         out = [token]
         G.sync(dev)
         t1 = time.perf_counter()
-        for t in range(1, new_tokens):
-            token = ours.step(token[:, None], torch.tensor([[T + t - 1]], device=dev), caches, pruner=hook).argmax(-1)
+        for t in range(1, n):
+            token = model.step(token[:, None], torch.full((B, 1), T + t - 1, device=dev), caches, pruner=hook).argmax(-1)
             out.append(token)
         G.sync(dev)
-        return dict(prefill_s=t1 - t0, decode_s=time.perf_counter() - t1, tokens=torch.stack(out, 1)[0].tolist(), hook=hook)
+        t2 = time.perf_counter()
+        kv = sum(t.numel() * t.element_size() for c in caches for t in (c.k, c.v))
+        return dict(prefill_s=t1 - t0, decode_s=t2 - t1, tokens=torch.stack(out, 1)[0].tolist(), hook=hook,
+                    memory=weights + memory_added(dev, mark, kv))
 
-    print(f"timing {len(methods)} methods, {args.repeats} rounds ...", file=sys.stderr)
-    results = interleaved([lambda m=m: run(m, n) for m in methods], args.repeats)
-    rows = {}
-    for m, r in zip(methods, results):
+    jobs = [(m, B) for B in batches for m in methods]
+    log(f"timing {len(methods)} methods x {len(batches)} batch sizes: {len(jobs)} runs per round")
+    results = interleaved([lambda m=m, B=B: run(m, B) for m, B in jobs], args.repeats, log)
+    rows = []
+    for (m, B), r in zip(jobs, results):
         hook = r["hook"]
         kept = [int(h["kept"][0]) for h in hook.history] if hook else [N] * n
         probes = sum(h["shares"] is not None for h in hook.history) if hook else 0
-        pf = predictor.flops() if m == "dyrate" and predictor is not None else 0
-        flops = D.generation_flops(cfg, T, kept, args.k, probes, pf)
-        first = D.generation_flops(cfg, T, kept[:1], args.k, min(probes, 1), pf)
-        rows[m] = dict(prefill_ms=r["prefill_s"] * 1e3, decode_ms_per_token=r["decode_s"] * 1e3 / (n - 1),
-                       total_ms=(r["prefill_s"] + r["decode_s"]) * 1e3,
-                       prefill_tflops=first["total"] / 1e12, tflops=flops["total"] / 1e12, kept_visual=kept,
-                       kv_cache_bytes=D.kv_cache_bytes(cfg, T, n, kept[-1], args.k, dtype), tokens=r["tokens"])
-    base = rows.get("none") or rows[methods[0]]
-    print(f"\n{args.geometry} geometry, {dev}, {args.dtype}, prompt {T} tokens ({N} image), {n} greedy new tokens, "
-          f"K={args.k}, R={args.ratio}, median of {args.repeats} interleaved runs; ratios are to {methods[0] if 'none' not in rows else 'none'}")
-    print(f"{'method':14}{'prefill ms':>11}{'(ratio)':>8}{'prefill TFLOPs':>15}{'(ratio)':>8}{'decode ms/tok':>14}"
-          f"{'(ratio)':>8}{'TFLOPs':>8}{'(ratio)':>8}{'KV MiB':>8}{'kept':>10}")
-    for m, r in rows.items():
-        print(f"{m:14}{r['prefill_ms']:11.1f}{r['prefill_ms'] / base['prefill_ms']:8.2f}{r['prefill_tflops']:15.4f}"
-              f"{r['prefill_tflops'] / base['prefill_tflops']:8.2f}{r['decode_ms_per_token']:14.2f}"
-              f"{r['decode_ms_per_token'] / base['decode_ms_per_token']:8.2f}{r['tflops']:8.3f}"
-              f"{r['tflops'] / base['tflops']:8.2f}{r['kv_cache_bytes'] / 2**20:8.1f}"
-              f"{str(r['kept_visual'][0]) + '->' + str(r['kept_visual'][-1]):>10}")
-    if "transformers" in rows and "none" in rows:
-        same = rows["none"]["tokens"] == rows["transformers"]["tokens"]
-        print(f"ours (none) vs transformers: same tokens {same}, end to end "
-              f"{rows['transformers']['total_ms'] / rows['none']['total_ms']:.2f}x as fast")
-    if "dyrate0" in rows and "none" in rows:
-        print(f"DyRate statistics (probe + type shares) every step: "
-              f"{rows['dyrate0']['decode_ms_per_token'] / rows['none']['decode_ms_per_token'] - 1:+.1%} per decode step")
+        pf = predictor.flops() if m.startswith("dyrate") and hook.predictor is not None else 0
+        flops, first = (D.generation_flops(cfg, T, kept[:s], args.k, min(probes, s), pf)["total"] * B for s in (n, 1))
+        rows.append(dict(method=m, batch=B, prefill_ms=r["prefill_s"] * 1e3, decode_ms_per_token=r["decode_s"] * 1e3 / (n - 1),
+                         total_ms=(r["prefill_s"] + r["decode_s"]) * 1e3, tokens_per_s=B * n / (r["prefill_s"] + r["decode_s"]),
+                         prefill_tflops=first / 1e12, tflops=flops / 1e12, kept_visual=kept, peak_memory_bytes=r["memory"],
+                         kv_cache_bytes=B * D.kv_cache_bytes(cfg, T, n, kept[-1], args.k, dtype), tokens=r["tokens"]))
+    report(rows, args, cfg, T, weights, log)
     with open(args.out, "w") as f:
-        json.dump(dict(vars(args), results=rows), f, indent=1)
+        json.dump(dict(vars(args), prompt_tokens_total=T, weights_bytes=weights, device_name=device_name(dev), results=rows), f, indent=1)
+    log(f"wrote {args.out}")
     return rows
+
+
+def device_name(dev):
+    return torch.cuda.get_device_name(dev) if torch.device(dev).type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+
+
+def report(rows, args, cfg, T, weights, log):
+    """The table on stdout (ratios to none at the same batch), and the comparisons the README quotes."""
+    mem = "peak MiB" if torch.device(args.device).type == "cuda" else "wt+KV MiB"
+    print(f"\n{args.model or args.geometry + ' geometry (random weights)'}, {device_name(args.device)}, {args.dtype}, "
+          f"prompt {T} tokens ({cfg.n_image_tokens} image), {args.new_tokens} greedy new tokens, K={args.k}, "
+          f"R={args.ratio}, median of {args.repeats} interleaved rounds; (x) = ratio to none at the same batch")
+    print(f"{'method':20}{'batch':>6}{'prefill ms':>11}{'(x)':>6}{'prefill TF':>11}{'(x)':>6}{'decode ms/tok':>14}{'(x)':>6}"
+          f"{'total ms':>10}{'tok/s':>8}{'TFLOPs':>8}{'(x)':>6}{mem:>10}{'KV MiB':>8}{'kept':>9}")
+    for r in rows:
+        base = next((b for b in rows if b["method"] == "none" and b["batch"] == r["batch"]), r)
+        print(f"{r['method']:20}{r['batch']:6d}{r['prefill_ms']:11.1f}{r['prefill_ms'] / base['prefill_ms']:6.2f}"
+              f"{r['prefill_tflops']:11.4f}{r['prefill_tflops'] / base['prefill_tflops']:6.2f}"
+              f"{r['decode_ms_per_token']:14.2f}{r['decode_ms_per_token'] / base['decode_ms_per_token']:6.2f}"
+              f"{r['total_ms']:10.1f}{r['tokens_per_s']:8.1f}{r['tflops']:8.3f}{r['tflops'] / base['tflops']:6.2f}"
+              f"{r['peak_memory_bytes'] / 2**20:10.0f}{r['kv_cache_bytes'] / 2**20:8.1f}"
+              f"{str(r['kept_visual'][0]) + '->' + str(r['kept_visual'][-1]):>9}")
+    by = {(r["method"], r["batch"]): r for r in rows}
+    for (m, B), r in by.items():
+        if m == "transformers" and ("none", B) in by:
+            ours = by[("none", B)]
+            print(f"batch {B}: ours (none) vs transformers: same tokens {ours['tokens'] == r['tokens']}, end to end "
+                  f"{r['total_ms'] / ours['total_ms']:.2f}x as fast, decode {r['decode_ms_per_token'] / ours['decode_ms_per_token']:.2f}x")
+        if m == "dyrate" and ("fastv", B) in by and not args.predictor:  # same kept tokens: the difference is DyRate's work
+            print(f"batch {B}: DyRate per-step overhead (statistics + predictor, same kept tokens as fastv): "
+                  f"{r['decode_ms_per_token'] / by[('fastv', B)]['decode_ms_per_token'] - 1:+.1%} of a decode step")
+        if m == "dyrate-ramp" and ("fastv", B) in by:
+            print(f"batch {B}: dyrate-ramp (statistics + cache compaction at {len(set(r['kept_visual'])) - 1} steps): "
+                  f"decode {r['decode_ms_per_token'] / by[('fastv', B)]['decode_ms_per_token'] - 1:+.1%} vs fastv")
+    if args.memory_gib:
+        budget = args.memory_gib * 2**30
+        for m in dict.fromkeys(r["method"] for r in rows):
+            pts = sorted((r["batch"], r["peak_memory_bytes"]) for r in rows if r["method"] == m)
+            if len(pts) < 2:
+                continue
+            (b1, m1), (b2, m2) = pts[-2:]
+            per_row = (m2 - m1) / (b2 - b1)
+            print(f"{m}: {per_row / 2**20:.1f} MiB per row -> largest batch in {args.memory_gib:g} GiB: "
+                  f"{int((budget - (m2 - per_row * b2)) // per_row)} (linear in the batch, from batches {b1} and {b2})")
 
 
 if __name__ == "__main__":

@@ -235,14 +235,14 @@ class Pruner:
         self.kept, self.step = new_kept, self.step + 1
         if not bool(drop.any()):
             return x, positions, n_valid, None
-        if caches is None or caches[self.layer].used == 0:  # prefill: layers >= K never see the dropped tokens
+        if caches is None or caches[self.layer].k is None:  # prefill: layers >= K never see the dropped tokens
             idx, n_valid = kept_index(positions, n_valid, drop, self.image_start, self.n_image)
             x = x.gather(1, idx[..., None].expand(-1, -1, x.shape[2]))  # (B, T', C)
             positions = positions.gather(1, idx)  # original RoPE positions: gaps where tokens went
         else:  # decode: remove them from the cache of every layer >= K (they all hold the same slots)
             ref = caches[self.layer]
-            before = ref.length
-            idx, length = kept_index(ref.pos[:, :ref.used], before, drop, self.image_start, self.n_image)
+            before = ref.length.clone()
+            idx, length = kept_index(ref.pos, before, drop, self.image_start, self.n_image)  # slots >= length: junk
             for cache in caches[self.layer:]:
                 assert torch.equal(cache.length, before)
                 cache.keep(idx, length)

@@ -241,40 +241,48 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """One decoder layer's keys and values (gpt-fast style): preallocated at the first write for that chunk plus
+    """One decoder layer's keys and values (gpt-fast style): preallocated at the first write (the prompt) plus
     `max_new` more tokens, so a layer that dropped tokens at prefill (dyrate.py) is physically smaller.
 
     Each row keeps its own valid length and each slot the RoPE position of the token in it, so rows of different
-    lengths share a batch and layers can hold different numbers of positions. `used` is a host-side upper bound of
-    the lengths: attention reads slots [0, used) and masks what a row does not own.
+    lengths share a batch and layers can hold different numbers of positions; attention masks the slots a row does
+    not own. `used` (host side) bounds the lengths, and attention reads slots [0, used). A `static` cache instead
+    reads its whole buffer at every step after the first write: the shapes of a decode step never change, which is
+    what torch.compile and CUDA graphs need (Llava.compile_decode). Every update is in place, for the same reason.
     """
 
-    def __init__(self, batch, max_new, n_kv_heads, head_dim, dtype, device):
+    def __init__(self, batch, max_new, n_kv_heads, head_dim, dtype, device, static=False):
         self.shape, self.dtype, self.device, self.max_new = (batch, n_kv_heads, head_dim), dtype, device, max_new
+        self.static, self.used = static, 0
         self.k = self.v = self.pos = None
         self.length = torch.zeros(batch, dtype=torch.long, device=device)
-        self.used = 0
 
     def update(self, k, v, positions, n_valid):
         """Write a chunk k/v (B, nkv, T, hs) at each row's end; the first n_valid[b] of row b's T tokens are real.
-        Returns all keys/values (B, nkv, used, hs) and each row's length before the chunk."""
+        Returns the keys/values to attend to, (B, nkv, S, hs), and each row's length before the chunk."""
         B, _, T, _ = k.shape
-        base = self.length
-        if self.k is None:  # zeros: a ragged batch reads (masked) slots it never wrote, which must be finite
+        if self.k is None:  # the first write: every row starts at slot 0
             (b, nkv, hs), S = self.shape, T + self.max_new
+            # zeros: a ragged batch reads (masked) slots it never wrote, which must be finite
             self.k = torch.zeros(b, nkv, S, hs, dtype=self.dtype, device=self.device)
             self.v = torch.zeros_like(self.k)
             self.pos = torch.full((b, S), -1, dtype=torch.long, device=self.device)  # -1 = empty slot
-        assert self.used + T <= self.k.shape[2], "KV cache overflow: more new tokens than max_new"
-        if self.used == 0:  # an empty cache: every row starts at slot 0
+            for t in (self.k, self.v, self.pos, self.length):  # updated in place: CUDA graphs may keep their addresses
+                torch._dynamo.mark_static_address(t)
             self.k[:, :, :T], self.v[:, :, :T], self.pos[:, :T] = k, v, positions
-        else:
-            slots = base[:, None] + torch.arange(T, device=k.device)  # (B, T), junk tokens of short rows included
-            idx = slots[:, None, :, None].expand_as(k)
-            self.k.scatter_(2, idx, k)
-            self.v.scatter_(2, idx, v)
-            self.pos.scatter_(1, slots, positions)
-        self.length = base + n_valid
+            self.length.copy_(n_valid)
+            self.used = T
+            return k, v, torch.zeros_like(n_valid)
+        assert self.static or self.used + T <= self.k.shape[2], "KV cache overflow: more new tokens than max_new"
+        base = self.length.clone()
+        slots = base[:, None] + torch.arange(T, device=k.device)  # (B, T), junk tokens of short rows included
+        idx = slots[:, None, :, None].expand_as(k)
+        self.k.scatter_(2, idx, k)
+        self.v.scatter_(2, idx, v)
+        self.pos.scatter_(1, slots, positions)
+        self.length.add_(n_valid)
+        if self.static:  # fixed shapes, and no host-side count for torch.compile to specialise on
+            return self.k, self.v, base
         self.used += T
         return self.k[:, :, :self.used], self.v[:, :, :self.used], base
 
@@ -284,13 +292,15 @@ class KVCache:
         return self.length * (2 * nkv * hs * torch.finfo(self.dtype).bits // 8)
 
     def keep(self, slots, lengths):
-        """Keep only the given slots (B, S') of each row, in order (the first lengths[b] are real): physical dropping."""
+        """Keep only the given slots (B, S') of each row, in order (the first lengths[b] are real): physical dropping,
+        compacted into the front of the same buffers."""
         S = slots.shape[1]
         for buf in (self.k, self.v):
             buf[:, :, :S] = buf.gather(2, slots[:, None, :, None].expand(-1, buf.shape[1], -1, buf.shape[3]))
         self.pos[:, :S] = self.pos.gather(1, slots)
         self.pos[:, S:] = -1
-        self.length, self.used = lengths, S
+        self.length.copy_(lengths)
+        self.used = S
 
 
 def causal_mask(base, T, S):
@@ -311,22 +321,24 @@ class LlamaAttention(nn.Module):
     def forward(self, x, rope, cache=None, n_valid=None, probe_rows=None, key_weight=None):
         """x (B, T, C). rope = (cos, sin, positions). Without a cache the chunk attends to itself (causal).
         probe_rows (B, R): also return those query rows' attention probabilities (B, nh, R, S), from this forward.
-        key_weight (B, T, S) in [0, 1]: multiplies each query's attention over the keys, then renormalises
-        (dyrate.py's differentiable masked softmax for training)."""
+        key_weight (B, T, S): bool, a key mask joining the causal one; float in [0, 1], multiplies each query's
+        attention over the keys, then renormalises (dyrate.py's differentiable masked softmax for training)."""
         B, T, _ = x.shape
         cos, sin, positions = rope
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        fresh = cache is None or cache.used == 0  # then the mask is the plain causal triangle
+        fresh = cache is None or cache.k is None  # then the mask is the plain causal triangle
         if cache is None:
             base = torch.zeros(B, dtype=torch.long, device=x.device)
         else:
             k, v, base = cache.update(k, v, positions, n_valid)
         mask = causal_mask(base, T, k.shape[2])  # (B, 1, T, S)
         scale = self.head_dim ** -0.5
-        if key_weight is None:
+        if key_weight is None or key_weight.dtype == torch.bool:  # a hard key mask joins the causal one
+            fresh = fresh and key_weight is None
+            mask = mask if key_weight is None else mask & key_weight[:, None]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if fresh else mask, is_causal=fresh, scale=scale,
                                                enable_gqa=self.n_kv_head != self.n_head)
         else:
@@ -383,11 +395,22 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.compiled_run = None  # Llava.compile_decode
 
     def rope(self, positions, dtype):
         freqs = positions[..., None].float() * self.inv_freq  # (B, T, hs/2), built in fp32 like HF
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hs)
         return emb.cos().to(dtype), emb.sin().to(dtype), positions
+
+    def run(self, lo, hi, x, positions, n_valid, caches=None, probe_rows=None, key_weight=None):
+        """Layers lo .. hi-1 on x (B, T, C); the last of them also returns the attention probabilities of the query
+        rows probe_rows (B, R), else None."""
+        rope = self.rope(positions, x.dtype)
+        probs = None
+        for i in range(lo, hi):
+            x, probs = self.layers[i](x, rope, caches[i] if caches is not None else None, n_valid,
+                                      probe_rows if i == hi - 1 else None, key_weight)
+        return x, probs
 
     def forward(self, x, positions, n_valid=None, caches=None, pruner=None):
         """x (B, T, C) input embeddings; positions (B, T): each token's RoPE position = its index in its row's full
@@ -399,16 +422,15 @@ class LlamaModel(nn.Module):
         Returns the final-normed hidden states and the real tokens per row after any dropping."""
         B, T, _ = x.shape
         n_valid = torch.full((B,), T, device=x.device) if n_valid is None else n_valid
-        rope = self.rope(positions, x.dtype)
-        probs = key_weight = None
-        for i, layer in enumerate(self.layers):
-            if pruner is not None and i == pruner.layer:  # dyrate: from here on layers see only kept image tokens
-                x, new_positions, n_valid, key_weight = pruner(probs, x, positions, n_valid, caches)
-                if new_positions is not positions:
-                    positions, rope = new_positions, self.rope(new_positions, x.dtype)
-            probe = pruner.probe_rows(n_valid, x.shape[1]) if pruner is not None and i == pruner.layer - 1 else None
-            x, p = layer(x, rope, caches[i] if caches is not None else None, n_valid, probe, key_weight)
-            probs = p if p is not None else probs
+        run = self.compiled_run if T == 1 and self.compiled_run is not None else self.run  # see Llava.compile_decode
+        L = len(self.layers)
+        if pruner is None:
+            return self.norm(run(0, L, x, positions, n_valid, caches)[0]), n_valid
+        K = pruner.layer
+        x, probs = run(0, K, x, positions, n_valid, caches, pruner.probe_rows(n_valid, T))
+        # dyrate: from layer K on, layers see only the kept image tokens (or, in training, a key mask)
+        x, positions, n_valid, key_weight = pruner(probs, x, positions, n_valid, caches)
+        x, _ = run(K, L, x, positions, n_valid, caches, key_weight=key_weight)
         return self.norm(x), n_valid
 
 
@@ -476,9 +498,11 @@ class Llava(nn.Module):
         return self.language_model.lm_head(h)
 
     def new_caches(self, batch, max_new):
-        """One KV cache per decoder layer, each sized at its first write (the prompt) plus max_new tokens."""
+        """One KV cache per decoder layer, each sized at its first write (the prompt) plus max_new tokens; static
+        (fixed-shape reads) once compile_decode was called."""
         t, p = self.config.text, self.language_model.lm_head.weight
-        return [KVCache(batch, max_new, t.num_key_value_heads, t.head_dim, p.dtype, p.device)
+        static = self.language_model.model.compiled_run is not None
+        return [KVCache(batch, max_new, t.num_key_value_heads, t.head_dim, p.dtype, p.device, static)
                 for _ in range(t.num_hidden_layers)]
 
     def step(self, input_ids, positions, caches, n_valid=None, pixel_values=None, pruner=None):
@@ -487,6 +511,17 @@ class Llava(nn.Module):
         h, n_valid = self.language_model.model(self.embed(input_ids, pixel_values), positions, n_valid, caches, pruner)
         last = h.gather(1, (n_valid - 1)[:, None, None].expand(-1, 1, h.shape[2]))[:, 0]  # (B, C)
         return self.language_model.lm_head(last)
+
+    def compile_decode(self, backend="inductor"):
+        """torch.compile the decoder layers for the one-token decode steps (prefill stays eager: its length varies).
+        A step's shapes never change (each cache reads its whole fixed buffer, see KVCache), so each segment compiles
+        once per cache geometry: layers 0..L-1 without a pruner; with one, layers 0..K-1 and K..L-1, the pruner
+        running eagerly between them and compacting the caches in place. On CUDA the segments replay as CUDA graphs."""
+        lm = self.language_model.model
+        cuda = self.language_model.lm_head.weight.device.type == "cuda"
+        lm.compiled_run = torch.compile(lm.run, backend=backend, fullgraph=True, dynamic=False,
+                                        mode="reduce-overhead" if cuda and backend == "inductor" else None)
+        return self
 
     @classmethod
     def from_pretrained(cls, model_dir, device="cpu", dtype=torch.float32):

@@ -482,6 +482,30 @@ def test_kept_counts_monotone_and_caches_physically_shorter(ours):
     assert int(sum(c.nbytes()[0] for c in caches)) == D.kv_cache_bytes(model.config, int(lengths[0]), steps, 0, K, torch.float32)
 
 
+def test_compiled_decode_is_static_and_equals_eager(ckpt, ours):
+    """Llava.compile_decode: decode steps, cache compaction between them included, reuse the graphs compiled at the
+    first step (static shapes, no recompilation), a second generation too, and give eager's logits."""
+    compiled, graphs = M.Llava.from_pretrained(ckpt[0]), []
+
+    def count_graphs(gm, example_inputs):  # a torch.compile backend that runs the captured graph as is
+        graphs.append(gm)
+        return gm.forward
+    compiled.compile_decode(backend=count_graphs)
+    ids, lengths, px, starts = two_rows(ours)
+    try:
+        for method, kw, n_graphs in (("none", None, 1), ("dyrate", dict(schedule=[0.25, 0.5, 0.5, 0.75, 1.0]), 2)):
+            def pruner():
+                return kw and D.Pruner(method, N_IMAGE, starts, lengths, K, **kw)
+            eager, _, _ = run_steps(ours[0], ids, lengths, px, pruner(), 8)
+            before = len(graphs)
+            for _ in range(2):
+                got, _, caches = run_steps(compiled, ids, lengths, px, pruner(), 8)
+                assert all(c.static for c in caches) and len(graphs) - before == n_graphs, method
+                assert_close(got, eager, 1e-5, f"compiled {method}")
+    finally:
+        torch._dynamo.reset()
+
+
 def test_type_shares_sum_to_one_per_head(ours):
     model, _ = ours
     ids, lengths, px, starts = two_rows(ours)
@@ -582,3 +606,22 @@ def test_cli_pruning_json_and_viz(ckpt, ours, tmp_path, capsys):
     with pytest.raises(SystemExit):
         G.main(["--image", str(path), "--model", ckpt[0], "--method", "dyrate"])
     assert "needs --predictor" in capsys.readouterr().err
+
+
+def test_bench_runs_every_method_on_a_checkpoint(ckpt, tmp_path, capsys):
+    """bench.py end to end on a checkpoint folder (no timing asserted: benchmarks print figures): ours and
+    transformers produce the same tokens, each method keeps what it should, memory and FLOPs are reported."""
+    import bench
+    rows = bench.main(["--model", ckpt[0], "--methods", "none,fastv,vtw,dyrate,dyrate-ramp,transformers", "--new-tokens",
+                       "5", "--repeats", "1", "--batch-sizes", "1,2", "--memory-gib", "1", "--out", str(tmp_path / "b.json")])
+    out = capsys.readouterr().out
+    by = {(r["method"], r["batch"]): r for r in rows}
+    assert len(rows) == 12 and json.loads((tmp_path / "b.json").read_text())["results"][0]["method"] == "none"
+    for B in (1, 2):
+        assert by[("none", B)]["tokens"] == by[("transformers", B)]["tokens"]
+        assert by[("fastv", B)]["kept_visual"] == by[("dyrate", B)]["kept_visual"] == [N_IMAGE // 2] * 5
+        assert by[("vtw", B)]["kept_visual"] == [0] * 5 and by[("dyrate-ramp", B)]["kept_visual"][-1] == 0
+        assert by[("vtw", B)]["tflops"] < by[("fastv", B)]["tflops"] < by[("none", B)]["tflops"]
+    assert by[("none", 2)]["peak_memory_bytes"] > by[("none", 1)]["peak_memory_bytes"]
+    assert by[("fastv", 2)]["kv_cache_bytes"] < by[("none", 2)]["kv_cache_bytes"] == 2 * by[("none", 1)]["kv_cache_bytes"]
+    assert "same tokens True" in out and "DyRate per-step overhead" in out and "largest batch in 1 GiB" in out

@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 
 import model as M
+import processing as P
+import shapes
 
 IMAGE_SIZE, PATCH = 112, 14  # 8 x 8 = 64 image tokens
 
@@ -30,34 +32,8 @@ CORPUS = ["USER: What is in the image? ASSISTANT: A red circle and a blue square
 
 
 def build_tokenizer(folder, legacy=True):
-    """A tokenizer.json in llava-hf's structure: BPE with byte fallback, the legacy normalizer (Prepend + Replace),
-    BOS by the post-processor, <unk> <s> </s> then <image> <pad> after the vocabulary."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)  # '▁word' pieces
-    bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=160, special_tokens=["<unk>", "<s>", "</s>"],
-                                                        show_progress=False))
-    d = json.loads(bpe.to_str())
-    # like Llama-2: ids 3-258 are the byte-fallback tokens, plain vocabulary entries (not added tokens)
-    pieces = [p for p, _ in sorted(d["model"]["vocab"].items(), key=lambda kv: kv[1])]
-    pieces = pieces[:3] + [f"<0x{i:02X}>" for i in range(256)] + pieces[3:]
-    d["model"]["vocab"] = {p: i for i, p in enumerate(dict.fromkeys(pieces))}
-    d["pre_tokenizer"] = None
-    d["normalizer"] = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"},
-                                                           {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
-    tok = Tokenizer.from_str(json.dumps(d))
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
-    tok.add_special_tokens([AddedToken(s, normalized=False, special=True) for s in ["<unk>", "<s>", "</s>", "<image>", "<pad>"]])
-    os.makedirs(folder, exist_ok=True)
-    tok.save(os.path.join(folder, "tokenizer.json"))
-    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-        json.dump(dict(add_bos_token=True, add_eos_token=False, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                       pad_token="<pad>", legacy=legacy, tokenizer_class="LlamaTokenizer", padding_side="left",
-                       clean_up_tokenization_spaces=False, image_token="<image>",
-                       extra_special_tokens={"image_token": "<image>"}), f)
-    return tok.token_to_id("<image>"), tok.token_to_id("<pad>")
+    """The shapes model's tokenizer builder (llava-hf's structure) on a small corpus."""
+    return shapes.build_tokenizer(folder, CORPUS, 160, legacy)
 
 
 def make_hf(image_id, pad_id, kv_heads=4, head_dim=16, seed=0, layers=4):
@@ -118,7 +94,7 @@ def ckpt(tmp_path_factory):
 @pytest.fixture(scope="session")
 def ours(ckpt):
     model = M.Llava.from_pretrained(ckpt[0])
-    return model, M.Tokenizer(ckpt[0], model.config)
+    return model, P.Tokenizer(ckpt[0], model.config)
 
 
 def random_image(seed, size=(160, 120)):
@@ -135,5 +111,5 @@ def prompt_inputs(ours, prompts, seeds):
     encoded = [tok.encode_prompt(p)[0] for p in prompts]
     T = max(map(len, encoded))
     ids = torch.tensor([e + [model.config.pad_token_id] * (T - len(e)) for e in encoded])
-    px = torch.stack([M.preprocess(random_image(s), IMAGE_SIZE) for s in seeds])
+    px = torch.stack([P.preprocess(random_image(s), IMAGE_SIZE) for s in seeds])
     return ids, torch.tensor(list(map(len, encoded))), px

@@ -1,8 +1,9 @@
 """
 Answer a prompt about an image with LLaVA-1.5 (model.py): prefill, then a decode loop over a preallocated KV cache.
 
-    python generate.py --image photo.jpg --model path/to/llava-1.5-7b-hf
-    python generate.py --image photo.jpg --model DIR --prompt "What is unusual here?" --json
+    python generate.py --image assets/examples/1.png          # the shipped shapes model (shapes.py), CPU is fine
+    python generate.py --image photo.jpg --model path/to/llava-1.5-7b-hf --prompt "What is unusual here?" --json
+    python generate.py --image photo.jpg --model DIR --method dyrate --predictor FILE --viz out/photo --compile
 
 A batch (generate() with several image/prompt pairs) pads each row at its end and every cache row keeps its own
 length, so no row ever attends to padding and each row computes what it would alone. Streams the answer, then prints
@@ -10,6 +11,7 @@ one summary line (prompt tokens, new tokens, prefill ms, decode tokens/s, peak m
 """
 import argparse
 import json
+import os
 import resource
 import sys
 import time
@@ -18,7 +20,8 @@ from dataclasses import dataclass, field
 import torch
 
 import dyrate
-from model import Llava, Tokenizer, preprocess
+from model import Llava
+from processing import Tokenizer, preprocess
 
 
 @dataclass
@@ -155,6 +158,9 @@ def generate(model: Llava, tokenizer: Tokenizer, images, prompts, max_new_tokens
     return out
 
 
+SHAPES_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "shapes")
+
+
 def default_dtype(device):
     return "float16" if torch.device(device).type == "cuda" else "float32"
 
@@ -168,10 +174,13 @@ def main(argv=None):
                    help="prompt template: llava-hf's 'USER: <image>\\n... ASSISTANT:' or the original with a system prompt")
     g.add_argument("--pad", action="store_true", help="pad the image to a square first (original LLaVA evaluation)")
     g = p.add_argument_group("model")
-    g.add_argument("--model", required=True, help="llava-hf checkpoint folder (config.json, safetensors, tokenizer.json)")
+    g.add_argument("--model", default=SHAPES_MODEL, help="llava-hf checkpoint folder (config.json, safetensors, "
+                   "tokenizer.json); default: the shipped shapes model (shapes.py), e.g. llava-1.5-7b-hf for the real one")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:1, cpu, ...")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="default: float16 on CUDA, float32 on CPU (use bfloat16 for 7B on CPU: ~14 GB)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the decode step (static shapes, CUDA graphs "
+                   "on GPU): a slower first call, faster tokens after it")
     g = p.add_argument_group("visual-token pruning (dyrate.py)")
     g.add_argument("--method", choices=dyrate.METHODS, default="none",
                    help="none; fastv: drop --ratio of the image tokens once at prefill; vtw: drop them all at prefill; "
@@ -198,6 +207,8 @@ def main(argv=None):
     try:
         print(f"loading {args.model} on {args.device} in {dtype} ...", file=sys.stderr)
         model = Llava.from_pretrained(args.model, device=args.device, dtype=dtype)
+        if args.compile:
+            model.compile_decode()
         tokenizer = Tokenizer(args.model, model.config)
         predictor = args.predictor and dyrate.RatePredictor.load(args.predictor, model.config, args.device)
         if predictor:

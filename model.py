@@ -6,7 +6,7 @@ computes what HF transformers' LlavaForConditionalGeneration computes (test_dyra
 mirror the checkpoint keys, so loading is one key canonicalisation plus a strict, shape-checked copy.
 
 Read top to bottom: configs, the CLIP vision tower, the projector, the Llama decoder with its KV cache, the LLaVA
-wrapper and its loader, then image preprocessing and the prompt/tokenizer. dyrate.py plugs into LlamaModel.forward
+wrapper and its loader (the image and the prompt going in are processing.py's). dyrate.py plugs into LlamaModel.forward
 through its `pruner` argument; nothing else here knows about pruning.
 
     model = Llava.from_pretrained("path/to/llava-1.5-7b-hf", device="cuda", dtype=torch.float16)
@@ -15,13 +15,10 @@ import json
 import os
 from dataclasses import dataclass, field, fields
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
 from safetensors import safe_open
-from tokenizers import Tokenizer as HFTokenizer
 
 GET_WEIGHTS = ("Download a checkpoint with `hf download llava-hf/llava-1.5-7b-hf --local-dir DIR` "
                "(or llava-hf/llava-1.5-13b-hf) and pass that DIR.")
@@ -342,8 +339,8 @@ class LlamaAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if fresh else mask, is_causal=fresh, scale=scale,
                                                enable_gqa=self.n_kv_head != self.n_head)
         else:
-            probs = attention_probs(q, k, mask, scale) * key_weight[:, None]  # (B, nh, T, S), fp32
-            y = (probs / probs.sum(-1, keepdim=True)).to(v.dtype) @ repeat_kv(v, self.n_head // self.n_kv_head)
+            y = masked_attention(attention_probs(q, k, mask, scale), key_weight[:, None],
+                                 repeat_kv(v, self.n_head // self.n_kv_head))
         probs = None
         if probe_rows is not None:
             rows = probe_rows[:, None, :, None]  # (B, 1, R, 1)
@@ -361,6 +358,22 @@ def attention_probs(q, k, mask, scale):
     """Explicit softmax(q k^T) in fp32 for the given query rows: q (B, nh, R, hs), k (B, nkv, S, hs), mask (B, 1, R, S)."""
     scores = (q.float() @ repeat_kv(k, q.shape[1] // k.shape[1]).float().transpose(-1, -2)) * scale  # (B, nh, R, S)
     return scores.masked_fill(~mask, float("-inf")).softmax(-1)
+
+
+def masked_attention(probs, weight, v):
+    """probs (B, nh, T, S) fp32 attention, weight (B, 1, T, S) in [0, 1] from dyrate.py's training path, v (B, nh, S, hs):
+    the attention renormalised over the weighted keys, applied to v. NOTE: the gradient reaching `weight` is
+    p_j (v_j - y), the derivative with the full softmax's denominator, not the exact p_j (v_j - y) / Z with Z the mass
+    left on the kept keys: a trained model often puts nearly all of a row's attention on a few image tokens, and when a
+    mask drops them Z is ~1e-16 and the exact derivative (~1e16) drowns every other term of the loss. This one is
+    bounded by |v_j - y|, like the change that keeping key j actually makes. The value and every other gradient are
+    exact."""
+    kept = probs * weight.detach()
+    y = (kept / kept.sum(-1, keepdim=True).clamp_min(torch.finfo(kept.dtype).tiny)).to(v.dtype) @ v  # (B, nh, T, hs)
+    if not weight.requires_grad:
+        return y
+    delta = probs * (weight - weight.detach())  # zero; its gradient is probs
+    return y + (delta.to(v.dtype) @ v - delta.sum(-1, keepdim=True).to(v.dtype) * y.detach())
 
 
 class LlamaMLP(nn.Module):
@@ -458,7 +471,7 @@ class Llava(nn.Module):
         v = self.config.vision
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (v.num_channels, v.image_size, v.image_size):
             raise ValueError(f"pixel_values must be (n_images, {v.num_channels}, {v.image_size}, {v.image_size}), got "
-                             f"{tuple(pixel_values.shape)}; make them with model.preprocess().")
+                             f"{tuple(pixel_values.shape)}; make them with processing.preprocess().")
         h = self.vision_tower.vision_model(pixel_values, self.config.n_vision_layers_used)  # (n, 577, Cv)
         if self.config.vision_feature_select_strategy == "default":
             h = h[:, 1:]  # drop CLS: (n, 576, Cv)
@@ -592,88 +605,3 @@ def canonical_key(key):
     if key.endswith(("rotary_emb.inv_freq", "embeddings.position_ids")):  # derived buffers some exports contain
         return None
     return key
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Image preprocessing, bit-exact with llava-hf (transformers' CLIPImageProcessorPil)
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def load_image(image):
-    """A path or PIL image -> an RGB PIL image: EXIF orientation applied, transparency composited onto white (as HF
-    does), 16-bit greyscale scaled to 8 bits, palette/CMYK/greyscale converted."""
-    if not isinstance(image, Image.Image):
-        path = os.fspath(image)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"Image {path!r} does not exist.")
-        try:
-            image = Image.open(path)
-            image.load()
-        except (UnidentifiedImageError, OSError) as e:
-            raise ValueError(f"{path!r} is not an image Pillow can read ({e}); give a JPEG, PNG, WebP, ... file.")
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("I", "F") or image.mode.startswith("I;16"):  # 16/32-bit greyscale: assume 16-bit range
-        image = Image.fromarray((np.clip(np.asarray(image, dtype=np.float64), 0, 65535) / 257).round().astype(np.uint8))
-    if "A" in image.getbands() or "transparency" in image.info:
-        image = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
-    return image.convert("RGB")
-
-
-def preprocess(image, size=336, pad=False):
-    """A path or PIL image -> pixel values (3, size, size) float32, exactly like llava-hf's processor: resize the short
-    side to `size` (bicubic, long side truncated), centre-crop, x/255 in float64 then float32, CLIP mean/std.
-    pad=True first pastes the image centred on a square filled with the mean colour (original LLaVA expand2square)."""
-    image = load_image(image)
-    if pad:
-        side = max(image.size)
-        square = Image.new("RGB", (side, side), tuple(int(m * 255) for m in CLIP_MEAN))  # (122, 116, 104)
-        square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
-        image = square
-    w, h = image.size
-    short, long = min(w, h), max(w, h)
-    new_long = int(size * long / short)
-    image = image.resize((size, new_long) if w <= h else (new_long, size), Image.BICUBIC)
-    left, top = (image.width - size) // 2, (image.height - size) // 2
-    x = np.asarray(image.crop((left, top, left + size, top + size)))  # (size, size, 3) uint8
-    x = (x.astype(np.float64) * (1 / 255)).astype(np.float32)
-    x = (x - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
-    return torch.from_numpy(x.transpose(2, 0, 1).copy())  # (3, size, size)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Prompt and tokenizer (the `tokenizers` library on the checkpoint's tokenizer.json)
-
-SYSTEM_PROMPT = ("A chat between a curious user and an artificial intelligence assistant. "
-                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
-TEMPLATES = {"llava-hf": "USER: <image>\n{} ASSISTANT:",  # what llava-hf's model card uses
-             "vicuna_v1": SYSTEM_PROMPT + " USER: <image>\n{} ASSISTANT:"}  # original LLaVA-1.5 evaluation
-
-
-class Tokenizer:
-    """llava-hf's tokenizer.json is Llama-2's SentencePiece BPE with the "legacy" normalizer: loaded as is, it encodes
-    the text after <image> as '▁', '\\n', ... exactly like the original LLaVA tokenizer_image_token."""
-
-    def __init__(self, model_dir, cfg: LlavaConfig):
-        path = os.path.join(os.fspath(model_dir), "tokenizer.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"No tokenizer.json in {model_dir!r}. {GET_WEIGHTS}")
-        self.tok, self.cfg = HFTokenizer.from_file(path), cfg
-        if self.tok.token_to_id("<image>") != cfg.image_token_index:
-            raise ValueError(f"{path}: <image> has id {self.tok.token_to_id('<image>')} but config.json says "
-                             f"{cfg.image_token_index}; the tokenizer and the model do not belong together.")
-
-    def encode_prompt(self, question, conv="llava-hf"):
-        """Prompt ids with the one <image> expanded to n_image_tokens ids, and the index of the first image id."""
-        if conv not in TEMPLATES:
-            raise ValueError(f"Unknown conversation template {conv!r}; choose one of {sorted(TEMPLATES)}.")
-        if "<image>" in question:
-            raise ValueError("The question must not contain '<image>': the template places the image.")
-        ids = self.tok.encode(TEMPLATES[conv].format(question)).ids  # BOS added by the post-processor
-        start = ids.index(self.cfg.image_token_index)
-        return ids[:start] + [self.cfg.image_token_index] * self.cfg.n_image_tokens + ids[start + 1:], start
-
-    def decode(self, ids):
-        return self.tok.decode(list(ids), skip_special_tokens=True)

@@ -34,7 +34,8 @@ from safetensors.torch import save_file
 
 import dyrate as D
 from generate import default_dtype
-from model import Llava, Tokenizer, preprocess
+from model import Llava
+from processing import Tokenizer, preprocess
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -247,18 +248,17 @@ def pruner_factory(model, method, k, ramp_from=None, **kw):
     return lambda start, length, n: D.Pruner(method, N, start, length, k, stats=False, **kw)
 
 
-def matched_keep(model, samples, refs, target, k, ramp=False):
-    """FastV's kept count (or the starting rate of a hand-set ramp) whose FLOPs ratio on these samples is closest to
-    `target` (FLOPs depend only on the kept counts, so no forward is needed)."""
-    N, cfg = model.config.n_image_tokens, model.config
+def matched_keep(cfg, lengths, target, k, ramp=False):
+    """FastV's kept count (or the starting rate of a hand-set ramp) whose FLOPs ratio over generations of the given
+    (prompt tokens, new tokens) is closest to `target` (FLOPs depend only on the kept counts: no forward needed)."""
+    N = cfg.n_image_tokens
 
     def ratio(keep):
         used = none = 0
-        for s, (_, tokens) in zip(samples, refs):
-            n = len(tokens)
+        for prompt_len, n in lengths:
             kept = [min(keep, D.keep_count(r, N)) for r in ramp_rates(1 - keep / N, n)] if ramp else [keep] * n
-            used += D.generation_flops(cfg, len(s.ids), kept, k, 1 if not ramp else n)["total"]
-            none += D.generation_flops(cfg, len(s.ids), [N] * n, k)["total"]
+            used += D.generation_flops(cfg, prompt_len, kept, k, 1 if not ramp else n)["total"]
+            none += D.generation_flops(cfg, prompt_len, [N] * n, k)["total"]
         return used / none
     return min(range(N + 1), key=lambda keep: abs(ratio(keep) - target))
 
@@ -274,10 +274,11 @@ def compare(model, predictor, samples, refs, args, log):
     rows = {"none": evaluate(model, samples, refs, pruner_factory(model, "none", k), args)}
     rows["dyrate (learned)"] = evaluate(model, samples, refs, pruner_factory(model, "dyrate", k, predictor=predictor), args)
     target = rows["dyrate (learned)"]["flops_ratio"]
-    keep = matched_keep(model, samples, refs, target, k)
+    lengths = [(len(s.ids), len(tokens)) for s, (_, tokens) in zip(samples, refs)]
+    keep = matched_keep(model.config, lengths, target, k)
     rows[f"fastv R={1 - keep / N:.3f} (= constant-rate dyrate)"] = evaluate(
         model, samples, refs, pruner_factory(model, "fastv", k, ratio=1 - keep / N), args)
-    start = matched_keep(model, samples, refs, target, k, ramp=True)
+    start = matched_keep(model.config, lengths, target, k, ramp=True)
     rows[f"dyrate hand-set ramp {1 - start / N:.3f} -> 1"] = evaluate(
         model, samples, refs, pruner_factory(model, "dyrate", k, ramp_from=1 - start / N), args)
     rows["vtw"] = evaluate(model, samples, refs, pruner_factory(model, "vtw", k), args)

@@ -11,7 +11,7 @@ import textwrap
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from model import CLIP_MEAN, CLIP_STD, preprocess
+from processing import CLIP_MEAN, CLIP_STD, preprocess
 
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14)]  # system, image, instruction, response
 TYPES = ("system", "image", "instruction", "response")

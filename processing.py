@@ -1,0 +1,100 @@
+"""
+What goes into LLaVA-1.5 (model.py): an image as pixel values, bit-exact with llava-hf's processor, and a question as
+prompt ids in llava-hf's or the original LLaVA's template, with the tokenizers library on the checkpoint's
+tokenizer.json.
+
+    pixels = preprocess("photo.jpg")                                  # (3, 336, 336)
+    ids, image_start = Tokenizer("llava-1.5-7b-hf", model.config).encode_prompt("What is this?")
+"""
+import os
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from tokenizers import Tokenizer as HFTokenizer
+
+from model import GET_WEIGHTS, LlavaConfig
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Image preprocessing, bit-exact with llava-hf (transformers' CLIPImageProcessorPil)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def load_image(image):
+    """A path or PIL image -> an RGB PIL image: EXIF orientation applied, transparency composited onto white (as HF
+    does), 16-bit greyscale scaled to 8 bits, palette/CMYK/greyscale converted."""
+    if not isinstance(image, Image.Image):
+        path = os.fspath(image)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"Image {path!r} does not exist.")
+        try:
+            image = Image.open(path)
+            image.load()
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"{path!r} is not an image Pillow can read ({e}); give a JPEG, PNG, WebP, ... file.")
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):  # 16/32-bit greyscale: assume 16-bit range
+        image = Image.fromarray((np.clip(np.asarray(image, dtype=np.float64), 0, 65535) / 257).round().astype(np.uint8))
+    if "A" in image.getbands() or "transparency" in image.info:
+        image = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
+    return image.convert("RGB")
+
+
+def preprocess(image, size=336, pad=False):
+    """A path or PIL image -> pixel values (3, size, size) float32, exactly like llava-hf's processor: resize the short
+    side to `size` (bicubic, long side truncated), centre-crop, x/255 in float64 then float32, CLIP mean/std.
+    pad=True first pastes the image centred on a square filled with the mean colour (original LLaVA expand2square)."""
+    image = load_image(image)
+    if pad:
+        side = max(image.size)
+        square = Image.new("RGB", (side, side), tuple(int(m * 255) for m in CLIP_MEAN))  # (122, 116, 104)
+        square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+        image = square
+    w, h = image.size
+    short, long = min(w, h), max(w, h)
+    new_long = int(size * long / short)
+    image = image.resize((size, new_long) if w <= h else (new_long, size), Image.BICUBIC)
+    left, top = (image.width - size) // 2, (image.height - size) // 2
+    x = np.asarray(image.crop((left, top, left + size, top + size)))  # (size, size, 3) uint8
+    x = (x.astype(np.float64) * (1 / 255)).astype(np.float32)
+    x = (x - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
+    return torch.from_numpy(x.transpose(2, 0, 1).copy())  # (3, size, size)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Prompt and tokenizer (the `tokenizers` library on the checkpoint's tokenizer.json)
+
+SYSTEM_PROMPT = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+TEMPLATES = {"llava-hf": "USER: <image>\n{} ASSISTANT:",  # what llava-hf's model card uses
+             "vicuna_v1": SYSTEM_PROMPT + " USER: <image>\n{} ASSISTANT:"}  # original LLaVA-1.5 evaluation
+
+
+class Tokenizer:
+    """llava-hf's tokenizer.json is Llama-2's SentencePiece BPE with the "legacy" normalizer: loaded as is, it encodes
+    the text after <image> as '▁', '\\n', ... exactly like the original LLaVA tokenizer_image_token."""
+
+    def __init__(self, model_dir, cfg: LlavaConfig):
+        path = os.path.join(os.fspath(model_dir), "tokenizer.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"No tokenizer.json in {model_dir!r}. {GET_WEIGHTS}")
+        self.tok, self.cfg = HFTokenizer.from_file(path), cfg
+        if self.tok.token_to_id("<image>") != cfg.image_token_index:
+            raise ValueError(f"{path}: <image> has id {self.tok.token_to_id('<image>')} but config.json says "
+                             f"{cfg.image_token_index}; the tokenizer and the model do not belong together.")
+
+    def encode_prompt(self, question, conv="llava-hf"):
+        """Prompt ids with the one <image> expanded to n_image_tokens ids, and the index of the first image id."""
+        if conv not in TEMPLATES:
+            raise ValueError(f"Unknown conversation template {conv!r}; choose one of {sorted(TEMPLATES)}.")
+        if "<image>" in question:
+            raise ValueError("The question must not contain '<image>': the template places the image.")
+        ids = self.tok.encode(TEMPLATES[conv].format(question)).ids  # BOS added by the post-processor
+        start = ids.index(self.cfg.image_token_index)
+        return ids[:start] + [self.cfg.image_token_index] * self.cfg.n_image_tokens + ids[start + 1:], start
+
+    def decode(self, ids):
+        return self.tok.decode(list(ids), skip_special_tokens=True)

@@ -1,0 +1,607 @@
+"""
+The shapes model: a tiny LLaVA trained from scratch on synthetic images, so that everything runs with no download
+(like nanoGPT's shakespeare_char). Same model.py classes, same checkpoint format as llava-hf.
+
+    python shapes.py data  --out data/shapes        # images + JSONL (train / val / test), deterministic by --seed
+    python shapes.py model --out models/shapes      # train the tiny LLaVA on CPU (30-60 min on 2 cores), save it
+    python train.py --model models/shapes --data data/shapes/train.jsonl --val-data data/shapes/val.jsonl \\
+        --out models/shapes/predictor-0.55 --target-flops 0.55  # then the DyRate predictors (0.55, 0.33, 0.75)
+    python shapes.py experiment --model models/shapes --data data/shapes/test.jsonl   # the README's table
+
+Images: 224 px (16 x 16 = 256 patches of 14 px) with 1-3 shapes (circle, square, triangle; six colours; two sizes) in
+distinct cells of a 3 x 3 grid, on plain or textured backgrounds: most patches are background, the redundancy visual
+token pruning exploits. Text: a caption naming every shape with its colour and position, and questions about the
+colour of a shape, what is at a position, and how many shapes there are.
+"""
+import argparse
+import json
+import os
+import random
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle")
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
+           "purple": (140, 60, 180), "orange": (245, 130, 30)}
+CELLS = ("top left", "top center", "top right", "middle left", "middle center", "middle right", "bottom left",
+         "bottom center", "bottom right")  # NOTE: a row word then a column word, never the same word in both roles
+NUMBERS = ("zero", "one", "two", "three")
+BACKGROUNDS = ((255, 255, 255), (235, 235, 235), (245, 240, 225), (225, 235, 245))
+CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."  # generate.py's default prompt
+IMAGE_SIZE, PATCH = 224, 14  # 16 x 16 = 256 image tokens
+SIZES = {"small": 13, "large": 20}  # radius in pixels: 26 px wide on 2 x 2 patches, 40 px wide on 3 x 3 patches
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# scenes, pictures and their text
+
+
+def make_scene(rng):
+    """A random scene: 1-3 (shape, colour, size, cell, offset in patches) in distinct cells, a background and a
+    texture flag."""
+    n = rng.randint(1, 3)
+    cells = sorted(rng.sample(range(9), n))
+    items = [dict(shape=rng.choice(SHAPES), colour=rng.choice(list(COLOURS)), size=rng.choice(("small", "large")),
+                  cell=c, dx=rng.randint(-1, 1), dy=rng.randint(-1, 1)) for c in cells]
+    return dict(items=items, background=rng.randrange(len(BACKGROUNDS)), texture=rng.random() < 0.4,
+                seed=rng.randrange(1 << 30))
+
+
+def paint(pen, it, fill):
+    """Draw one shape with an ImageDraw pen, in the picture or as a class id in a label map. NOTE: shapes sit on the
+    patch grid (a small one inside one patch, a large one on 2 x 2 patches), so each patch holds a whole shape or a
+    fixed quarter of one: the 2-layer vision tower tells them apart after minutes of CPU training. Off the grid, a
+    patch holds arbitrary slivers and needs a larger tower trained for much longer."""
+    grid = IMAGE_SIZE // PATCH
+    cx, cy = ((it["cell"] % 3 + 0.5) * grid / 3 + it["dx"], (it["cell"] // 3 + 0.5) * grid / 3 + it["dy"])  # patches
+    if it["size"] == "small":  # centred on a patch corner: 2 x 2 patches
+        cx, cy, r = round(cx) * PATCH, round(cy) * PATCH, SIZES["small"]
+    else:  # centred in a patch: 3 x 3 patches
+        cx, cy, r = (int(cx) + 0.5) * PATCH, (int(cy) + 0.5) * PATCH, SIZES["large"]
+    cx, cy = cx - 0.5, cy - 0.5  # PIL's pixel (i, j) covers [i, i + 1): centre the figure between pixel rows
+    if it["shape"] == "circle":
+        pen.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif it["shape"] == "square":
+        pen.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    else:
+        pen.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+
+
+def draw(scene):
+    bg = np.array(BACKGROUNDS[scene["background"]], dtype=np.float64)
+    pixels = np.tile(bg, (IMAGE_SIZE, IMAGE_SIZE, 1))
+    if scene["texture"]:  # faint noise and stripes: background that is not uniform, still uninformative
+        noise = np.random.default_rng(scene["seed"]).normal(0, 10, (IMAGE_SIZE, IMAGE_SIZE, 1))
+        stripes = 8 * np.sin(np.arange(IMAGE_SIZE) / 3.0)[:, None, None]
+        pixels = pixels + noise + stripes
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    pen = ImageDraw.Draw(image)
+    for it in scene["items"]:
+        paint(pen, it, COLOURS[it["colour"]])
+    return image
+
+
+def named(it):
+    return f"{'an' if it['colour'][0] in 'aeiou' else 'a'} {it['colour']} {it['shape']}"
+
+
+def item_patches(scene):
+    """(items, 256) bool: the patches each shape covers at least 15% of (shapes sit in distinct cells: no overlap)."""
+    g, p = IMAGE_SIZE // PATCH, PATCH
+    out = []
+    for it in scene["items"]:
+        label = Image.new("1", (IMAGE_SIZE, IMAGE_SIZE), 0)
+        paint(ImageDraw.Draw(label), it, 1)
+        blocks = np.asarray(label).reshape(g, p, g, p).transpose(0, 2, 1, 3).reshape(g * g, p * p)  # (patches, pixels)
+        out.append(blocks.sum(1) >= 0.15 * p * p)
+    return np.stack(out)
+
+
+def item_label(it):
+    """(kind, grid row, grid column) of one shape: kind = 1 + shape * 6 + colour (0 is background)."""
+    return 1 + SHAPES.index(it["shape"]) * len(COLOURS) + list(COLOURS).index(it["colour"]), it["cell"] // 3, it["cell"] % 3
+
+
+def patch_labels(scene):
+    """(3, N) targets of the auxiliary heads that speed up training (train_model), one column per patch, row-major: the
+    kind of the shape covering it (0 = background) and the grid row and column of the patch (3 = background). NOTE:
+    row and column as two labels, not one of nine cells: the features then hold them as separate directions, the way
+    the text names a cell (a row word, then a column word)."""
+    covered = item_patches(scene)  # (items, N)
+    kinds = (covered * np.array([item_label(it)[0] for it in scene["items"]])[:, None]).max(0)  # (N,)
+    g = IMAGE_SIZE // PATCH
+    third = np.minimum((np.arange(g) * PATCH + PATCH // 2) * 3 // IMAGE_SIZE, 2)  # grid row (or column) of each patch
+    return np.stack([kinds, np.where(kinds > 0, np.repeat(third, g), 3), np.where(kinds > 0, np.tile(third, g), 3)])
+
+
+def factor_loss(logits, labels, sizes):
+    """Cross-entropy of logits (..., sum(sizes)), split into one group per label, against labels (..., len(sizes)),
+    summed over the labels: (...,)."""
+    import torch.nn.functional as F
+    return sum(F.cross_entropy(z.flatten(0, -2), y.flatten(), reduction="none").view(y.shape)
+               for z, y in zip(logits.split(sizes, dim=-1), labels.unbind(-1)))
+
+
+def caption(scene):
+    parts = [f"{named(it)} at the {CELLS[it['cell']]}" for it in scene["items"]]
+    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return text[0].upper() + text[1:] + "."
+
+
+def questions(scene):
+    """The (question, answer) pairs of a scene: caption, how many shapes, the colour of each shape it holds once, what
+    is at each occupied cell. NOTE: questions about empty cells ("nothing") are left out: softmax attention compares
+    keys only with each other, so a query for an empty cell lands on a shape in the same row or column, and telling
+    that half match from a full one took the tiny model far longer to learn than everything else together."""
+    qa = [(CAPTION_PROMPT, caption(scene)), ("How many shapes are there?", NUMBERS[len(scene["items"])])]
+    for shape in SHAPES:
+        found = [it for it in scene["items"] if it["shape"] == shape]
+        if len(found) == 1:
+            qa.append((f"What color is the {shape}?", found[0]["colour"]))
+    at = {it["cell"]: named(it) for it in scene["items"]}
+    qa += [(f"What is at the {CELLS[c]}?", at[c]) for c in sorted(at)]
+    return qa
+
+
+def task(prompt):
+    """caption / count / colour / position: the kind of a question."""
+    return {"P": "caption", "H": "count"}.get(prompt[0], "colour" if "color" in prompt else "position")
+
+
+def sample(rng):
+    """One training example: a scene and one of its questions (captions a third of the time)."""
+    scene = make_scene(rng)
+    qa = questions(scene)
+    kind = rng.random()
+    if kind < 0.34:
+        q, a = qa[0]
+    elif kind < 0.5:
+        q, a = qa[1]
+    else:
+        q, a = rng.choice(qa[2:])
+    return scene, q, a
+
+
+def corpus():
+    """Every text the model will see, for the tokenizer."""
+    from processing import SYSTEM_PROMPT, TEMPLATES
+    rng, lines = random.Random(0), [SYSTEM_PROMPT, *TEMPLATES.values()]
+    for _ in range(3000):
+        scene = make_scene(rng)
+        lines += [f"USER: \n{q} ASSISTANT: {a}" for q, a in questions(scene)]
+    return lines
+
+
+def build_tokenizer(folder, texts, vocab_size=160, legacy=True):
+    """Write a tokenizer.json in llava-hf's structure, trained on `texts` with the `tokenizers` library: BPE with
+    byte fallback (ids 3-258 are the 256 byte tokens, plain vocabulary as in Llama-2), the legacy normalizer
+    (Prepend '▁' + Replace ' ' -> '▁'), BOS added by the post-processor, <unk> <s> </s> then <image> <pad> after the
+    vocabulary as special added tokens; and a tokenizer_config.json. Returns the ids of <image> and <pad>."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)  # '▁word' pieces
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                                       show_progress=False))
+    d = json.loads(bpe.to_str())
+    pieces = [p for p, _ in sorted(d["model"]["vocab"].items(), key=lambda kv: kv[1])]
+    pieces = pieces[:3] + [f"<0x{i:02X}>" for i in range(256)] + pieces[3:]
+    d["model"]["vocab"] = {p: i for i, p in enumerate(dict.fromkeys(pieces))}
+    d["pre_tokenizer"] = None
+    d["normalizer"] = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"},
+                                                           {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
+    tok = Tokenizer.from_str(json.dumps(d))
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    tok.add_special_tokens([AddedToken(s, normalized=False, special=True) for s in ["<unk>", "<s>", "</s>", "<image>", "<pad>"]])
+    os.makedirs(folder, exist_ok=True)
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump(dict(add_bos_token=True, add_eos_token=False, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                       pad_token="<pad>", legacy=legacy, tokenizer_class="LlamaTokenizer", padding_side="left",
+                       clean_up_tokenization_spaces=False, image_token="<image>",
+                       extra_special_tokens={"image_token": "<image>"}), f, indent=1)
+    return tok.token_to_id("<image>"), tok.token_to_id("<pad>")
+
+
+def write_dataset(out, n, seed, name):
+    """n scenes as PNG files and a JSONL of {image, prompt, answer, task}, one record per scene (a random task)."""
+    rng = random.Random(seed)
+    os.makedirs(os.path.join(out, name), exist_ok=True)
+    with open(os.path.join(out, f"{name}.jsonl"), "w") as f:
+        for i in range(n):
+            scene, q, a = sample(rng)
+            path = f"{name}/{i:05d}.png"
+            draw(scene).save(os.path.join(out, path))
+            f.write(json.dumps(dict(image=path, prompt=q, answer=a, scene=scene)) + "\n")
+
+
+def write_examples(out, n, seed):
+    """n scenes as out/0.png .. and examples.json: per scene its caption, count, one colour and one occupied position
+    question (the images shipped in the repo; test_shapes.py checks the shipped model's answers to them)."""
+    rng = random.Random(seed)
+    os.makedirs(out, exist_ok=True)
+    examples = []
+    for i in range(n):
+        scene = make_scene(rng)
+        draw(scene).save(os.path.join(out, f"{i}.png"))
+        qa = questions(scene)
+        colour = [x for x in qa if "color" in x[0]]
+        occupied = [x for x in qa if x[0].startswith("What is at") and x[1] != "nothing"]
+        for q, a in qa[:2] + colour[:1] + [rng.choice(occupied)]:
+            examples.append(dict(image=f"{i}.png", prompt=q, answer=a))
+    with open(os.path.join(out, "examples.json"), "w") as f:
+        json.dump(examples, f, indent=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the model: model.py's classes at a tiny size, trained from scratch
+
+
+def model_config(vocab_size, image_token_index, pad_token_id):
+    """Tiny LLaVA whose FLOPs sit mostly in a deep, narrow decoder (so pruning image tokens from layers >= 2 matters):
+    CLIP 64 wide x 2 blocks (feature = last block), decoder 128 wide x 12 layers, 256 image tokens."""
+    import model as M
+    return M.LlavaConfig(
+        vision=M.VisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=IMAGE_SIZE, patch_size=14),
+        text=M.TextConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=352, num_hidden_layers=12,
+                          num_attention_heads=8, num_key_value_heads=8, head_dim=16, max_position_embeddings=512,
+                          rope_theta=1e6),  # NOTE: 16-dim heads keep few slowly turning RoPE pairs at 1e4
+        image_token_index=image_token_index, pad_token_id=pad_token_id, vision_feature_layer=-1)
+
+
+def save_config(cfg, folder):
+    """config.json in llava-hf's layout, every size written out."""
+    from dataclasses import asdict
+    top = {k: v for k, v in asdict(cfg).items() if k not in ("vision", "text")}
+    d = dict(architectures=["LlavaForConditionalGeneration"], model_type="llava", tie_word_embeddings=False, **top,
+             text_config=dict(model_type="llama", **asdict(cfg.text)),
+             vision_config=dict(model_type="clip_vision_model", **asdict(cfg.vision)))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(d, f, indent=1)
+    with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
+        json.dump(dict(image_processor_type="CLIPImageProcessor", size={"shortest_edge": IMAGE_SIZE}, resample=3,
+                       crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_center_crop=True, do_resize=True,
+                       do_rescale=True, do_normalize=True, do_convert_rgb=True, rescale_factor=1 / 255,
+                       image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711]), f)
+
+
+def save_model(model, folder):
+    """model.safetensors in fp16, the hub's key layout (our module names), written atomically."""
+    from safetensors.torch import save_file
+    path = os.path.join(folder, "model.safetensors")
+    save_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, path + ".tmp", metadata={"format": "pt"})
+    os.replace(path + ".tmp", path)
+
+
+def init_weights(model):
+    """GPT-2-style initialisation (model.py builds modules with PyTorch's defaults, meant to be overwritten by a load):
+    N(0, 0.02), the projections into the residual stream scaled by 1/sqrt(2 * layers)."""
+    import torch
+    layers = model.config.text.num_hidden_layers
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight") or "layer_norm" in name or "layrnorm" in name:
+            torch.nn.init.ones_(p) if name.endswith("weight") else torch.nn.init.zeros_(p)
+        elif name.endswith("bias"):
+            torch.nn.init.zeros_(p)
+        else:
+            residual = name.endswith(("o_proj.weight", "down_proj.weight", "out_proj.weight", "fc2.weight"))
+            torch.nn.init.normal_(p, std=0.02 / (2 * layers) ** 0.5 if residual else 0.02)
+    with torch.no_grad():  # CLIP's position embeddings start as 2-D sine-cosine (as in MAE), then train
+        grid, dim = model.config.vision.image_size // model.config.vision.patch_size, model.config.vision.hidden_size
+        freqs = 1.0 / 100 ** (torch.arange(dim // 4) / (dim // 4))  # (dim/4,)
+        rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+        angles = torch.cat([rows.reshape(-1, 1) * freqs, cols.reshape(-1, 1) * freqs], dim=1)  # (grid^2, dim/2)
+        table = model.vision_tower.vision_model.embeddings.position_embedding.weight
+        table[1:] = torch.cat([angles.sin(), angles.cos()], dim=1) * 0.5
+
+
+def answer_items(tok, scene, question, answer):
+    """Which shape each answer token (and the closing </s>) is about, -1 for none: the shape a colour or position
+    question names; in a caption, the shape whose phrase the token falls in."""
+    enc = tok.tok.encode(answer, add_special_tokens=False)
+    items = scene["items"]
+    if task(question) in ("colour", "position"):
+        named_it = next(i for i, it in enumerate(items) if it["shape"] in question and "color" in question
+                        or f"the {CELLS[it['cell']]}?" in question)
+        return enc.ids, [named_it] * len(enc.ids) + [-1]
+    spans, at = [], 0
+    if task(question) == "caption":
+        for i, it in enumerate(items):
+            phrase = f"{named(it)} at the {CELLS[it['cell']]}"
+            at = answer.lower().index(phrase.lower(), at)
+            spans.append((at, at + len(phrase), i))
+    about = [next((i for lo, hi, i in spans if lo <= (s + e) // 2 < hi), -1) for s, e in enc.offsets]
+    return enc.ids, about + [-1]
+
+
+def packed(tok, cfg, scene):
+    """One training row holding every question about a scene, each exactly as a single-turn prompt would see it:
+    the prompt prefix up to the end of the image once, then one segment per question (the rest of its prompt, the
+    answer, </s>) whose RoPE positions restart where the prefix ends and which sees only the prefix and itself. So the
+    image is encoded once for a dozen questions and no answer can leak into another. Returns ids, positions, segment
+    ids (0 = prefix) and per loss row (the row before each answer token and </s>): its index, its target, the shape
+    its token is about (-1: none)."""
+    qa = questions(scene)
+    first, start = tok.encode_prompt(qa[0][0])
+    P = start + cfg.n_image_tokens  # the prefix: BOS ... last image token
+    ids, positions, segment, rows, targets, about = first[:P], list(range(P)), [0] * P, [], [], []
+    for s, (q, a) in enumerate(qa, 1):
+        prompt = tok.encode_prompt(q)[0]
+        assert prompt[:P] == first[:P], "every question shares the prefix"
+        answer, items = answer_items(tok, scene, q, a)
+        seg = prompt[P:] + answer + [cfg.eos_token_id]
+        n = len(ids) + len(prompt) - P  # index of the first answer token
+        rows += range(n - 1, len(ids) + len(seg) - 1)
+        targets += seg[len(prompt) - P:]
+        about += items
+        ids, positions, segment = ids + seg, positions + list(range(P, P + len(seg))), segment + [s] * len(seg)
+    return ids, positions, segment, rows, targets, about
+
+
+def packed_batch(model, tok, scenes):
+    """Packed rows for scenes, padded at the end: ids, positions, segments (B, T), pixel values, the flat indices and
+    targets of the loss rows, and for the reading loss: the loss rows about a shape (B, R), that shape's item_label
+    (B, R, 3) and which of the R are real (B, R)."""
+    import torch
+
+    import processing as P
+    rows = [packed(tok, model.config, s) for s in scenes]
+    B, T = len(rows), max(len(r[0]) for r in rows)
+    ids = torch.full((B, T), model.config.pad_token_id)
+    positions, segment = torch.zeros(B, T, dtype=torch.long), torch.full((B, T), -1)
+    flat, targets, reads = [], [], []
+    for b, (seq, pos, seg, loss_rows, tgt, about) in enumerate(rows):
+        ids[b, :len(seq)], positions[b, :len(seq)], segment[b, :len(seq)] = (torch.tensor(v) for v in (seq, pos, seg))
+        flat += [b * T + i for i in loss_rows]
+        targets += tgt
+        its = scenes[b]["items"]
+        reads.append([(i, item_label(its[item])) for i, item in zip(loss_rows, about) if item >= 0])
+    R = max(map(len, reads))
+    read_rows, read_label, read_valid = torch.zeros(B, R, dtype=torch.long), torch.zeros(B, R, 3, dtype=torch.long), \
+        torch.zeros(B, R)
+    for b, pairs in enumerate(reads):
+        for r, (i, label) in enumerate(pairs):
+            read_rows[b, r], read_label[b, r], read_valid[b, r] = i, torch.tensor(label), 1
+    px = torch.stack([P.preprocess(draw(s), IMAGE_SIZE) for s in scenes])
+    return ids, positions, segment, px, torch.tensor(flat), torch.tensor(targets), (read_rows, read_label, read_valid)
+
+
+READ_LAYERS = 4  # the reading loss looks at the hidden states after this many decoder layers
+
+
+def packed_forward(model, ids, positions, segment, px):
+    """Vision features (B, N, Cv), the hidden states after READ_LAYERS decoder layers (B, T, C) and the logits
+    (B, T, vocab) of packed rows: every layer gets a key mask under which a segment sees the shared prefix and itself
+    (the causal mask does the rest)."""
+    cfg, lm = model.config, model.language_model.model
+    vision = model.vision_tower.vision_model(px, cfg.n_vision_layers_used)[:, 1:]  # (B, N, Cv), no CLS
+    x = lm.embed_tokens(ids)
+    x = x.masked_scatter((ids == cfg.image_token_index)[..., None], model.multi_modal_projector(vision).to(x.dtype))
+    sees = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])  # (B, T, T), -1 = padding
+    mid, _ = lm.run(0, READ_LAYERS, x, positions, None, key_weight=sees)
+    x, _ = lm.run(READ_LAYERS, cfg.text.num_hidden_layers, mid, positions, None, key_weight=sees)
+    return vision, mid, model.language_model.lm_head(lm.norm(x))
+
+
+def evaluate_answers(model, tok, records, batch=32, **kw):
+    """Exact-match accuracy of the greedy answers (generate(), batched) on records {image, prompt, answer}."""
+    import generate as G
+    right, out = 0, []
+    for i in range(0, len(records), batch):
+        chunk = records[i:i + batch]
+        rows = G.generate(model, tok, [r["image"] for r in chunk], [r["prompt"] for r in chunk], max_new_tokens=48,
+                          stats=False, **kw).rows
+        for r, row in zip(chunk, rows):
+            right += row["text"].strip() == r["answer"]
+            out.append(row)
+    return right / len(records), out
+
+
+def accuracy_line(records, rows):
+    kinds = {}
+    for r, row in zip(records, rows):
+        kinds.setdefault(task(r["prompt"]), []).append(row["text"].strip() == r["answer"])
+    return ", ".join(f"{k} {np.mean(v):.3f}" for k, v in sorted(kinds.items()))
+
+
+def train_model(out, iters, vision_iters, batch, lr, seed, eval_every, log=print):
+    import time
+
+    import torch
+    import torch.nn.functional as F
+
+    import model as M
+    import processing as P
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    image_id, pad_id = build_tokenizer(out, corpus(), vocab_size=220)
+    vocab = (pad_id + 1 + 63) // 64 * 64  # like llava-hf: the embedding padded to a multiple of 64
+    cfg = model_config(vocab, image_id, pad_id)
+    save_config(cfg, out)
+    model, tok = M.Llava(cfg), P.Tokenizer(out, cfg)
+    init_weights(model)
+    log(f"shapes model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {cfg.n_image_tokens} image "
+        f"tokens, training the vision tower {vision_iters} steps, then everything {iters} steps of {batch} scenes, on "
+        f"{torch.get_num_threads()} threads")
+    val_rng = random.Random(seed + 1)
+    val = []
+    for _ in range(192):
+        scene, q, a = sample(val_rng)
+        val.append(dict(image=draw(scene), prompt=q, answer=a))
+    # NOTE: an auxiliary head, used in training only: it classifies every patch (which shape and colour covers it, or
+    # background; which grid cell a covered patch lies in) from the vision features. Stage 1 trains the vision tower
+    # alone on it (LLaVA starts from a pretrained CLIP; ours gets its few minutes here); stage 2 keeps it on while
+    # everything trains on the answers. NOTE: stage 2 also has a reading loss: a linear head on the hidden state after
+    # READ_LAYERS decoder layers must name the shape (class, grid row, grid column) that the token this row predicts is
+    # about. Without it the model sat for 1500 steps on a plateau where its attention spread evenly over all shapes: it
+    # counted them and guessed the rest (captions <= 22% right); telling one head where to look (an attention loss) did
+    # not help, the value it fetched drowned in the residual stream. With the reading loss captions pass 60% in 300
+    # steps. Both are training-only heads; the saved model is a plain LLaVA.
+    kinds = 1 + len(SHAPES) * len(COLOURS)
+    aux = torch.nn.Linear(cfg.vision.hidden_size, kinds + 4 + 4)  # kind, row, column (+ background)
+    tower = model.vision_tower.vision_model
+
+    def patch_loss(vision, scenes):
+        labels = torch.tensor(np.stack([patch_labels(s) for s in scenes]), dtype=torch.long).transpose(1, 2)  # (B, N, 3)
+        weight = torch.where(labels[..., 0] == 0, 0.05, 1.0)  # background: most patches, and easy
+        return (factor_loss(aux(vision), labels, (kinds, 4, 4)) * weight).sum() / weight.sum()
+
+    t0 = time.perf_counter()
+    opt = torch.optim.AdamW([*tower.parameters(), *aux.parameters()], lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    for it in range(vision_iters):  # stage 1
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (it + 1) / 50)
+        scenes = [make_scene(rng) for _ in range(32)]
+        px = torch.stack([P.preprocess(draw(s), IMAGE_SIZE) for s in scenes])
+        loss = patch_loss(tower(px, cfg.n_vision_layers_used)[:, 1:], scenes)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if it % 50 == 0 or it == vision_iters - 1:
+            log(f"vision step {it}/{vision_iters}: patch labels {loss.item():.4f} | {time.perf_counter() - t0:.0f} s")
+    read = torch.nn.Linear(cfg.text.hidden_size, kinds + 3 + 3)  # kind, row, column of the shape a row is about
+    opt = torch.optim.AdamW([*model.parameters(), *aux.parameters(), *read.parameters()], lr=lr, betas=(0.9, 0.98),
+                            weight_decay=0.01)
+    for it in range(iters):  # stage 2
+        for g in opt.param_groups:  # warmup then cosine to a tenth
+            g["lr"] = lr * min(1.0, (it + 1) / 50) * (0.55 + 0.45 * np.cos(np.pi * it / iters))
+        scenes = [make_scene(rng) for _ in range(batch)]
+        ids, positions, segment, px, flat, targets, (read_rows, read_label, read_valid) = packed_batch(model, tok, scenes)
+        model.train()
+        vision, mid, logits = packed_forward(model, ids, positions, segment, px)
+        lm_loss, aux_loss = F.cross_entropy(logits.flatten(0, 1)[flat], targets), patch_loss(vision, scenes)
+        guess = read(mid.gather(1, read_rows[..., None].expand(-1, -1, mid.shape[-1])))  # (B, R, 19 + 3 + 3)
+        read_loss = (factor_loss(guess, read_label, (kinds, 3, 3)) * read_valid).sum() / read_valid.sum()
+        opt.zero_grad(set_to_none=True)
+        (lm_loss + aux_loss + read_loss).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if it % 25 == 0 or it == iters - 1:
+            log(f"step {it}/{iters}: loss {lm_loss.item():.4f} (patch labels {aux_loss.item():.4f}, reading "
+                f"{read_loss.item():.3f}) | "
+                f"{time.perf_counter() - t0:.0f} s")
+        if (it + 1) % eval_every == 0 or it == iters - 1:
+            model.eval()
+            acc, rows = evaluate_answers(model, tok, val)
+            log(f"held-out exact match {acc:.3f} on {len(val)} single-turn questions ({accuracy_line(val, rows)}) | "
+                f"{time.perf_counter() - t0:.0f} s")
+            save_model(model, out)
+    return model, tok, cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the experiment: accuracy, FLOPs, time and memory of every method on a fixed held-out set
+
+
+def experiment(model_dir, data, predictors, out, n_timed=16, log=print):
+    """The README table and figures: none, VTW, and per predictor (budget) the learned DyRate against FastV and a
+    hand-set ramp matched to its achieved FLOPs. Accuracy = exact match of the free-running greedy answers."""
+    import torch
+
+    import dyrate as D
+    import generate as G
+    import model as M
+    import processing as P
+    import train as TR
+    import viz
+    model = M.Llava.from_pretrained(model_dir)
+    tok, cfg, N = P.Tokenizer(model_dir, model.config), model.config, model.config.n_image_tokens
+    folder = os.path.dirname(os.path.abspath(data))
+    records = [json.loads(line) for line in open(data)]
+    for r in records:
+        r["image"] = os.path.join(folder, r["image"])
+
+    def run(name, **kw):
+        acc, rows = evaluate_answers(model, tok, records, **kw)
+        none = sum(D.generation_flops(cfg, r["prompt_tokens"], [N] * len(r["token_ids"]), r["k"])["total"] for r in rows)
+        timed = []
+        for r in records[:n_timed]:  # batch 1, for milliseconds
+            g = G.generate(model, tok, [r["image"]], [r["prompt"]], max_new_tokens=48, stats=False, **kw)
+            timed.append((g.prefill_ms, g.decode_ms_per_token))
+        result = dict(accuracy=acc, flops_ratio=sum(r["flops"] for r in rows) / none,
+                      prefill_ms=float(np.median([t[0] for t in timed])), decode_ms=float(np.median([t[1] for t in timed])),
+                      kv_bytes=float(np.mean([r["kv_cache_bytes"] for r in rows])),
+                      kept_prefill=float(np.mean([r["kept_visual"][0] for r in rows])),
+                      kept_last=float(np.mean([r["kept_visual"][-1] for r in rows])))
+        log(f"{name:34}{result['accuracy']:9.3f}{result['flops_ratio']:8.3f}{result['prefill_ms']:9.1f}"
+            f"{result['decode_ms']:9.2f}{result['kv_bytes'] / 1024:9.1f}{result['kept_prefill']:8.1f}{result['kept_last']:8.1f}")
+        return result, rows
+
+    log(f"{len(records)} held-out questions ({data}); ms: median of {n_timed} at batch 1 on "
+        f"{torch.get_num_threads()} CPU threads")
+    log(f"{'method':34}{'accuracy':>9}{'FLOPs':>8}{'prefill':>9}{'ms/tok':>9}{'KV KiB':>9}{'kept@0':>8}{'kept@end':>8}")
+    table = {"none": run("none")[0], "vtw": run("vtw", method="vtw")[0]}
+    for path in predictors:
+        predictor = D.RatePredictor.load(path, cfg)
+        learned, rows = run(f"dyrate learned ({os.path.basename(path)})", method="dyrate", predictor=predictor)
+        lengths = [(row["prompt_tokens"], len(row["token_ids"])) for row in rows]
+        keep = TR.matched_keep(cfg, lengths, learned["flops_ratio"], predictor.k)
+        start = TR.matched_keep(cfg, lengths, learned["flops_ratio"], predictor.k, ramp=True)
+        fastv = run(f"fastv R={1 - keep / N:.3f}", method="fastv", ratio=1 - keep / N)[0]
+        ramp = [TR.ramp_rates(1 - start / N, 24)]  # a hand-set schedule over a typical answer length
+        hand = run(f"dyrate ramp {1 - start / N:.2f}->1", method="dyrate", schedule=ramp[0])[0]
+        table[os.path.basename(path)] = dict(learned=learned, fastv=fastv, ramp=hand)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "experiment.json"), "w") as f:
+        json.dump(table, f, indent=1)
+    if predictors:  # the figures: type shares over the steps and the kept patches, for a few captions
+        predictor = D.RatePredictor.load(predictors[-1], cfg)
+        captions = [r for r in records if r["prompt"] == CAPTION_PROMPT][:3]
+        for i, r in enumerate(captions):
+            row = G.generate(model, tok, [r["image"]], [r["prompt"]], max_new_tokens=48, method="dyrate",
+                             predictor=predictor).rows[0]
+            for p in viz.save(os.path.join(out, f"example{i}"), r["image"], row, tok, cfg):
+                log(f"wrote {p}")
+    return table
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="The shapes model: synthetic data, a tiny LLaVA trained from scratch, "
+                                            "and the pruning experiment on it.")
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("data", help="write train / val / test images and JSONL")
+    d.add_argument("--out", default="data/shapes", help="folder")
+    d.add_argument("--seed", type=int, default=0, help="the whole data set is a function of this seed")
+    d.add_argument("--train", type=int, default=1000, help="training scenes (for the predictor)")
+    d.add_argument("--val", type=int, default=100, help="validation scenes")
+    d.add_argument("--test", type=int, default=300, help="test scenes (the experiment's held-out set)")
+    d.add_argument("--examples", default="assets/examples", help="folder for the example images shipped in the repo")
+    m = sub.add_parser("model", help="train the tiny LLaVA from scratch and save it as a llava-hf checkpoint")
+    m.add_argument("--out", default="models/shapes", help="checkpoint folder")
+    m.add_argument("--iters", type=int, default=1500, help="training steps (30-60 min on 2 CPU cores); 0 saves "
+                   "the untrained model (random weights)")
+    m.add_argument("--vision-iters", type=int, default=300, help="stage 1: vision tower steps on patch labels")
+    m.add_argument("--batch-size", type=int, default=8, help="scenes per step (each packs all its questions)")
+    m.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    m.add_argument("--seed", type=int, default=0, help="data stream and initialisation")
+    m.add_argument("--eval-every", type=int, default=150, help="steps between held-out evaluations (and saves)")
+    e = sub.add_parser("experiment", help="accuracy / FLOPs / time / memory of every method, and the figures")
+    e.add_argument("--model", default="models/shapes", help="checkpoint folder")
+    e.add_argument("--data", default="data/shapes/test.jsonl", help="held-out JSONL")
+    e.add_argument("--predictors", nargs="*", default=["models/shapes/predictor-0.55", "models/shapes/predictor-0.33"],
+                   help="predictor files, one per budget")
+    e.add_argument("--out", default="assets", help="folder for experiment.json and the figures")
+    args = p.parse_args(argv)
+    if args.command == "data":
+        for name, n, offset in (("train", args.train, 0), ("val", args.val, 1), ("test", args.test, 2)):
+            write_dataset(args.out, n, args.seed * 10 + offset, name)
+            print(f"wrote {n} scenes to {os.path.join(args.out, name + '.jsonl')}")
+        write_examples(args.examples, 4, args.seed * 10 + 3)
+        print(f"wrote 4 example scenes to {args.examples}")
+    elif args.command == "model":
+        import torch
+        os.makedirs(args.out, exist_ok=True)
+        model, tok, cfg = train_model(args.out, args.iters, args.vision_iters, args.batch_size, args.lr, args.seed,
+                                      args.eval_every)
+        save_model(model, args.out)
+        print(f"saved {args.out} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, fp16"
+              + (", untrained: random weights" if args.iters == 0 else "") + f"), torch {torch.__version__}")
+    else:
+        experiment(args.model, args.data, args.predictors, args.out)
+
+
+if __name__ == "__main__":
+    main()

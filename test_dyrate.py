@@ -260,14 +260,14 @@ def test_cli_pruning_json_and_viz(ckpt, ours, tmp_path, capsys):
     path = tmp_path / "x.png"
     random_image(17).save(path)
     G.main(["--image", str(path), "--model", ckpt[0], "--json", "--max-new-tokens", "5", "--method", "fastv",
-            "--ratio", "0.75", "--viz", str(tmp_path / "v")])
+            "--ratio", "0.75", "--viz", str(tmp_path / "new" / "v")])  # the folder is made
     got = json.loads(capsys.readouterr().out)
     assert got["kept_visual"] == [16] * len(got["token_ids"]) and len(got["dropped_at_step"][0]) == 48
     assert got["rates"][0] == 0.75 and len(got["type_shares"][0]) == 4 and abs(sum(got["type_shares"][0]) - 1) < 1e-5
     assert 0 < got["flops"] and 0 < got["flops_ratio"] < 1 and got["kv_cache_bytes"] < got["kv_cache_bytes_none"]
     for name in ("v.gif", "v_strip.png", "v_shares.png"):
-        assert Image.open(tmp_path / name).size[0] > 300
-    assert Image.open(tmp_path / "v.gif").n_frames == len(got["token_ids"])
+        assert Image.open(tmp_path / "new" / name).size[0] > 300
+    assert Image.open(tmp_path / "new" / "v.gif").n_frames == len(got["token_ids"])
     predictor = random_predictor()
     other = M.LlavaConfig(text=M.TextConfig(num_attention_heads=8, num_key_value_heads=8))
     predictor.save(tmp_path / "wrong.safetensors", D.fingerprint(other))

@@ -6,6 +6,7 @@ Pictures of one generation's visual-token pruning (generate.py --viz OUT), drawn
     OUT_shares.png  the attention mass of the current query on system / image / instruction / response tokens at
                     layer K-1, averaged over heads, at every step (the seed paper's figure 2)
 """
+import os
 import textwrap
 
 import numpy as np
@@ -75,6 +76,7 @@ def save(out, image, row, tokenizer, cfg, pad=False):
     """Write OUT.gif, OUT_strip.png and OUT_shares.png for one generated row (a generate() row dict)."""
     pics = frames(model_view(image, cfg.vision.image_size, pad), row, tokenizer, cfg)
     paths = [f"{out}.gif", f"{out}_strip.png", f"{out}_shares.png"]
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     pics[0].save(paths[0], save_all=True, append_images=pics[1:], duration=[500] * (len(pics) - 1) + [2500], loop=0)
     chosen = sorted({round(i * (len(pics) - 1) / 7) for i in range(8)}) if len(pics) > 8 else range(len(pics))
     strip = Image.new("RGB", (len(chosen) * (pics[0].width + 4), pics[0].height), "white")

@@ -145,6 +145,22 @@ def gumbel_softmax_st(logits, tau, generator=None):
     return hard - soft.detach() + soft
 
 
+def masked_attention(probs, weight, v):
+    """probs (B, nh, T, S) fp32 attention, weight (B, 1, T, S) in [0, 1] (Pruner.train_mask's), v (B, nh, S, hs):
+    the attention renormalised over the weighted keys, applied to v. NOTE: the gradient reaching `weight` is
+    p_j (v_j - y), the derivative with the full softmax's denominator, not the exact p_j (v_j - y) / Z with Z the mass
+    left on the kept keys: a trained model often puts nearly all of a row's attention on a few image tokens, and when a
+    mask drops them Z is ~1e-16 and the exact derivative (~1e16) drowns every other term of the loss. This one is
+    bounded by |v_j - y|, like the change that keeping key j actually makes. The value and every other gradient are
+    exact."""
+    kept = probs * weight.detach()
+    y = (kept / kept.sum(-1, keepdim=True).clamp_min(torch.finfo(kept.dtype).tiny)).to(v.dtype) @ v  # (B, nh, T, hs)
+    if not weight.requires_grad:
+        return y
+    delta = probs * (weight - weight.detach())  # zero; its gradient is probs
+    return y + (delta.to(v.dtype) @ v - delta.sum(-1, keepdim=True).to(v.dtype) * y.detach())
+
+
 def rank_of(scores):
     """(..., N) -> (..., N) long: each token's place when sorted by descending score (0 = most attended; ties keep
     their order)."""

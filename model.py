@@ -7,7 +7,8 @@ mirror the checkpoint keys, so loading is one key canonicalisation plus a strict
 
 Read top to bottom: configs, the CLIP vision tower, the projector, the Llama decoder with its KV cache, the LLaVA
 wrapper and its loader (the image and the prompt going in are processing.py's). dyrate.py plugs into LlamaModel.forward
-through its `pruner` argument; nothing else here knows about pruning.
+through its `pruner` argument, and LlamaAttention hands a training key mask (floats) to dyrate.masked_attention;
+nothing else here knows about pruning.
 
     model = Llava.from_pretrained("path/to/llava-1.5-7b-hf", device="cuda", dtype=torch.float16)
 """
@@ -19,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
+
+import dyrate
 
 GET_WEIGHTS = ("Download a checkpoint with `hf download llava-hf/llava-1.5-7b-hf --local-dir DIR` "
                "(or llava-hf/llava-1.5-13b-hf) and pass that DIR.")
@@ -339,7 +342,7 @@ class LlamaAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if fresh else mask, is_causal=fresh, scale=scale,
                                                enable_gqa=self.n_kv_head != self.n_head)
         else:
-            y = masked_attention(attention_probs(q, k, mask, scale), key_weight[:, None],
+            y = dyrate.masked_attention(attention_probs(q, k, mask, scale), key_weight[:, None],
                                  repeat_kv(v, self.n_head // self.n_kv_head))
         probs = None
         if probe_rows is not None:
@@ -358,22 +361,6 @@ def attention_probs(q, k, mask, scale):
     """Explicit softmax(q k^T) in fp32 for the given query rows: q (B, nh, R, hs), k (B, nkv, S, hs), mask (B, 1, R, S)."""
     scores = (q.float() @ repeat_kv(k, q.shape[1] // k.shape[1]).float().transpose(-1, -2)) * scale  # (B, nh, R, S)
     return scores.masked_fill(~mask, float("-inf")).softmax(-1)
-
-
-def masked_attention(probs, weight, v):
-    """probs (B, nh, T, S) fp32 attention, weight (B, 1, T, S) in [0, 1] from dyrate.py's training path, v (B, nh, S, hs):
-    the attention renormalised over the weighted keys, applied to v. NOTE: the gradient reaching `weight` is
-    p_j (v_j - y), the derivative with the full softmax's denominator, not the exact p_j (v_j - y) / Z with Z the mass
-    left on the kept keys: a trained model often puts nearly all of a row's attention on a few image tokens, and when a
-    mask drops them Z is ~1e-16 and the exact derivative (~1e16) drowns every other term of the loss. This one is
-    bounded by |v_j - y|, like the change that keeping key j actually makes. The value and every other gradient are
-    exact."""
-    kept = probs * weight.detach()
-    y = (kept / kept.sum(-1, keepdim=True).clamp_min(torch.finfo(kept.dtype).tiny)).to(v.dtype) @ v  # (B, nh, T, hs)
-    if not weight.requires_grad:
-        return y
-    delta = probs * (weight - weight.detach())  # zero; its gradient is probs
-    return y + (delta.to(v.dtype) @ v - delta.sum(-1, keepdim=True).to(v.dtype) * y.detach())
 
 
 class LlamaMLP(nn.Module):

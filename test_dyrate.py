@@ -201,7 +201,7 @@ def test_masked_attention_value_exact_gradient_bounded():
     scores[..., 4] += 40.0  # nearly all attention on key 4, which the mask drops
     probs, v = scores.softmax(-1), torch.randn(1, 2, 6, 5, dtype=torch.float64)
     weight = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 1.0], dtype=torch.float64).expand(1, 1, 3, 6).clone().requires_grad_()
-    y = M.masked_attention(probs, weight, v)
+    y = D.masked_attention(probs, weight, v)
     kept = probs * weight.detach()
     exact = (kept / kept.sum(-1, keepdim=True)) @ v
     assert torch.allclose(y, exact, rtol=0, atol=1e-12)

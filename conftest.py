@@ -12,7 +12,6 @@ from PIL import Image
 
 import model as M
 import processing as P
-import shapes
 
 IMAGE_SIZE, PATCH = 112, 14  # 8 x 8 = 64 image tokens
 
@@ -33,7 +32,7 @@ CORPUS = ["USER: What is in the image? ASSISTANT: A red circle and a blue square
 
 def build_tokenizer(folder, legacy=True):
     """The shapes model's tokenizer builder (llava-hf's structure) on a small corpus."""
-    return shapes.build_tokenizer(folder, CORPUS, 160, legacy)
+    return P.build_tokenizer(folder, CORPUS, 160, legacy)
 
 
 def make_hf(image_id, pad_id, kv_heads=4, head_dim=16, seed=0, layers=4):

@@ -343,7 +343,7 @@ class LlamaAttention(nn.Module):
                                                enable_gqa=self.n_kv_head != self.n_head)
         else:
             y = dyrate.masked_attention(attention_probs(q, k, mask, scale), key_weight[:, None],
-                                 repeat_kv(v, self.n_head // self.n_kv_head))
+                                        repeat_kv(v, self.n_head // self.n_kv_head))
         probs = None
         if probe_rows is not None:
             rows = probe_rows[:, None, :, None]  # (B, 1, R, 1)

@@ -173,38 +173,6 @@ def corpus():
     return lines
 
 
-def build_tokenizer(folder, texts, vocab_size=160, legacy=True):
-    """Write a tokenizer.json in llava-hf's structure, trained on `texts` with the `tokenizers` library: BPE with
-    byte fallback (ids 3-258 are the 256 byte tokens, plain vocabulary as in Llama-2), the legacy normalizer
-    (Prepend '▁' + Replace ' ' -> '▁'), BOS added by the post-processor, <unk> <s> </s> then <image> <pad> after the
-    vocabulary as special added tokens; and a tokenizer_config.json. Returns the ids of <image> and <pad>."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)  # '▁word' pieces
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
-                                                       show_progress=False))
-    d = json.loads(bpe.to_str())
-    pieces = [p for p, _ in sorted(d["model"]["vocab"].items(), key=lambda kv: kv[1])]
-    pieces = pieces[:3] + [f"<0x{i:02X}>" for i in range(256)] + pieces[3:]
-    d["model"]["vocab"] = {p: i for i, p in enumerate(dict.fromkeys(pieces))}
-    d["pre_tokenizer"] = None
-    d["normalizer"] = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"},
-                                                           {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
-    tok = Tokenizer.from_str(json.dumps(d))
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
-    tok.add_special_tokens([AddedToken(s, normalized=False, special=True) for s in ["<unk>", "<s>", "</s>", "<image>", "<pad>"]])
-    os.makedirs(folder, exist_ok=True)
-    tok.save(os.path.join(folder, "tokenizer.json"))
-    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-        json.dump(dict(add_bos_token=True, add_eos_token=False, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                       pad_token="<pad>", legacy=legacy, tokenizer_class="LlamaTokenizer", padding_side="left",
-                       clean_up_tokenization_spaces=False, image_token="<image>",
-                       extra_special_tokens={"image_token": "<image>"}), f, indent=1)
-    return tok.token_to_id("<image>"), tok.token_to_id("<pad>")
-
-
 def write_dataset(out, n, seed, name):
     """n scenes as PNG files and a JSONL of {image, prompt, answer, task}, one record per scene (a random task)."""
     rng = random.Random(seed)
@@ -228,7 +196,7 @@ def write_examples(out, n, seed):
         draw(scene).save(os.path.join(out, f"{i}.png"))
         qa = questions(scene)
         colour = [x for x in qa if "color" in x[0]]
-        occupied = [x for x in qa if x[0].startswith("What is at") and x[1] != "nothing"]
+        occupied = [x for x in qa if x[0].startswith("What is at")]
         for q, a in qa[:2] + colour[:1] + [rng.choice(occupied)]:
             examples.append(dict(image=f"{i}.png", prompt=q, answer=a))
     with open(os.path.join(out, "examples.json"), "w") as f:
@@ -417,7 +385,7 @@ def train_model(out, iters, vision_iters, batch, lr, seed, eval_every, log=print
     import processing as P
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    image_id, pad_id = build_tokenizer(out, corpus(), vocab_size=220)
+    image_id, pad_id = P.build_tokenizer(out, corpus(), vocab_size=220)
     vocab = (pad_id + 1 + 63) // 64 * 64  # like llava-hf: the embedding padded to a multiple of 64
     cfg = model_config(vocab, image_id, pad_id)
     save_config(cfg, out)

@@ -1,11 +1,12 @@
 """
 The shapes model: a tiny LLaVA trained from scratch on synthetic images, so that everything runs with no download
-(like nanoGPT's shakespeare_char). Same model.py classes, same checkpoint format as llava-hf.
+(like nanoGPT's shakespeare_char). Same model.py classes, same checkpoint format as llava-hf. This file: the data, the
+experiment and the command line; the model's training from scratch is shapes_model.py.
 
     python shapes.py data  --out data/shapes        # images + JSONL (train / val / test), deterministic by --seed
-    python shapes.py model --out models/shapes      # train the tiny LLaVA on CPU (30-60 min on 2 cores), save it
+    python shapes.py model --out models/shapes      # train the tiny LLaVA (shapes_model.py), ~25 min on 2 cores
     python train.py --model models/shapes --data data/shapes/train.jsonl --val-data data/shapes/val.jsonl \\
-        --out models/shapes/predictor-0.55 --target-flops 0.55  # then the DyRate predictors (0.55, 0.33, 0.75)
+        --out models/shapes/predictor-0.55 --target-flops 0.55  # then the DyRate predictors (0.55, 0.33)
     python shapes.py experiment --model models/shapes --data data/shapes/test.jsonl   # the README's table
 
 Images: 224 px (16 x 16 = 256 patches of 14 px) with 1-3 shapes (circle, square, triangle; six colours; two sizes) in
@@ -86,16 +87,21 @@ def named(it):
     return f"{'an' if it['colour'][0] in 'aeiou' else 'a'} {it['colour']} {it['shape']}"
 
 
-def item_patches(scene):
-    """(items, 256) bool: the patches each shape covers at least 15% of (shapes sit in distinct cells: no overlap)."""
+def coverage(scene):
+    """(items, 256) float: the fraction of each patch each shape covers (shapes sit in distinct cells: no overlap)."""
     g, p = IMAGE_SIZE // PATCH, PATCH
     out = []
     for it in scene["items"]:
         label = Image.new("1", (IMAGE_SIZE, IMAGE_SIZE), 0)
         paint(ImageDraw.Draw(label), it, 1)
         blocks = np.asarray(label).reshape(g, p, g, p).transpose(0, 2, 1, 3).reshape(g * g, p * p)  # (patches, pixels)
-        out.append(blocks.sum(1) >= 0.15 * p * p)
+        out.append(blocks.mean(1))
     return np.stack(out)
+
+
+def item_patches(scene):
+    """(items, 256) bool: the patches each shape covers at least 15% of."""
+    return coverage(scene) >= 0.15
 
 
 def item_label(it):
@@ -113,14 +119,6 @@ def patch_labels(scene):
     g = IMAGE_SIZE // PATCH
     third = np.minimum((np.arange(g) * PATCH + PATCH // 2) * 3 // IMAGE_SIZE, 2)  # grid row (or column) of each patch
     return np.stack([kinds, np.where(kinds > 0, np.repeat(third, g), 3), np.where(kinds > 0, np.tile(third, g), 3)])
-
-
-def factor_loss(logits, labels, sizes):
-    """Cross-entropy of logits (..., sum(sizes)), split into one group per label, against labels (..., len(sizes)),
-    summed over the labels: (...,)."""
-    import torch.nn.functional as F
-    return sum(F.cross_entropy(z.flatten(0, -2), y.flatten(), reduction="none").view(y.shape)
-               for z, y in zip(logits.split(sizes, dim=-1), labels.unbind(-1)))
 
 
 def caption(scene):
@@ -204,154 +202,7 @@ def write_examples(out, n, seed):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# the model: model.py's classes at a tiny size, trained from scratch
-
-
-def model_config(vocab_size, image_token_index, pad_token_id):
-    """Tiny LLaVA whose FLOPs sit mostly in a deep, narrow decoder (so pruning image tokens from layers >= 2 matters):
-    CLIP 64 wide x 2 blocks (feature = last block), decoder 128 wide x 12 layers, 256 image tokens."""
-    import model as M
-    return M.LlavaConfig(
-        vision=M.VisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=IMAGE_SIZE, patch_size=14),
-        text=M.TextConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=352, num_hidden_layers=12,
-                          num_attention_heads=8, num_key_value_heads=8, head_dim=16, max_position_embeddings=512,
-                          rope_theta=1e6),  # NOTE: 16-dim heads keep few slowly turning RoPE pairs at 1e4
-        image_token_index=image_token_index, pad_token_id=pad_token_id, vision_feature_layer=-1)
-
-
-def save_config(cfg, folder):
-    """config.json in llava-hf's layout, every size written out."""
-    from dataclasses import asdict
-    top = {k: v for k, v in asdict(cfg).items() if k not in ("vision", "text")}
-    d = dict(architectures=["LlavaForConditionalGeneration"], model_type="llava", tie_word_embeddings=False, **top,
-             text_config=dict(model_type="llama", **asdict(cfg.text)),
-             vision_config=dict(model_type="clip_vision_model", **asdict(cfg.vision)))
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(d, f, indent=1)
-    with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
-        json.dump(dict(image_processor_type="CLIPImageProcessor", size={"shortest_edge": IMAGE_SIZE}, resample=3,
-                       crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_center_crop=True, do_resize=True,
-                       do_rescale=True, do_normalize=True, do_convert_rgb=True, rescale_factor=1 / 255,
-                       image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711]), f)
-
-
-def save_model(model, folder):
-    """model.safetensors in fp16, the hub's key layout (our module names), written atomically."""
-    from safetensors.torch import save_file
-    path = os.path.join(folder, "model.safetensors")
-    save_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, path + ".tmp", metadata={"format": "pt"})
-    os.replace(path + ".tmp", path)
-
-
-def init_weights(model):
-    """GPT-2-style initialisation (model.py builds modules with PyTorch's defaults, meant to be overwritten by a load):
-    N(0, 0.02), the projections into the residual stream scaled by 1/sqrt(2 * layers)."""
-    import torch
-    layers = model.config.text.num_hidden_layers
-    for name, p in model.named_parameters():
-        if name.endswith("norm.weight") or "layer_norm" in name or "layrnorm" in name:
-            torch.nn.init.ones_(p) if name.endswith("weight") else torch.nn.init.zeros_(p)
-        elif name.endswith("bias"):
-            torch.nn.init.zeros_(p)
-        else:
-            residual = name.endswith(("o_proj.weight", "down_proj.weight", "out_proj.weight", "fc2.weight"))
-            torch.nn.init.normal_(p, std=0.02 / (2 * layers) ** 0.5 if residual else 0.02)
-    with torch.no_grad():  # CLIP's position embeddings start as 2-D sine-cosine (as in MAE), then train
-        grid, dim = model.config.vision.image_size // model.config.vision.patch_size, model.config.vision.hidden_size
-        freqs = 1.0 / 100 ** (torch.arange(dim // 4) / (dim // 4))  # (dim/4,)
-        rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-        angles = torch.cat([rows.reshape(-1, 1) * freqs, cols.reshape(-1, 1) * freqs], dim=1)  # (grid^2, dim/2)
-        table = model.vision_tower.vision_model.embeddings.position_embedding.weight
-        table[1:] = torch.cat([angles.sin(), angles.cos()], dim=1) * 0.5
-
-
-def answer_items(tok, scene, question, answer):
-    """Which shape each answer token (and the closing </s>) is about, -1 for none: the shape a colour or position
-    question names; in a caption, the shape whose phrase the token falls in."""
-    enc = tok.tok.encode(answer, add_special_tokens=False)
-    items = scene["items"]
-    if task(question) in ("colour", "position"):
-        named_it = next(i for i, it in enumerate(items) if it["shape"] in question and "color" in question
-                        or f"the {CELLS[it['cell']]}?" in question)
-        return enc.ids, [named_it] * len(enc.ids) + [-1]
-    spans, at = [], 0
-    if task(question) == "caption":
-        for i, it in enumerate(items):
-            phrase = f"{named(it)} at the {CELLS[it['cell']]}"
-            at = answer.lower().index(phrase.lower(), at)
-            spans.append((at, at + len(phrase), i))
-    about = [next((i for lo, hi, i in spans if lo <= (s + e) // 2 < hi), -1) for s, e in enc.offsets]
-    return enc.ids, about + [-1]
-
-
-def packed(tok, cfg, scene):
-    """One training row holding every question about a scene, each exactly as a single-turn prompt would see it:
-    the prompt prefix up to the end of the image once, then one segment per question (the rest of its prompt, the
-    answer, </s>) whose RoPE positions restart where the prefix ends and which sees only the prefix and itself. So the
-    image is encoded once for a dozen questions and no answer can leak into another. Returns ids, positions, segment
-    ids (0 = prefix) and per loss row (the row before each answer token and </s>): its index, its target, the shape
-    its token is about (-1: none)."""
-    qa = questions(scene)
-    first, start = tok.encode_prompt(qa[0][0])
-    P = start + cfg.n_image_tokens  # the prefix: BOS ... last image token
-    ids, positions, segment, rows, targets, about = first[:P], list(range(P)), [0] * P, [], [], []
-    for s, (q, a) in enumerate(qa, 1):
-        prompt = tok.encode_prompt(q)[0]
-        assert prompt[:P] == first[:P], "every question shares the prefix"
-        answer, items = answer_items(tok, scene, q, a)
-        seg = prompt[P:] + answer + [cfg.eos_token_id]
-        n = len(ids) + len(prompt) - P  # index of the first answer token
-        rows += range(n - 1, len(ids) + len(seg) - 1)
-        targets += seg[len(prompt) - P:]
-        about += items
-        ids, positions, segment = ids + seg, positions + list(range(P, P + len(seg))), segment + [s] * len(seg)
-    return ids, positions, segment, rows, targets, about
-
-
-def packed_batch(model, tok, scenes):
-    """Packed rows for scenes, padded at the end: ids, positions, segments (B, T), pixel values, the flat indices and
-    targets of the loss rows, and for the reading loss: the loss rows about a shape (B, R), that shape's item_label
-    (B, R, 3) and which of the R are real (B, R)."""
-    import torch
-
-    import processing as P
-    rows = [packed(tok, model.config, s) for s in scenes]
-    B, T = len(rows), max(len(r[0]) for r in rows)
-    ids = torch.full((B, T), model.config.pad_token_id)
-    positions, segment = torch.zeros(B, T, dtype=torch.long), torch.full((B, T), -1)
-    flat, targets, reads = [], [], []
-    for b, (seq, pos, seg, loss_rows, tgt, about) in enumerate(rows):
-        ids[b, :len(seq)], positions[b, :len(seq)], segment[b, :len(seq)] = (torch.tensor(v) for v in (seq, pos, seg))
-        flat += [b * T + i for i in loss_rows]
-        targets += tgt
-        its = scenes[b]["items"]
-        reads.append([(i, item_label(its[item])) for i, item in zip(loss_rows, about) if item >= 0])
-    R = max(map(len, reads))
-    read_rows, read_label, read_valid = torch.zeros(B, R, dtype=torch.long), torch.zeros(B, R, 3, dtype=torch.long), \
-        torch.zeros(B, R)
-    for b, pairs in enumerate(reads):
-        for r, (i, label) in enumerate(pairs):
-            read_rows[b, r], read_label[b, r], read_valid[b, r] = i, torch.tensor(label), 1
-    px = torch.stack([P.preprocess(draw(s), IMAGE_SIZE) for s in scenes])
-    return ids, positions, segment, px, torch.tensor(flat), torch.tensor(targets), (read_rows, read_label, read_valid)
-
-
-READ_LAYERS = 4  # the reading loss looks at the hidden states after this many decoder layers
-
-
-def packed_forward(model, ids, positions, segment, px):
-    """Vision features (B, N, Cv), the hidden states after READ_LAYERS decoder layers (B, T, C) and the logits
-    (B, T, vocab) of packed rows: every layer gets a key mask under which a segment sees the shared prefix and itself
-    (the causal mask does the rest)."""
-    cfg, lm = model.config, model.language_model.model
-    vision = model.vision_tower.vision_model(px, cfg.n_vision_layers_used)[:, 1:]  # (B, N, Cv), no CLS
-    x = lm.embed_tokens(ids)
-    x = x.masked_scatter((ids == cfg.image_token_index)[..., None], model.multi_modal_projector(vision).to(x.dtype))
-    sees = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])  # (B, T, T), -1 = padding
-    mid, _ = lm.run(0, READ_LAYERS, x, positions, None, key_weight=sees)
-    x, _ = lm.run(READ_LAYERS, cfg.text.num_hidden_layers, mid, positions, None, key_weight=sees)
-    return vision, mid, model.language_model.lm_head(lm.norm(x))
+# the experiment: accuracy, FLOPs, time and memory of every method on a fixed held-out set
 
 
 def evaluate_answers(model, tok, records, batch=32, **kw):
@@ -374,94 +225,6 @@ def accuracy_line(records, rows):
         kinds.setdefault(task(r["prompt"]), []).append(row["text"].strip() == r["answer"])
     return ", ".join(f"{k} {np.mean(v):.3f}" for k, v in sorted(kinds.items()))
 
-
-def train_model(out, iters, vision_iters, batch, lr, seed, eval_every, log=print):
-    import time
-
-    import torch
-    import torch.nn.functional as F
-
-    import model as M
-    import processing as P
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
-    image_id, pad_id = P.build_tokenizer(out, corpus(), vocab_size=220)
-    vocab = (pad_id + 1 + 63) // 64 * 64  # like llava-hf: the embedding padded to a multiple of 64
-    cfg = model_config(vocab, image_id, pad_id)
-    save_config(cfg, out)
-    model, tok = M.Llava(cfg), P.Tokenizer(out, cfg)
-    init_weights(model)
-    log(f"shapes model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {cfg.n_image_tokens} image "
-        f"tokens, training the vision tower {vision_iters} steps, then everything {iters} steps of {batch} scenes, on "
-        f"{torch.get_num_threads()} threads")
-    val_rng = random.Random(seed + 1)
-    val = []
-    for _ in range(192):
-        scene, q, a = sample(val_rng)
-        val.append(dict(image=draw(scene), prompt=q, answer=a))
-    # NOTE: an auxiliary head, used in training only: it classifies every patch (which shape and colour covers it, or
-    # background; which grid cell a covered patch lies in) from the vision features. Stage 1 trains the vision tower
-    # alone on it (LLaVA starts from a pretrained CLIP; ours gets its few minutes here); stage 2 keeps it on while
-    # everything trains on the answers. NOTE: stage 2 also has a reading loss: a linear head on the hidden state after
-    # READ_LAYERS decoder layers must name the shape (class, grid row, grid column) that the token this row predicts is
-    # about. Without it the model sat for 1500 steps on a plateau where its attention spread evenly over all shapes: it
-    # counted them and guessed the rest (captions <= 22% right); telling one head where to look (an attention loss) did
-    # not help, the value it fetched drowned in the residual stream. With the reading loss captions pass 60% in 300
-    # steps. Both are training-only heads; the saved model is a plain LLaVA.
-    kinds = 1 + len(SHAPES) * len(COLOURS)
-    aux = torch.nn.Linear(cfg.vision.hidden_size, kinds + 4 + 4)  # kind, row, column (+ background)
-    tower = model.vision_tower.vision_model
-
-    def patch_loss(vision, scenes):
-        labels = torch.tensor(np.stack([patch_labels(s) for s in scenes]), dtype=torch.long).transpose(1, 2)  # (B, N, 3)
-        weight = torch.where(labels[..., 0] == 0, 0.05, 1.0)  # background: most patches, and easy
-        return (factor_loss(aux(vision), labels, (kinds, 4, 4)) * weight).sum() / weight.sum()
-
-    t0 = time.perf_counter()
-    opt = torch.optim.AdamW([*tower.parameters(), *aux.parameters()], lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
-    for it in range(vision_iters):  # stage 1
-        for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (it + 1) / 50)
-        scenes = [make_scene(rng) for _ in range(32)]
-        px = torch.stack([P.preprocess(draw(s), IMAGE_SIZE) for s in scenes])
-        loss = patch_loss(tower(px, cfg.n_vision_layers_used)[:, 1:], scenes)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if it % 50 == 0 or it == vision_iters - 1:
-            log(f"vision step {it}/{vision_iters}: patch labels {loss.item():.4f} | {time.perf_counter() - t0:.0f} s")
-    read = torch.nn.Linear(cfg.text.hidden_size, kinds + 3 + 3)  # kind, row, column of the shape a row is about
-    opt = torch.optim.AdamW([*model.parameters(), *aux.parameters(), *read.parameters()], lr=lr, betas=(0.9, 0.98),
-                            weight_decay=0.01)
-    for it in range(iters):  # stage 2
-        for g in opt.param_groups:  # warmup then cosine to a tenth
-            g["lr"] = lr * min(1.0, (it + 1) / 50) * (0.55 + 0.45 * np.cos(np.pi * it / iters))
-        scenes = [make_scene(rng) for _ in range(batch)]
-        ids, positions, segment, px, flat, targets, (read_rows, read_label, read_valid) = packed_batch(model, tok, scenes)
-        model.train()
-        vision, mid, logits = packed_forward(model, ids, positions, segment, px)
-        lm_loss, aux_loss = F.cross_entropy(logits.flatten(0, 1)[flat], targets), patch_loss(vision, scenes)
-        guess = read(mid.gather(1, read_rows[..., None].expand(-1, -1, mid.shape[-1])))  # (B, R, 19 + 3 + 3)
-        read_loss = (factor_loss(guess, read_label, (kinds, 3, 3)) * read_valid).sum() / read_valid.sum()
-        opt.zero_grad(set_to_none=True)
-        (lm_loss + aux_loss + read_loss).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if it % 25 == 0 or it == iters - 1:
-            log(f"step {it}/{iters}: loss {lm_loss.item():.4f} (patch labels {aux_loss.item():.4f}, reading "
-                f"{read_loss.item():.3f}) | "
-                f"{time.perf_counter() - t0:.0f} s")
-        if (it + 1) % eval_every == 0 or it == iters - 1:
-            model.eval()
-            acc, rows = evaluate_answers(model, tok, val)
-            log(f"held-out exact match {acc:.3f} on {len(val)} single-turn questions ({accuracy_line(val, rows)}) | "
-                f"{time.perf_counter() - t0:.0f} s")
-            save_model(model, out)
-    return model, tok, cfg
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# the experiment: accuracy, FLOPs, time and memory of every method on a fixed held-out set
 
 
 def experiment(model_dir, data, predictors, out, n_timed=16, log=print):
@@ -539,13 +302,16 @@ def main(argv=None):
     d.add_argument("--examples", default="assets/examples", help="folder for the example images shipped in the repo")
     m = sub.add_parser("model", help="train the tiny LLaVA from scratch and save it as a llava-hf checkpoint")
     m.add_argument("--out", default="models/shapes", help="checkpoint folder")
-    m.add_argument("--iters", type=int, default=1500, help="training steps (30-60 min on 2 CPU cores); 0 saves "
+    m.add_argument("--iters", type=int, default=1500, help="training steps (~24 min on 2 CPU cores); 0 saves "
                    "the untrained model (random weights)")
     m.add_argument("--vision-iters", type=int, default=300, help="stage 1: vision tower steps on patch labels")
     m.add_argument("--batch-size", type=int, default=8, help="scenes per step (each packs all its questions)")
     m.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     m.add_argument("--seed", type=int, default=0, help="data stream and initialisation")
-    m.add_argument("--eval-every", type=int, default=150, help="steps between held-out evaluations (and saves)")
+    m.add_argument("--eval-every", type=int, default=250, help="steps between held-out evaluations (and saves)")
+    m.add_argument("--prune-iters", type=int, default=500, help="the last steps are pruning-aware: image tokens "
+                   "hidden from layers >= 2, layer 1 taught to rank the shapes first")
+    m.add_argument("--init", help="start from this saved shapes model instead of random weights")
     e = sub.add_parser("experiment", help="accuracy / FLOPs / time / memory of every method, and the figures")
     e.add_argument("--model", default="models/shapes", help="checkpoint folder")
     e.add_argument("--data", default="data/shapes/test.jsonl", help="held-out JSONL")
@@ -561,9 +327,11 @@ def main(argv=None):
         print(f"wrote 4 example scenes to {args.examples}")
     elif args.command == "model":
         import torch
+
+        from shapes_model import save_model, train_model
         os.makedirs(args.out, exist_ok=True)
         model, tok, cfg = train_model(args.out, args.iters, args.vision_iters, args.batch_size, args.lr, args.seed,
-                                      args.eval_every)
+                                      args.eval_every, args.prune_iters, args.init)
         save_model(model, args.out)
         print(f"saved {args.out} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, fp16"
               + (", untrained: random weights" if args.iters == 0 else "") + f"), torch {torch.__version__}")

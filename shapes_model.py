@@ -1,0 +1,308 @@
+"""
+The shapes model's network and its training from scratch (shapes.py's `model` command): model.py's classes at a tiny
+size, a llava-hf checkpoint folder out. Stage 1 trains the vision tower alone on patch labels; stage 2 trains everything
+on packed rows (every question about a scene in one row, the image encoded once) with two training-only heads; its
+last steps are pruning-aware, so that FastV / DyRate can drop image tokens from layers >= 2 without losing answers.
+"""
+import json
+import os
+import random
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+import model as M
+import processing as P
+from shapes import (CELLS, COLOURS, IMAGE_SIZE, SHAPES, accuracy_line, corpus, coverage, draw, evaluate_answers,
+                    item_label, item_patches, make_scene, named, patch_labels, questions, sample, task)
+
+
+def factor_loss(logits, labels, sizes):
+    """Cross-entropy of logits (..., sum(sizes)), split into one group per label, against labels (..., len(sizes)),
+    summed over the labels: (...,)."""
+    return sum(F.cross_entropy(z.flatten(0, -2), y.flatten(), reduction="none").view(y.shape)
+               for z, y in zip(logits.split(sizes, dim=-1), labels.unbind(-1)))
+
+
+def model_config(vocab_size, image_token_index, pad_token_id):
+    """Tiny LLaVA whose FLOPs sit mostly in a deep, narrow decoder (so pruning image tokens from layers >= 2 matters):
+    CLIP 64 wide x 2 blocks (feature = last block), decoder 128 wide x 12 layers, 256 image tokens."""
+    return M.LlavaConfig(
+        vision=M.VisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=IMAGE_SIZE, patch_size=14),
+        text=M.TextConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=352, num_hidden_layers=12,
+                          num_attention_heads=8, num_key_value_heads=8, head_dim=16, max_position_embeddings=512,
+                          rope_theta=1e6),  # NOTE: 16-dim heads keep few slowly turning RoPE pairs at 1e4
+        image_token_index=image_token_index, pad_token_id=pad_token_id, vision_feature_layer=-1)
+
+
+def save_config(cfg, folder):
+    """config.json in llava-hf's layout, every size written out."""
+    top = {k: v for k, v in asdict(cfg).items() if k not in ("vision", "text")}
+    d = dict(architectures=["LlavaForConditionalGeneration"], model_type="llava", tie_word_embeddings=False, **top,
+             text_config=dict(model_type="llama", **asdict(cfg.text)),
+             vision_config=dict(model_type="clip_vision_model", **asdict(cfg.vision)))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(d, f, indent=1)
+    with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
+        json.dump(dict(image_processor_type="CLIPImageProcessor", size={"shortest_edge": IMAGE_SIZE}, resample=3,
+                       crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_center_crop=True, do_resize=True,
+                       do_rescale=True, do_normalize=True, do_convert_rgb=True, rescale_factor=1 / 255,
+                       image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711]), f)
+
+
+def save_model(model, folder):
+    """model.safetensors in fp16, the hub's key layout (our module names), written atomically."""
+    path = os.path.join(folder, "model.safetensors")
+    save_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, path + ".tmp", metadata={"format": "pt"})
+    os.replace(path + ".tmp", path)
+
+
+def init_weights(model):
+    """GPT-2-style initialisation (model.py builds modules with PyTorch's defaults, meant to be overwritten by a load):
+    N(0, 0.02), the projections into the residual stream scaled by 1/sqrt(2 * layers)."""
+    layers = model.config.text.num_hidden_layers
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight") or "layer_norm" in name or "layrnorm" in name:
+            torch.nn.init.ones_(p) if name.endswith("weight") else torch.nn.init.zeros_(p)
+        elif name.endswith("bias"):
+            torch.nn.init.zeros_(p)
+        else:
+            residual = name.endswith(("o_proj.weight", "down_proj.weight", "out_proj.weight", "fc2.weight"))
+            torch.nn.init.normal_(p, std=0.02 / (2 * layers) ** 0.5 if residual else 0.02)
+    with torch.no_grad():  # CLIP's position embeddings start as 2-D sine-cosine (as in MAE), then train
+        grid, dim = model.config.vision.image_size // model.config.vision.patch_size, model.config.vision.hidden_size
+        freqs = 1.0 / 100 ** (torch.arange(dim // 4) / (dim // 4))  # (dim/4,)
+        rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+        angles = torch.cat([rows.reshape(-1, 1) * freqs, cols.reshape(-1, 1) * freqs], dim=1)  # (grid^2, dim/2)
+        table = model.vision_tower.vision_model.embeddings.position_embedding.weight
+        table[1:] = torch.cat([angles.sin(), angles.cos()], dim=1) * 0.5
+
+
+def answer_items(tok, scene, question, answer):
+    """Which shape each answer token (and the closing </s>) is about, -1 for none: the shape a colour or position
+    question names; in a caption, the shape whose phrase the token falls in."""
+    enc = tok.tok.encode(answer, add_special_tokens=False)
+    items = scene["items"]
+    if task(question) in ("colour", "position"):
+        named_it = next(i for i, it in enumerate(items) if it["shape"] in question and "color" in question
+                        or f"the {CELLS[it['cell']]}?" in question)
+        return enc.ids, [named_it] * len(enc.ids) + [-1]
+    spans, at = [], 0
+    if task(question) == "caption":
+        for i, it in enumerate(items):
+            phrase = f"{named(it)} at the {CELLS[it['cell']]}"
+            at = answer.lower().index(phrase.lower(), at)
+            spans.append((at, at + len(phrase), i))
+    about = [next((i for lo, hi, i in spans if lo <= (s + e) // 2 < hi), -1) for s, e in enc.offsets]
+    return enc.ids, about + [-1]
+
+
+def packed(tok, cfg, scene):
+    """One training row holding every question about a scene, each exactly as a single-turn prompt would see it:
+    the prompt prefix up to the end of the image once, then one segment per question (the rest of its prompt, the
+    answer, </s>) whose RoPE positions restart where the prefix ends and which sees only the prefix and itself. So the
+    image is encoded once for a dozen questions and no answer can leak into another. Returns ids, positions, segment
+    ids (0 = prefix) and per loss row (the row before each answer token and </s>): its index, its target, the shape
+    its token is about (-1: none)."""
+    qa = questions(scene)
+    first, start = tok.encode_prompt(qa[0][0])
+    P = start + cfg.n_image_tokens  # the prefix: BOS ... last image token
+    ids, positions, segment, rows, targets, about = first[:P], list(range(P)), [0] * P, [], [], []
+    for s, (q, a) in enumerate(qa, 1):
+        prompt = tok.encode_prompt(q)[0]
+        assert prompt[:P] == first[:P], "every question shares the prefix"
+        answer, items = answer_items(tok, scene, q, a)
+        seg = prompt[P:] + answer + [cfg.eos_token_id]
+        n = len(ids) + len(prompt) - P  # index of the first answer token
+        rows += range(n - 1, len(ids) + len(seg) - 1)
+        targets += seg[len(prompt) - P:]
+        about += items
+        ids, positions, segment = ids + seg, positions + list(range(P, P + len(seg))), segment + [s] * len(seg)
+    return ids, positions, segment, rows, targets, about
+
+
+def packed_batch(model, tok, scenes):
+    """Packed rows for scenes, padded at the end: ids, positions, segments (B, T), pixel values, the flat indices and
+    targets of the loss rows, for the reading loss: the loss rows about a shape (B, R), that shape's item_label
+    (B, R, 3) and which of the R are real (B, R), and for the ranking loss: the loss rows (B, L) and which are real."""
+
+    rows = [packed(tok, model.config, s) for s in scenes]
+    B, T = len(rows), max(len(r[0]) for r in rows)
+    ids = torch.full((B, T), model.config.pad_token_id)
+    positions, segment = torch.zeros(B, T, dtype=torch.long), torch.full((B, T), -1)
+    flat, targets, reads, per_row = [], [], [], []
+    for b, (seq, pos, seg, loss_rows, tgt, about) in enumerate(rows):
+        ids[b, :len(seq)], positions[b, :len(seq)], segment[b, :len(seq)] = (torch.tensor(v) for v in (seq, pos, seg))
+        flat += [b * T + i for i in loss_rows]
+        per_row.append(loss_rows)
+        targets += tgt
+        its = scenes[b]["items"]
+        reads.append([(i, item_label(its[item])) for i, item in zip(loss_rows, about) if item >= 0])
+    R = max(map(len, reads))
+    read_rows, read_label, read_valid = torch.zeros(B, R, dtype=torch.long), torch.zeros(B, R, 3, dtype=torch.long), \
+        torch.zeros(B, R)
+    for b, pairs in enumerate(reads):
+        for r, (i, label) in enumerate(pairs):
+            read_rows[b, r], read_label[b, r], read_valid[b, r] = i, torch.tensor(label), 1
+    L = max(map(len, per_row))
+    loss_rows, loss_valid = torch.zeros(B, L, dtype=torch.long), torch.zeros(B, L)
+    for b, r in enumerate(per_row):
+        loss_rows[b, :len(r)], loss_valid[b, :len(r)] = torch.tensor(r), 1
+    px = torch.stack([P.preprocess(draw(s), IMAGE_SIZE) for s in scenes])
+    return (ids, positions, segment, px, torch.tensor(flat), torch.tensor(targets), (read_rows, read_label, read_valid),
+            (loss_rows, loss_valid))
+
+
+READ_LAYERS = 4  # the reading loss looks at the hidden states after this many decoder layers
+PRUNE_LAYER = 2  # K: pruning-aware training hides image tokens from layers >= K, ranks them at layer K-1
+
+
+def packed_forward(model, ids, positions, segment, px, keep=None, rank_rows=None):
+    """Vision features (B, N, Cv), the hidden states after READ_LAYERS decoder layers (B, T, C), the attention
+    probabilities of rank_rows (B, R) at layer PRUNE_LAYER - 1 (B, nh, R, T) or None, and the logits (B, T, vocab) of
+    packed rows: every layer gets a key mask under which a segment sees the shared prefix and itself (the causal mask
+    does the rest); layers >= PRUNE_LAYER also hide the tokens where keep (B, T) is False, as FastV drops them."""
+    cfg, lm = model.config, model.language_model.model
+    vision = model.vision_tower.vision_model(px, cfg.n_vision_layers_used)[:, 1:]  # (B, N, Cv), no CLS
+    x = lm.embed_tokens(ids)
+    x = x.masked_scatter((ids == cfg.image_token_index)[..., None], model.multi_modal_projector(vision).to(x.dtype))
+    sees = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])  # (B, T, T), -1 = padding
+    x, probs = lm.run(0, PRUNE_LAYER, x, positions, None, probe_rows=rank_rows, key_weight=sees)
+    sees = sees if keep is None else sees & keep[:, None, :]
+    mid, _ = lm.run(PRUNE_LAYER, READ_LAYERS, x, positions, None, key_weight=sees)
+    x, _ = lm.run(READ_LAYERS, cfg.text.num_hidden_layers, mid, positions, None, key_weight=sees)
+    return vision, mid, probs, model.language_model.lm_head(lm.norm(x))
+
+
+def pruned_keys(scenes, shape, start, rng):
+    """(B, T) = shape bool, False at the image tokens a pruning-aware step hides from layers >= PRUNE_LAYER: per scene, a
+    third of the time none, else all but a random 15-100% of them, the ones covered most by a shape kept first (the
+    ranking the ranking loss teaches layer PRUNE_LAYER - 1), partly covered ones mixed with background by noise."""
+    keep = torch.ones(shape, dtype=torch.bool)
+    for b, scene in enumerate(scenes):
+        if rng.random() < 1 / 3:
+            continue
+        cover = coverage(scene).max(0)  # (N,)
+        score = cover + 0.3 * np.random.default_rng(rng.randrange(1 << 30)).random(len(cover))
+        dropped = np.argsort(-score)[int(len(cover) * rng.uniform(0.15, 1.0)):]
+        keep[b, start + torch.from_numpy(dropped)] = False
+    return keep
+
+
+def ranking_loss(probs, valid, scenes, start):
+    """Layer PRUNE_LAYER - 1's attention of every loss row (B, nh, R, T), averaged over heads as FastV and DyRate
+    rank image tokens, must give each shape its share of the row's attention to the image: mean over shapes and
+    real rows of -log(share of shape i), minimal when the image attention is split evenly over the shapes' patches."""
+    covered = [item_patches(s) for s in scenes]  # (items, N) each
+    N = covered[0].shape[1]
+    image = probs.mean(1)[..., start:start + N]  # (B, R, N)
+    cover = torch.zeros(len(scenes), 3, N)
+    for b, c in enumerate(covered):
+        cover[b, :len(c)] = torch.tensor(c, dtype=torch.float32)
+    share = (image @ cover.transpose(1, 2)) / (image.sum(-1, keepdim=True) + 1e-9)  # (B, R, 3)
+    weight = valid[..., None] * (cover.sum(-1) > 0)[:, None, :].float()  # (B, R, 3): real rows x real shapes
+    return (-(share + 1e-4).log() * weight).sum() / weight.sum()
+
+
+def train_model(out, iters, vision_iters, batch, lr, seed, eval_every, prune_iters=0, init=None, n_val=192, log=print):
+    """Write the tokenizer and config.json to out, train (stage 1: vision_iters steps; stage 2: iters steps, the last
+    prune_iters pruning-aware), evaluating on n_val held-out questions and saving every eval_every steps. init: start
+    from that saved shapes model instead of random weights (the training-only heads then stay off)."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    image_id, pad_id = P.build_tokenizer(out, corpus(), vocab_size=220)
+    vocab = (pad_id + 1 + 63) // 64 * 64  # like llava-hf: the embedding padded to a multiple of 64
+    cfg = model_config(vocab, image_id, pad_id)
+    save_config(cfg, out)
+    if init is None:
+        model = M.Llava(cfg)
+        init_weights(model)
+    else:  # go on from a saved shapes model (e.g. only the pruning-aware steps)
+        model = M.Llava.from_pretrained(init).requires_grad_(True)  # (loaded for inference: frozen)
+        if model.config != cfg:
+            raise ValueError(f"{init} is not a shapes model of this script's size ({model.config} != {cfg}).")
+    tok = P.Tokenizer(out, cfg)
+    log(f"shapes model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {cfg.n_image_tokens} image "
+        f"tokens, training the vision tower {vision_iters} steps, then everything {iters} steps of {batch} scenes (the "
+        f"last {prune_iters} pruning-aware), on {torch.get_num_threads()} threads")
+    val_rng = random.Random(seed + 1)
+    val = []
+    for _ in range(n_val):
+        scene, q, a = sample(val_rng)
+        val.append(dict(image=draw(scene), prompt=q, answer=a))
+    # NOTE: an auxiliary head, used in training only: it classifies every patch (which shape and colour covers it, or
+    # background; which grid cell a covered patch lies in) from the vision features. Stage 1 trains the vision tower
+    # alone on it (LLaVA starts from a pretrained CLIP; ours gets its few minutes here); stage 2 keeps it on while
+    # everything trains on the answers. NOTE: stage 2 also has a reading loss: a linear head on the hidden state after
+    # READ_LAYERS decoder layers must name the shape (class, grid row, grid column) that the token this row predicts is
+    # about. Without it the model sat for 1500 steps on a plateau where its attention spread evenly over all shapes: it
+    # counted them and guessed the rest (captions <= 22% right); telling one head where to look (an attention loss) did
+    # not help, the value it fetched drowned in the residual stream. With the reading loss captions pass 60% in 300
+    # steps. Both are training-only heads; the saved model is a plain LLaVA.
+    kinds = 1 + len(SHAPES) * len(COLOURS)
+    aux = torch.nn.Linear(cfg.vision.hidden_size, kinds + 4 + 4)  # kind, row, column (+ background)
+    tower = model.vision_tower.vision_model
+
+    def patch_loss(vision, scenes):
+        labels = torch.tensor(np.stack([patch_labels(s) for s in scenes]), dtype=torch.long).transpose(1, 2)  # (B, N, 3)
+        weight = torch.where(labels[..., 0] == 0, 0.05, 1.0)  # background: most patches, and easy
+        return (factor_loss(aux(vision), labels, (kinds, 4, 4)) * weight).sum() / weight.sum()
+
+    t0 = time.perf_counter()
+    opt = torch.optim.AdamW([*tower.parameters(), *aux.parameters()], lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    for it in range(vision_iters):  # stage 1
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (it + 1) / 50)
+        scenes = [make_scene(rng) for _ in range(32)]
+        px = torch.stack([P.preprocess(draw(s), IMAGE_SIZE) for s in scenes])
+        loss = patch_loss(tower(px, cfg.n_vision_layers_used)[:, 1:], scenes)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if it % 50 == 0 or it == vision_iters - 1:
+            log(f"vision step {it}/{vision_iters}: patch labels {loss.item():.4f} | {time.perf_counter() - t0:.0f} s")
+    read = torch.nn.Linear(cfg.text.hidden_size, kinds + 3 + 3)  # kind, row, column of the shape a row is about
+    opt = torch.optim.AdamW([*model.parameters(), *aux.parameters(), *read.parameters()], lr=lr, betas=(0.9, 0.98),
+                            weight_decay=0.01)
+    for it in range(iters):  # stage 2
+        for g in opt.param_groups:  # warmup then cosine to a tenth
+            g["lr"] = lr * min(1.0, (it + 1) / 50) * (0.55 + 0.45 * np.cos(np.pi * it / iters))
+        scenes = [make_scene(rng) for _ in range(batch)]
+        ids, positions, segment, px, flat, targets, (read_rows, read_label, read_valid), (loss_rows, loss_valid) = \
+            packed_batch(model, tok, scenes)
+        # NOTE: the last prune_iters steps are pruning-aware: trained only on whole images, the model leaned on every
+        # image token (FastV dropping just the 10% least attended cost 4 points of accuracy), and the ranking layer's
+        # attention favoured background patches. Now most rows lose a random share of their image tokens from layers
+        # >= K (background first), and the ranking loss makes layer K-1 attend to the shapes.
+        prune = it >= iters - prune_iters
+        start = int((ids[0] == cfg.image_token_index).nonzero()[0])  # the first image token (all rows alike)
+        keep = pruned_keys(scenes, ids.shape, start, rng) if prune else None
+        model.train()
+        vision, mid, probs, logits = packed_forward(model, ids, positions, segment, px, keep, loss_rows if prune else None)
+        lm_loss, aux_loss = F.cross_entropy(logits.flatten(0, 1)[flat], targets), patch_loss(vision, scenes)
+        guess = read(mid.gather(1, read_rows[..., None].expand(-1, -1, mid.shape[-1])))  # (B, R, 19 + 3 + 3)
+        read_loss = (factor_loss(guess, read_label, (kinds, 3, 3)) * read_valid).sum() / read_valid.sum()
+        rank_loss = ranking_loss(probs, loss_valid, scenes, start) if prune else torch.zeros(())
+        opt.zero_grad(set_to_none=True)
+        heads = 1.0 if init is None else 0.0  # the training-only heads start untrained when going on from a model
+        (lm_loss + heads * (aux_loss + read_loss) + 0.2 * rank_loss).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if it % 25 == 0 or it == iters - 1:
+            log(f"step {it}/{iters}: loss {lm_loss.item():.4f} (patch labels {aux_loss.item():.4f}, reading "
+                f"{read_loss.item():.3f}, ranking {rank_loss.item():.3f}) | {time.perf_counter() - t0:.0f} s")
+        if (it + 1) % eval_every == 0 or it == iters - 1:
+            model.eval()
+            acc, rows = evaluate_answers(model, tok, val)
+            log(f"held-out exact match {acc:.3f} on {len(val)} single-turn questions ({accuracy_line(val, rows)}) | "
+                f"{time.perf_counter() - t0:.0f} s")
+            if prune_iters:
+                acc, rows = evaluate_answers(model, tok, val, method="fastv", ratio=0.75)
+                log(f"  with FastV K=2 R=0.75: {acc:.3f} ({accuracy_line(val, rows)})")
+            save_model(model, out)
+    return model, tok, cfg

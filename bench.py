@@ -27,6 +27,7 @@ import torch
 import dyrate as D
 import generate as G
 import model as M
+import processing as P
 
 GEOMETRIES = {  # (vision: hidden, layers, heads, intermediate), (text: hidden, layers, heads, intermediate)
     "mid": ((512, 6, 8, 2048), (1024, 8, 16, 2816)),
@@ -51,7 +52,7 @@ def random_models(geometry, device, dtype, seed=0):
         vision=M.VisionConfig(hidden_size=vh, num_hidden_layers=vl, num_attention_heads=vn, intermediate_size=vi),
         text=M.TextConfig(hidden_size=th, num_hidden_layers=tl, num_attention_heads=tn, num_key_value_heads=tn,
                           head_dim=th // tn, intermediate_size=ti)))
-    return hf, share_weights(ours, {M.canonical_key(k): v for k, v in hf.state_dict().items()}, device)
+    return hf, share_weights(ours, {P.canonical_key(k): v for k, v in hf.state_dict().items()}, device)
 
 
 def share_weights(model, state, device):

@@ -2,13 +2,13 @@
 LLaVA-1.5 written from scratch: CLIP ViT-L/14-336 -> 2-layer GELU projector -> Llama (Vicuna).
 
 Loads the public llava-hf safetensors checkpoints (llava-hf/llava-1.5-7b-hf, -13b-hf) from a local folder and
-computes what HF transformers' LlavaForConditionalGeneration computes (test_dyrate.py proves it). Module names
+computes what HF transformers' LlavaForConditionalGeneration computes (test_model.py proves it). Module names
 mirror the checkpoint keys, so loading is one key canonicalisation plus a strict, shape-checked copy.
 
 Read top to bottom: configs, the CLIP vision tower, the projector, the Llama decoder with its KV cache, the LLaVA
-wrapper and its loader (the image and the prompt going in are processing.py's). dyrate.py plugs into LlamaModel.forward
-through its `pruner` argument, and LlamaAttention hands a training key mask (floats) to dyrate.masked_attention;
-nothing else here knows about pruning.
+wrapper and its loader (the checkpoint's files and key layouts, and the image and prompt going in, are processing.py's).
+dyrate.py plugs into LlamaModel.forward through its `pruner` argument, and LlamaAttention hands a training key mask
+(floats) to dyrate.masked_attention; nothing else here knows about pruning.
 
     model = Llava.from_pretrained("path/to/llava-1.5-7b-hf", device="cuda", dtype=torch.float16)
 """
@@ -22,9 +22,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 import dyrate
-
-GET_WEIGHTS = ("Download a checkpoint with `hf download llava-hf/llava-1.5-7b-hf --local-dir DIR` "
-               "(or llava-hf/llava-1.5-13b-hf) and pass that DIR.")
+from processing import GET_WEIGHTS, canonical_key, checkpoint_files
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Configs. Defaults are LLaVA-1.5-7B's; the hub config.json lists only some fields, the rest are these.
@@ -556,39 +554,3 @@ class Llava(nn.Module):
         model.load_state_dict(state, strict=True, assign=True)
         model.language_model.model.inv_freq = rope_inv_freq(cfg.text).to(device)  # meta buffer -> real one
         return model.eval().requires_grad_(False)
-
-
-def checkpoint_files(model_dir):
-    index = os.path.join(model_dir, "model.safetensors.index.json")
-    if os.path.isfile(index):  # sharded: shard names come from the index, never hard-coded
-        with open(index) as f:
-            names = sorted(set(json.load(f)["weight_map"].values()))
-        missing = [n for n in names if not os.path.isfile(os.path.join(model_dir, n))]
-        if missing:
-            raise FileNotFoundError(f"{model_dir}: shard(s) {missing} listed in model.safetensors.index.json are "
-                                    f"missing (partial download?). {GET_WEIGHTS}")
-        return [os.path.join(model_dir, n) for n in names]
-    if os.path.isfile(os.path.join(model_dir, "model.safetensors")):
-        return [os.path.join(model_dir, "model.safetensors")]
-    pickled = any(n.endswith((".bin", ".pt", ".pth")) for n in os.listdir(model_dir))
-    raise FileNotFoundError(f"{model_dir}: no model.safetensors or model.safetensors.index.json"
-                            + (" (pickled .bin weights are not loaded; use safetensors)" if pickled else "")
-                            + f". {GET_WEIGHTS}")
-
-
-def canonical_key(key):
-    """Map any of the three key layouts to the hub's, which our module names mirror; None = a buffer to skip.
-    hub: language_model.model.*, language_model.lm_head.*, vision_tower.vision_model.*, multi_modal_projector.*
-    transformers 4.52-4.57 in memory: model.language_model.*, lm_head.*, model.vision_tower.vision_model.*, ...
-    transformers 5 save_pretrained: the hub's, but vision_tower.* without vision_model."""
-    if key.startswith("model.language_model."):
-        key = "language_model.model." + key[len("model.language_model."):]
-    elif key == "lm_head.weight":
-        key = "language_model.lm_head.weight"
-    elif key.startswith("model."):
-        key = key[len("model."):]
-    if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
-        key = "vision_tower.vision_model." + key[len("vision_tower."):]
-    if key.endswith(("rotary_emb.inv_freq", "embeddings.position_ids")):  # derived buffers some exports contain
-        return None
-    return key

@@ -1,7 +1,8 @@
 """
-What goes into LLaVA-1.5 (model.py): an image as pixel values, bit-exact with llava-hf's processor, and a question as
-prompt ids in llava-hf's or the original LLaVA's template, with the tokenizers library on the checkpoint's
-tokenizer.json. build_tokenizer writes a tokenizer.json of the same structure for a new model (shapes.py, the tests).
+What goes into LLaVA-1.5 (model.py): the checkpoint's weight files (one or sharded, in any of three key layouts), an
+image as pixel values, bit-exact with llava-hf's processor, and a question as prompt ids in llava-hf's or the original
+LLaVA's template, with the tokenizers library on the checkpoint's tokenizer.json. build_tokenizer writes a
+tokenizer.json of the same structure for a new model (shapes.py, the tests).
 
     pixels = preprocess("photo.jpg")                                  # (3, 336, 336)
     ids, image_start = Tokenizer("llava-1.5-7b-hf", model.config).encode_prompt("What is this?")
@@ -14,7 +15,48 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tokenizers import Tokenizer as HFTokenizer
 
-from model import GET_WEIGHTS, LlavaConfig
+GET_WEIGHTS = ("Download a checkpoint with `hf download llava-hf/llava-1.5-7b-hf --local-dir DIR` "
+               "(or llava-hf/llava-1.5-13b-hf) and pass that DIR.")
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoint files: which safetensors files hold the weights, and the key layouts they come in (model.py loads them)
+
+
+def checkpoint_files(model_dir):
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):  # sharded: shard names come from the index, never hard-coded
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        missing = [n for n in names if not os.path.isfile(os.path.join(model_dir, n))]
+        if missing:
+            raise FileNotFoundError(f"{model_dir}: shard(s) {missing} listed in model.safetensors.index.json are "
+                                    f"missing (partial download?). {GET_WEIGHTS}")
+        return [os.path.join(model_dir, n) for n in names]
+    if os.path.isfile(os.path.join(model_dir, "model.safetensors")):
+        return [os.path.join(model_dir, "model.safetensors")]
+    pickled = any(n.endswith((".bin", ".pt", ".pth")) for n in os.listdir(model_dir))
+    raise FileNotFoundError(f"{model_dir}: no model.safetensors or model.safetensors.index.json"
+                            + (" (pickled .bin weights are not loaded; use safetensors)" if pickled else "")
+                            + f". {GET_WEIGHTS}")
+
+
+def canonical_key(key):
+    """Map any of the three key layouts to the hub's, which our module names mirror; None = a buffer to skip.
+    hub: language_model.model.*, language_model.lm_head.*, vision_tower.vision_model.*, multi_modal_projector.*
+    transformers 4.52-4.57 in memory: model.language_model.*, lm_head.*, model.vision_tower.vision_model.*, ...
+    transformers 5 save_pretrained: the hub's, but vision_tower.* without vision_model."""
+    if key.startswith("model.language_model."):
+        key = "language_model.model." + key[len("model.language_model."):]
+    elif key == "lm_head.weight":
+        key = "language_model.lm_head.weight"
+    elif key.startswith("model."):
+        key = key[len("model."):]
+    if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
+        key = "vision_tower.vision_model." + key[len("vision_tower."):]
+    if key.endswith(("rotary_emb.inv_freq", "embeddings.position_ids")):  # derived buffers some exports contain
+        return None
+    return key
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Image preprocessing, bit-exact with llava-hf (transformers' CLIPImageProcessorPil)
@@ -78,7 +120,7 @@ class Tokenizer:
     """llava-hf's tokenizer.json is Llama-2's SentencePiece BPE with the "legacy" normalizer: loaded as is, it encodes
     the text after <image> as '▁', '\\n', ... exactly like the original LLaVA tokenizer_image_token."""
 
-    def __init__(self, model_dir, cfg: LlavaConfig):
+    def __init__(self, model_dir, cfg):
         path = os.path.join(os.fspath(model_dir), "tokenizer.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"No tokenizer.json in {model_dir!r}. {GET_WEIGHTS}")

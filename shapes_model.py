@@ -17,8 +17,8 @@ from safetensors.torch import save_file
 
 import model as M
 import processing as P
-from shapes import (CELLS, COLOURS, IMAGE_SIZE, SHAPES, accuracy_line, corpus, coverage, draw, evaluate_answers,
-                    item_label, item_patches, make_scene, named, patch_labels, questions, sample, task)
+from shapes import (CELLS, COLOURS, COVERED, IMAGE_SIZE, SHAPES, accuracy_line, corpus, coverage, draw,
+                    evaluate_answers, item_label, make_scene, named, patch_labels, questions, sample, task)
 
 
 def factor_loss(logits, labels, sizes):
@@ -179,31 +179,32 @@ def packed_forward(model, ids, positions, segment, px, keep=None, rank_rows=None
     return vision, mid, probs, model.language_model.lm_head(lm.norm(x))
 
 
-def pruned_keys(scenes, shape, start, rng):
-    """(B, T) = shape bool, False at the image tokens a pruning-aware step hides from layers >= PRUNE_LAYER: per scene, a
-    third of the time none, else all but a random 15-100% of them, the ones covered most by a shape kept first (the
-    ranking the ranking loss teaches layer PRUNE_LAYER - 1), partly covered ones mixed with background by noise."""
+def pruned_keys(covers, shape, start, rng):
+    """(B, T) = shape bool, False at the image tokens a pruning-aware step hides from layers >= PRUNE_LAYER, given each
+    scene's coverage(scene) (items, N): per scene, a third of the time none, else only a random 15-100% of them stay,
+    the ones covered most by a shape first (the ranking the ranking loss teaches layer PRUNE_LAYER - 1), partly covered
+    ones mixed with background by noise."""
     keep = torch.ones(shape, dtype=torch.bool)
-    for b, scene in enumerate(scenes):
+    for b, items in enumerate(covers):
         if rng.random() < 1 / 3:
             continue
-        cover = coverage(scene).max(0)  # (N,)
+        cover = items.max(0)  # (N,)
         score = cover + 0.3 * np.random.default_rng(rng.randrange(1 << 30)).random(len(cover))
         dropped = np.argsort(-score)[int(len(cover) * rng.uniform(0.15, 1.0)):]
         keep[b, start + torch.from_numpy(dropped)] = False
     return keep
 
 
-def ranking_loss(probs, valid, scenes, start):
+def ranking_loss(probs, valid, covers, start):
     """Layer PRUNE_LAYER - 1's attention of every loss row (B, nh, R, T), averaged over heads as FastV and DyRate
-    rank image tokens, must give each shape its share of the row's attention to the image: mean over shapes and
-    real rows of -log(share of shape i), minimal when the image attention is split evenly over the shapes' patches."""
-    covered = [item_patches(s) for s in scenes]  # (items, N) each
-    N = covered[0].shape[1]
+    rank image tokens, must give each shape (its patches as item_patches counts them, from each scene's coverage) its
+    share of the row's attention to the image: mean over shapes and real rows of -log(share of shape i), minimal when
+    the image attention is split evenly over the shapes' patches."""
+    N = covers[0].shape[1]
     image = probs.mean(1)[..., start:start + N]  # (B, R, N)
-    cover = torch.zeros(len(scenes), 3, N)
-    for b, c in enumerate(covered):
-        cover[b, :len(c)] = torch.tensor(c, dtype=torch.float32)
+    cover = torch.zeros(len(covers), 3, N)
+    for b, c in enumerate(covers):
+        cover[b, :len(c)] = torch.tensor(c >= COVERED, dtype=torch.float32)
     share = (image @ cover.transpose(1, 2)) / (image.sum(-1, keepdim=True) + 1e-9)  # (B, R, 3)
     weight = valid[..., None] * (cover.sum(-1) > 0)[:, None, :].float()  # (B, R, 3): real rows x real shapes
     return (-(share + 1e-4).log() * weight).sum() / weight.sum()
@@ -269,6 +270,7 @@ def train_model(out, iters, vision_iters, batch, lr, seed, eval_every, prune_ite
     read = torch.nn.Linear(cfg.text.hidden_size, kinds + 3 + 3)  # kind, row, column of the shape a row is about
     opt = torch.optim.AdamW([*model.parameters(), *aux.parameters(), *read.parameters()], lr=lr, betas=(0.9, 0.98),
                             weight_decay=0.01)
+    heads = 1.0 if init is None else 0.0  # the training-only heads start untrained when going on from a model
     for it in range(iters):  # stage 2
         for g in opt.param_groups:  # warmup then cosine to a tenth
             g["lr"] = lr * min(1.0, (it + 1) / 50) * (0.55 + 0.45 * np.cos(np.pi * it / iters))
@@ -281,15 +283,15 @@ def train_model(out, iters, vision_iters, batch, lr, seed, eval_every, prune_ite
         # >= K (background first), and the ranking loss makes layer K-1 attend to the shapes.
         prune = it >= iters - prune_iters
         start = int((ids[0] == cfg.image_token_index).nonzero()[0])  # the first image token (all rows alike)
-        keep = pruned_keys(scenes, ids.shape, start, rng) if prune else None
+        covers = [coverage(s) for s in scenes] if prune else None  # (items, N) each
+        keep = pruned_keys(covers, ids.shape, start, rng) if prune else None
         model.train()
         vision, mid, probs, logits = packed_forward(model, ids, positions, segment, px, keep, loss_rows if prune else None)
         lm_loss, aux_loss = F.cross_entropy(logits.flatten(0, 1)[flat], targets), patch_loss(vision, scenes)
         guess = read(mid.gather(1, read_rows[..., None].expand(-1, -1, mid.shape[-1])))  # (B, R, 19 + 3 + 3)
         read_loss = (factor_loss(guess, read_label, (kinds, 3, 3)) * read_valid).sum() / read_valid.sum()
-        rank_loss = ranking_loss(probs, loss_valid, scenes, start) if prune else torch.zeros(())
+        rank_loss = ranking_loss(probs, loss_valid, covers, start) if prune else torch.zeros(())
         opt.zero_grad(set_to_none=True)
-        heads = 1.0 if init is None else 0.0  # the training-only heads start untrained when going on from a model
         (lm_loss + heads * (aux_loss + read_loss) + 0.2 * rank_loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

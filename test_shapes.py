@@ -64,7 +64,7 @@ def test_scene_text_and_patch_labels():
 
 def test_pruning_aware_steps_hide_background_first():
     scene, start, N, T = two_shapes(), 5, 256, 300
-    keep = SM.pruned_keys([scene] * 40, (40, T), start, random.Random(0))  # image tokens at start .. start + N - 1
+    keep = SM.pruned_keys([S.coverage(scene)] * 40, (40, T), start, random.Random(0))  # image tokens at start .. start + N - 1
     cover = torch.tensor(S.coverage(scene).max(0))
     assert keep[:, :start].all() and keep[:, start + N:].all()  # only image tokens are ever hidden
     kept = keep[:, start:start + N].sum(1)
@@ -86,12 +86,12 @@ def test_ranking_loss_wants_the_shapes_attended_evenly():
     one = torch.zeros(1, 2, 1, T)
     one[..., start:start + N] = covered[1] / covered[1].sum()
     valid = torch.ones(1, 1)
-    loss = {k: SM.ranking_loss(p, valid, [scene], start).item() for k, p in
+    loss = {k: SM.ranking_loss(p, valid, [S.coverage(scene)], start).item() for k, p in
             dict(even=even, background=background, one=one).items()}
     assert loss["even"] == pytest.approx(-np.log(0.5 + 1e-4), abs=1e-4)
     assert loss["background"] == pytest.approx(-np.log(1e-4), abs=1e-3) and loss["even"] < loss["one"] < loss["background"]
     probs = background.clone().requires_grad_(True)
-    SM.ranking_loss(probs, valid, [scene], start).backward()
+    SM.ranking_loss(probs, valid, [S.coverage(scene)], start).backward()
     assert (probs.grad[0, :, 0, start:start + N][:, covered.sum(0) > 0] < 0).all()  # more on the shapes: lower loss
 
 

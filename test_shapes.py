@@ -10,6 +10,7 @@ import random
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import dyrate as D
 import generate as G
@@ -73,6 +74,34 @@ def test_pruning_aware_steps_hide_background_first():
         if not row.all():  # score = coverage + 0.3 noise: a dropped patch is never covered 0.3 more than a kept one
             assert cover[~row].max() - cover[row].min() < 0.3
             assert row[cover == 1].all() or row.sum() < (cover == 1).sum()
+
+
+def test_packed_rows_match_single_prompts(shipped):
+    """packed_forward gives each question of a packed row exactly the logits of its own single-turn prompt, and with
+    a keep mask exactly those of hiding the same image tokens from layers >= K in that prompt alone."""
+    model, tok = shipped
+    cfg, lm, K = model.config, model.language_model.model, SM.PRUNE_LAYER
+    scenes = [two_shapes(), S.make_scene(random.Random(3))]
+    ids, positions, segment, px, flat, targets = SM.packed_batch(model, tok, scenes)[:6]
+    prefix, N = int((segment[0] == 0).sum()), cfg.n_image_tokens
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    keep[0, prefix - N:prefix:3], keep[1, prefix - N + 1:prefix:2] = False, False
+    with torch.no_grad():
+        logits = [SM.packed_forward(model, ids, positions, segment, px, k)[3] for k in (None, keep)]
+        assert F.cross_entropy(logits[0].flatten(0, 1)[flat], targets) < 0.05  # the loss rows are the answers
+        for b, scene in enumerate(scenes):
+            for s, (q, a) in enumerate(S.questions(scene), 1):
+                at = (segment[b] == s).nonzero()[:, 0]  # (Ts,)
+                single = ids[b, :prefix].tolist() + ids[b, at].tolist()
+                assert single[:len(tok.encode_prompt(q)[0])] == tok.encode_prompt(q)[0]
+                x, whole = model.embed(torch.tensor([single]), px[b:b + 1]), torch.arange(len(single))[None]
+                torch.testing.assert_close(logits[0][b, at], model(torch.tensor([single]), px[b:b + 1])[0, prefix:],
+                                           atol=2e-4, rtol=1e-4)
+                hide = torch.cat([keep[b, :prefix], torch.ones(len(at), dtype=torch.bool)])[None, None]  # (1, 1, T')
+                h = lm.run(0, K, x, whole, None)[0]
+                h = lm.norm(lm.run(K, cfg.text.num_hidden_layers, h, whole, None, key_weight=hide)[0])
+                torch.testing.assert_close(logits[1][b, at], model.language_model.lm_head(h)[0, prefix:],
+                                           atol=2e-4, rtol=1e-4)
 
 
 def test_ranking_loss_wants_the_shapes_attended_evenly():

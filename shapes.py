@@ -4,7 +4,7 @@ The shapes model: a tiny LLaVA trained from scratch on synthetic images, so that
 experiment and the command line; the model's training from scratch is shapes_model.py.
 
     python shapes.py data  --out data/shapes        # images + JSONL (train / val / test), deterministic by --seed
-    python shapes.py model --out models/shapes      # train the tiny LLaVA (shapes_model.py), 24 min on 2 cores
+    python shapes.py model --out models/shapes      # train the tiny LLaVA (shapes_model.py), ~22 min on 2 cores
     python train.py --model models/shapes --data data/shapes/train.jsonl --val-data data/shapes/val.jsonl \\
         --out models/shapes/predictor-0.55 --target-flops 0.55  # then the DyRate predictors (0.55, 0.33)
     python shapes.py experiment --model models/shapes --data data/shapes/test.jsonl   # the README's table
@@ -305,15 +305,16 @@ def main(argv=None):
     d.add_argument("--examples", default="assets/examples", help="folder for the example images shipped in the repo")
     m = sub.add_parser("model", help="train the tiny LLaVA from scratch and save it as a llava-hf checkpoint")
     m.add_argument("--out", default="models/shapes", help="checkpoint folder")
-    m.add_argument("--iters", type=int, default=1500, help="training steps (~24 min on 2 CPU cores); 0 saves "
+    m.add_argument("--iters", type=int, default=1500, help="training steps (see the README for the time); 0 saves "
                    "the untrained model (random weights)")
-    m.add_argument("--vision-iters", type=int, default=300, help="stage 1: vision tower steps on patch labels")
+    m.add_argument("--vision-iters", type=int, default=200, help="stage 1: vision tower steps on patch labels")
     m.add_argument("--batch-size", type=int, default=8, help="scenes per step (each packs all its questions)")
     m.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     m.add_argument("--seed", type=int, default=0, help="data stream and initialisation")
-    m.add_argument("--eval-every", type=int, default=250, help="steps between held-out evaluations (and saves)")
-    m.add_argument("--prune-iters", type=int, default=500, help="the last steps are pruning-aware: image tokens "
-                   "hidden from layers >= 2, layer 1 taught to rank the shapes first")
+    m.add_argument("--eval-every", type=int, default=500, help="steps between held-out evaluations (and saves)")
+    m.add_argument("--prune-iters", type=int, default=600, help="the last steps are pruning-aware: any share of the "
+                   "image tokens dropped from layer 2 on, layer 1 taught to rank the shapes first (the steps before "
+                   "keep only 12-30%%: the shapes and some background)")
     m.add_argument("--init", help="start from this saved shapes model instead of random weights")
     e = sub.add_parser("experiment", help="accuracy / FLOPs / time / memory of every method, and the figures")
     e.add_argument("--model", default="models/shapes", help="checkpoint folder")

@@ -1,8 +1,9 @@
 """
 The shapes model's network and its training from scratch (shapes.py's `model` command): model.py's classes at a tiny
 size, a llava-hf checkpoint folder out. Stage 1 trains the vision tower alone on patch labels; stage 2 trains everything
-on packed rows (every question about a scene in one row, the image encoded once) with two training-only heads; its
-last steps are pruning-aware, so that FastV / DyRate can drop image tokens from layers >= 2 without losing answers.
+on packed rows (every question about a scene in one row, the image encoded once) with two training-only heads, dropping
+image tokens from layer 2 on, physically: most of the background in the first steps (cheap ones), any share in the
+last, pruning-aware ones, so that FastV / DyRate can drop image tokens from layers >= 2 without losing answers.
 """
 import json
 import os
@@ -127,18 +128,21 @@ def packed(tok, cfg, scene):
 
 
 def packed_batch(model, tok, scenes):
-    """Packed rows for scenes, padded at the end: ids, positions, segments (B, T), pixel values, the flat indices and
-    targets of the loss rows, for the reading loss: the loss rows about a shape (B, R), that shape's item_label
-    (B, R, 3) and which of the R are real (B, R), and for the ranking loss: the loss rows (B, L) and which are real."""
-
+    """Packed rows for scenes, padded at the end: ids, positions, segments (B, T), pixel values, then, indexing the
+    rows after the shared prefix (what packed_forward returns): the flat indices and targets of the loss rows, for the
+    reading loss the loss rows about a shape (B, R), that shape's item_label (B, R, 3) and which of the R are real
+    (B, R), and for the ranking loss the loss rows (B, L) and which are real."""
     rows = [packed(tok, model.config, s) for s in scenes]
     B, T = len(rows), max(len(r[0]) for r in rows)
+    prefix = rows[0][2].count(0)  # the prefix, the same in every row: BOS ... last image token
     ids = torch.full((B, T), model.config.pad_token_id)
     positions, segment = torch.zeros(B, T, dtype=torch.long), torch.full((B, T), -1)
     flat, targets, reads, per_row = [], [], [], []
     for b, (seq, pos, seg, loss_rows, tgt, about) in enumerate(rows):
+        assert seg.count(0) == prefix and min(loss_rows) >= prefix, "every row shares the prefix; answers come after it"
         ids[b, :len(seq)], positions[b, :len(seq)], segment[b, :len(seq)] = (torch.tensor(v) for v in (seq, pos, seg))
-        flat += [b * T + i for i in loss_rows]
+        loss_rows = [i - prefix for i in loss_rows]
+        flat += [b * (T - prefix) + i for i in loss_rows]
         per_row.append(loss_rows)
         targets += tgt
         its = scenes[b]["items"]
@@ -162,37 +166,61 @@ READ_LAYERS = 4  # the reading loss looks at the hidden states after this many d
 PRUNE_LAYER = 2  # K: pruning-aware training hides image tokens from layers >= K, ranks them at layer K-1
 
 
-def packed_forward(model, ids, positions, segment, px, keep=None, rank_rows=None):
-    """Vision features (B, N, Cv), the hidden states after READ_LAYERS decoder layers (B, T, C), the attention
-    probabilities of rank_rows (B, R) at layer PRUNE_LAYER - 1 (B, nh, R, T) or None, and the logits (B, T, vocab) of
-    packed rows: every layer gets a key mask under which a segment sees the shared prefix and itself (the causal mask
-    does the rest); layers >= PRUNE_LAYER also hide the tokens where keep (B, T) is False, as FastV drops them."""
+def packed_forward(model, ids, positions, segment, px, kept=None, rank_rows=None):
+    """Packed rows through the model in two passes over per-layer KV caches, as generation runs: the shared prefix
+    alone (causal), then all the segments at once (each sees the cached prefix and itself). kept (B, n): the image
+    tokens (indices into the N) each row keeps from layer PRUNE_LAYER on, the same number in every row; the others are
+    dropped physically, as FastV drops them, so a pruning-aware step is also a cheaper one. Returns the vision
+    features (B, N, Cv) and, for the segment tokens only (B, Ts = T - prefix): the hidden states after READ_LAYERS
+    decoder layers (B, Ts, C), the attention probabilities of rank_rows (B, R) at layer PRUNE_LAYER - 1 over the
+    whole prefix and the segments (B, nh, R, prefix + Ts) or None, and the logits (B, Ts, vocab)."""
     cfg, lm = model.config, model.language_model.model
+    K, L, N = PRUNE_LAYER, cfg.text.num_hidden_layers, cfg.n_image_tokens
     vision = model.vision_tower.vision_model(px, cfg.n_vision_layers_used)[:, 1:]  # (B, N, Cv), no CLS
     x = lm.embed_tokens(ids)
     x = x.masked_scatter((ids == cfg.image_token_index)[..., None], model.multi_modal_projector(vision).to(x.dtype))
-    sees = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])  # (B, T, T), -1 = padding
-    x, probs = lm.run(0, PRUNE_LAYER, x, positions, None, probe_rows=rank_rows, key_weight=sees)
-    sees = sees if keep is None else sees & keep[:, None, :]
-    mid, _ = lm.run(PRUNE_LAYER, READ_LAYERS, x, positions, None, key_weight=sees)
-    x, _ = lm.run(READ_LAYERS, cfg.text.num_hidden_layers, mid, positions, None, key_weight=sees)
-    return vision, mid, probs, model.language_model.lm_head(lm.norm(x))
+    B, T, C = x.shape
+    prefix = int((segment[0] == 0).sum())  # BOS ... last image token, in every row
+    full = lambda n: torch.full((B,), n)  # noqa: E731 (every token of a chunk is real: padding is masked by segment)
+    caches = model.new_caches(B, T - prefix)
+    h, _ = lm.run(0, K, x[:, :prefix], positions[:, :prefix], full(prefix), caches)  # (B, prefix, C)
+    keys, pos = prefix, positions[:, :prefix]
+    if kept is not None:  # layers >= K hold only the text and the kept image tokens of the prefix
+        start = prefix - N
+        idx = torch.cat([torch.arange(start).expand(B, start), start + kept], 1)  # (B, start + n), in order
+        h, pos, keys = h.gather(1, idx[..., None].expand(-1, -1, C)), positions.gather(1, idx), idx.shape[1]
+    lm.run(K, L, h, pos, full(keys), caches)  # fills the caches of layers K.. (the prefix's own output is not needed)
+    seg = segment[:, prefix:]  # (B, Ts), -1 = padding
+    same = seg[:, None, :] == seg[:, :, None]  # (B, Ts, Ts): a segment sees itself (the causal mask does the rest)
+    sees = lambda n: torch.cat([same.new_ones(B, T - prefix, n), same], 2)  # noqa: E731 (B, Ts, n + Ts): and the prefix
+    xs, pos = x[:, prefix:], positions[:, prefix:]
+    xs, probs = lm.run(0, K, xs, pos, full(T - prefix), caches, probe_rows=rank_rows, key_weight=sees(prefix))
+    mid, _ = lm.run(K, READ_LAYERS, xs, pos, full(T - prefix), caches, key_weight=sees(keys))
+    xs, _ = lm.run(READ_LAYERS, L, mid, pos, full(T - prefix), caches, key_weight=sees(keys))
+    return vision, mid, probs, model.language_model.lm_head(lm.norm(xs))
 
 
-def pruned_keys(covers, shape, start, rng):
-    """(B, T) = shape bool, False at the image tokens a pruning-aware step hides from layers >= PRUNE_LAYER, given each
-    scene's coverage(scene) (items, N): per scene, a third of the time none, else only a random 15-100% of them stay,
-    the ones covered most by a shape first (the ranking the ranking loss teaches layer PRUNE_LAYER - 1), partly covered
-    ones mixed with background by noise."""
-    keep = torch.ones(shape, dtype=torch.bool)
-    for b, items in enumerate(covers):
-        if rng.random() < 1 / 3:
-            continue
-        cover = items.max(0)  # (N,)
-        score = cover + 0.3 * np.random.default_rng(rng.randrange(1 << 30)).random(len(cover))
-        dropped = np.argsort(-score)[int(len(cover) * rng.uniform(0.15, 1.0)):]
-        keep[b, start + torch.from_numpy(dropped)] = False
-    return keep
+# NOTE: every stage-2 step drops image tokens from layer PRUNE_LAYER on (physically: cheaper), the way FastV does,
+# choosing them by the ground truth: the patches a shape covers most first, partly covered ones mixed with background by
+# noise. Shapes cover at most ~27 of the 256 patches, so the answers stay in view. The first steps keep only a few
+# (CHEAP_KEEP: every shape patch and some background; half the cost of a whole step, and the model learns from them as
+# fast per step); the last, pruning-aware ones keep PRUNE_KEEP, and all of them PRUNE_WHOLE of the time, so the model
+# ends up right on whole images and on any share FastV or DyRate leaves it.
+CHEAP_KEEP = (0.12, 0.3)  # the kept share of the image tokens, drawn per step
+PRUNE_KEEP, PRUNE_WHOLE = (0.15, 1.0), 1 / 3
+
+
+def pruned_keys(covers, rng, keep, whole=0.0):
+    """The image tokens a step keeps from layer PRUNE_LAYER on, given each scene's coverage(scene) (items, N): with
+    probability whole None (all), else (B, n), ascending, n a random share in keep of N, the same for the batch (so
+    packed_forward can drop the others physically): the patches covered most by a shape first (the ranking the ranking
+    loss teaches layer PRUNE_LAYER - 1), partly covered ones mixed with background by noise."""
+    if whole and rng.random() < whole:
+        return None
+    N = covers[0].shape[1]
+    n, noise = int(N * rng.uniform(*keep)), np.random.default_rng(rng.randrange(1 << 30))
+    score = [items.max(0) + 0.3 * noise.random(N) for items in covers]  # (N,) each
+    return torch.from_numpy(np.stack([np.sort(np.argsort(-s)[:n]) for s in score]))
 
 
 def ranking_loss(probs, valid, covers, start):
@@ -255,7 +283,8 @@ def train_model(out, iters, vision_iters, batch, lr, seed, eval_every, prune_ite
         return (factor_loss(aux(vision), labels, (kinds, 4, 4)) * weight).sum() / weight.sum()
 
     t0 = time.perf_counter()
-    opt = torch.optim.AdamW([*tower.parameters(), *aux.parameters()], lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    opt = torch.optim.AdamW([*tower.parameters(), *aux.parameters()], lr=lr, betas=(0.9, 0.98), weight_decay=0.01,
+                            fused=True)
     for it in range(vision_iters):  # stage 1
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (it + 1) / 50)
@@ -269,7 +298,7 @@ def train_model(out, iters, vision_iters, batch, lr, seed, eval_every, prune_ite
             log(f"vision step {it}/{vision_iters}: patch labels {loss.item():.4f} | {time.perf_counter() - t0:.0f} s")
     read = torch.nn.Linear(cfg.text.hidden_size, kinds + 3 + 3)  # kind, row, column of the shape a row is about
     opt = torch.optim.AdamW([*model.parameters(), *aux.parameters(), *read.parameters()], lr=lr, betas=(0.9, 0.98),
-                            weight_decay=0.01)
+                            weight_decay=0.01, fused=True)
     heads = 1.0 if init is None else 0.0  # the training-only heads start untrained when going on from a model
     for it in range(iters):  # stage 2
         for g in opt.param_groups:  # warmup then cosine to a tenth
@@ -279,14 +308,14 @@ def train_model(out, iters, vision_iters, batch, lr, seed, eval_every, prune_ite
             packed_batch(model, tok, scenes)
         # NOTE: the last prune_iters steps are pruning-aware: trained only on whole images, the model leaned on every
         # image token (FastV dropping just the 10% least attended cost 4 points of accuracy), and the ranking layer's
-        # attention favoured background patches. Now most rows lose a random share of their image tokens from layers
-        # >= K (background first), and the ranking loss makes layer K-1 attend to the shapes.
+        # attention favoured background patches. There the kept share varies over the whole range (see pruned_keys),
+        # and the ranking loss makes layer K-1 attend to the shapes.
         prune = it >= iters - prune_iters
         start = int((ids[0] == cfg.image_token_index).nonzero()[0])  # the first image token (all rows alike)
-        covers = [coverage(s) for s in scenes] if prune else None  # (items, N) each
-        keep = pruned_keys(covers, ids.shape, start, rng) if prune else None
+        covers = [coverage(s) for s in scenes]  # (items, N) each
+        kept = pruned_keys(covers, rng, PRUNE_KEEP, PRUNE_WHOLE) if prune else pruned_keys(covers, rng, CHEAP_KEEP)
         model.train()
-        vision, mid, probs, logits = packed_forward(model, ids, positions, segment, px, keep, loss_rows if prune else None)
+        vision, mid, probs, logits = packed_forward(model, ids, positions, segment, px, kept, loss_rows if prune else None)
         lm_loss, aux_loss = F.cross_entropy(logits.flatten(0, 1)[flat], targets), patch_loss(vision, scenes)
         guess = read(mid.gather(1, read_rows[..., None].expand(-1, -1, mid.shape[-1])))  # (B, R, 19 + 3 + 3)
         read_loss = (factor_loss(guess, read_label, (kinds, 3, 3)) * read_valid).sum() / read_valid.sum()

@@ -63,31 +63,37 @@ def test_scene_text_and_patch_labels():
     assert S.item_label(scene["items"][1]) == (red_square, 1, 1)
 
 
-def test_pruning_aware_steps_hide_background_first():
-    scene, start, N, T = two_shapes(), 5, 256, 300
-    keep = SM.pruned_keys([S.coverage(scene)] * 40, (40, T), start, random.Random(0))  # image tokens at start .. start + N - 1
+def test_training_steps_keep_shapes_first():
+    scene, N = two_shapes(), 256
     cover = torch.tensor(S.coverage(scene).max(0))
-    assert keep[:, :start].all() and keep[:, start + N:].all()  # only image tokens are ever hidden
-    kept = keep[:, start:start + N].sum(1)
-    assert 5 <= (kept == N).sum() <= 25 and (kept >= int(0.15 * N)).all()  # a third whole, the rest 15-100% kept
-    for row in keep[:, start:start + N]:
-        if not row.all():  # score = coverage + 0.3 noise: a dropped patch is never covered 0.3 more than a kept one
-            assert cover[~row].max() - cover[row].min() < 0.3
-            assert row[cover == 1].all() or row.sum() < (cover == 1).sum()
+    for keep, whole in ((SM.CHEAP_KEEP, 0.0), (SM.PRUNE_KEEP, SM.PRUNE_WHOLE)):
+        draws = [SM.pruned_keys([S.coverage(scene)] * 2, random.Random(i), keep, whole) for i in range(60)]
+        assert abs(sum(k is None for k in draws) - 60 * whole) <= 10  # steps that keep every image token
+        for kept in (k for k in draws if k is not None):
+            n = kept.shape[1]
+            assert kept.shape == (2, n) and int(keep[0] * N) <= n <= keep[1] * N  # one count for the batch
+            for row in kept:
+                assert (row.diff() > 0).all()  # ascending, no repeats
+                dropped = torch.ones(N, dtype=torch.bool)
+                dropped[row] = False
+                if dropped.any():  # score = coverage + 0.3 noise: no dropped patch is covered 0.3 more than a kept one
+                    assert cover[dropped].max() - cover[row].min() < 0.3
+                    assert not dropped[cover >= 0.3].any()  # they outrank all background; n >= 30 > their count
 
 
 def test_packed_rows_match_single_prompts(shipped):
-    """packed_forward gives each question of a packed row exactly the logits of its own single-turn prompt, and with
-    a keep mask exactly those of hiding the same image tokens from layers >= K in that prompt alone."""
+    """packed_forward's two passes (the prefix, then every segment over the caches) give each question exactly the
+    logits of its own single-turn prompt; with kept image tokens, exactly those of hiding the others from layers >= K
+    in that prompt alone (physical dropping = masking)."""
     model, tok = shipped
     cfg, lm, K = model.config, model.language_model.model, SM.PRUNE_LAYER
     scenes = [two_shapes(), S.make_scene(random.Random(3))]
     ids, positions, segment, px, flat, targets = SM.packed_batch(model, tok, scenes)[:6]
     prefix, N = int((segment[0] == 0).sum()), cfg.n_image_tokens
-    keep = torch.ones_like(ids, dtype=torch.bool)
-    keep[0, prefix - N:prefix:3], keep[1, prefix - N + 1:prefix:2] = False, False
+    kept = torch.stack([torch.arange(0, N - 1, 3), torch.arange(1, N, 3)])  # (2, n)
     with torch.no_grad():
-        logits = [SM.packed_forward(model, ids, positions, segment, px, k)[3] for k in (None, keep)]
+        logits = [SM.packed_forward(model, ids, positions, segment, px, k)[3] for k in (None, kept)]
+        assert logits[0].shape == (2, ids.shape[1] - prefix, cfg.text.vocab_size)
         assert F.cross_entropy(logits[0].flatten(0, 1)[flat], targets) < 0.05  # the loss rows are the answers
         for b, scene in enumerate(scenes):
             for s, (q, a) in enumerate(S.questions(scene), 1):
@@ -95,12 +101,14 @@ def test_packed_rows_match_single_prompts(shipped):
                 single = ids[b, :prefix].tolist() + ids[b, at].tolist()
                 assert single[:len(tok.encode_prompt(q)[0])] == tok.encode_prompt(q)[0]
                 x, whole = model.embed(torch.tensor([single]), px[b:b + 1]), torch.arange(len(single))[None]
-                torch.testing.assert_close(logits[0][b, at], model(torch.tensor([single]), px[b:b + 1])[0, prefix:],
-                                           atol=2e-4, rtol=1e-4)
-                hide = torch.cat([keep[b, :prefix], torch.ones(len(at), dtype=torch.bool)])[None, None]  # (1, 1, T')
+                ref = model.language_model.lm_head(lm(x, whole)[0])[0, prefix:]
+                torch.testing.assert_close(logits[0][b, at - prefix], ref, atol=2e-4, rtol=1e-4)
+                hide = torch.ones(1, len(single), len(single), dtype=torch.bool)
+                hide[..., prefix - N:prefix] = False
+                hide[..., prefix - N + kept[b]] = True
                 h = lm.run(0, K, x, whole, None)[0]
                 h = lm.norm(lm.run(K, cfg.text.num_hidden_layers, h, whole, None, key_weight=hide)[0])
-                torch.testing.assert_close(logits[1][b, at], model.language_model.lm_head(h)[0, prefix:],
+                torch.testing.assert_close(logits[1][b, at - prefix], model.language_model.lm_head(h)[0, prefix:],
                                            atol=2e-4, rtol=1e-4)
 
 

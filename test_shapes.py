@@ -199,17 +199,16 @@ def dyrate_on_held_out(shipped, budget):
 
 
 def test_unpruned_shipped_model_is_accurate(unpruned):
-    assert unpruned[1] >= 0.95  # exact match on the small fixed held-out set (1.000 when shipped)
+    assert unpruned[1] >= 0.95  # exact match on the small fixed held-out set (0.990 when shipped)
 
 
-@pytest.mark.parametrize("budget, points", [("0.55", 2), ("0.33", 3)])
-def test_dyrate_keeps_accuracy_at_its_budget(shipped, unpruned, budget, points):
-    """The shapes issue's goal: DyRate with the shipped predictor (0.55, generate.py's) within 2 points of unpruned
-    accuracy at its budget, well under the FLOPs of none. The 0.33 predictor loses 2 answers of these 96 (2.1 points;
-    0.3 points on the experiment's 300), so it gets 3."""
+@pytest.mark.parametrize("budget", ["0.55", "0.33"])
+def test_dyrate_keeps_accuracy_at_its_budget(shipped, unpruned, budget):
+    """The shapes issue's goal: DyRate with each shipped predictor (0.55 is generate.py's) within 2 points of unpruned
+    accuracy at its budget, well under the FLOPs of none (when shipped: 0.990 and 1.000 against 0.990 unpruned)."""
     accuracy, ratio = dyrate_on_held_out(shipped, budget)
     assert abs(ratio - float(budget)) <= 0.03, f"FLOPs ratio {ratio:.3f} for the budget {budget}"
-    assert accuracy >= unpruned[1] - points / 100, f"dyrate at {budget}: {accuracy:.3f} vs unpruned {unpruned[1]:.3f}"
+    assert accuracy >= unpruned[1] - 0.02, f"dyrate at {budget}: {accuracy:.3f} vs unpruned {unpruned[1]:.3f}"
 
 
 def test_held_out_set_sees_pruning_that_loses_the_image(shipped, unpruned):

@@ -4,7 +4,7 @@ The shapes model: a tiny LLaVA trained from scratch on synthetic images, so that
 experiment and the command line; the model's training from scratch is shapes_model.py.
 
     python shapes.py data  --out data/shapes        # images + JSONL (train / val / test), deterministic by --seed
-    python shapes.py model --out models/shapes      # train the tiny LLaVA (shapes_model.py), ~21 min on 2 cores
+    python shapes.py model --out models/shapes      # train the tiny LLaVA (shapes_model.py), ~15 min on 2 cores
     python train.py --model models/shapes --data data/shapes/train.jsonl --val-data data/shapes/val.jsonl \\
         --out models/shapes/predictor-0.55 --target-flops 0.55  # then the DyRate predictors (0.55, 0.33)
     python shapes.py experiment --model models/shapes --data data/shapes/test.jsonl   # the README's table

@@ -24,10 +24,10 @@ import time
 
 import torch
 
-import dyrate as D
-import generate as G
-import model as M
-import processing as P
+import dyrate
+import generate
+import model
+import processing
 
 GEOMETRIES = {  # (vision: hidden, layers, heads, intermediate), (text: hidden, layers, heads, intermediate)
     "mid": ((512, 6, 8, 2048), (1024, 8, 16, 2816)),
@@ -48,33 +48,34 @@ def random_models(geometry, device, dtype, seed=0):
     torch.manual_seed(seed)
     with torch.device(device):
         hf = LlavaForConditionalGeneration(cfg).to(dtype).eval()
-    ours = M.Llava(M.LlavaConfig(
-        vision=M.VisionConfig(hidden_size=vh, num_hidden_layers=vl, num_attention_heads=vn, intermediate_size=vi),
-        text=M.TextConfig(hidden_size=th, num_hidden_layers=tl, num_attention_heads=tn, num_key_value_heads=tn,
+    ours = model.Llava(model.LlavaConfig(
+        vision=model.VisionConfig(hidden_size=vh, num_hidden_layers=vl, num_attention_heads=vn, intermediate_size=vi),
+        text=model.TextConfig(hidden_size=th, num_hidden_layers=tl, num_attention_heads=tn, num_key_value_heads=tn,
                           head_dim=th // tn, intermediate_size=ti)))
-    return hf, share_weights(ours, {P.canonical_key(k): v for k, v in hf.state_dict().items()}, device)
+    return hf, share_weights(ours, {model.canonical_key(k): v for k, v in hf.state_dict().items()}, device)
 
 
-def share_weights(model, state, device):
+def share_weights(llava, state, device):
     """Our Llava on `state`'s very tensors (no copy)."""
-    model.load_state_dict(state, strict=True, assign=True)
-    model.language_model.model.inv_freq = M.rope_inv_freq(model.config.text).to(device)
-    return model.eval().requires_grad_(False)
+    llava.load_state_dict(state, strict=True, assign=True)
+    llava.language_model.model.inv_freq = model.rope_inv_freq(llava.config.text).to(device)
+    return llava.eval().requires_grad_(False)
 
 
 def checkpoint_models(folder, device, dtype, need_hf):
     """Our Llava from a checkpoint folder, and transformers' from the same files (its own copy of the weights)."""
-    ours = M.Llava.from_pretrained(folder, device, dtype)
+    ours = model.Llava.from_pretrained(folder, device, dtype)
     if not need_hf:
         return None, ours
     from transformers import LlavaForConditionalGeneration
-    return LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").to(device).eval(), ours
+    return LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype,
+                                                         attn_implementation="sdpa").to(device).eval(), ours
 
 
 def constant_predictor(n_heads, rate, k, device):
     """A rate predictor whose bias always picks `rate`: the real per-step work of dyrate at a known rate."""
     rates = sorted({0.0, float(rate), 1.0})
-    predictor = D.RatePredictor(n_heads, rates, k)
+    predictor = dyrate.RatePredictor(n_heads, rates, k)
     with torch.no_grad():
         predictor.linear.bias[rates.index(float(rate))] = 10.0
     return predictor.to(device)
@@ -103,17 +104,19 @@ def interleaved(fns, repeats, log):
     for r in range(repeats):
         log(f"round {r + 1}/{repeats}")
         runs.append([fn() for fn in fns])
-    return [dict(runs[-1][i], **{key: statistics.median(run[i][key] for run in runs) for key in ("prefill_s", "decode_s")})
-            for i in range(len(fns))]
+    return [dict(runs[-1][i], **{key: statistics.median(run[i][key] for run in runs)
+                                 for key in ("prefill_s", "decode_s")}) for i in range(len(fns))]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Speed, FLOPs and memory of each method, and of transformers, same weights.")
+    p = argparse.ArgumentParser(description="Speed, FLOPs and memory of each method, and of transformers, on the "
+                                            "same weights.")
     g = p.add_argument_group("model")
     g.add_argument("--geometry", choices=sorted(GEOMETRIES), default="mid", help="random-weight model of this size")
     g.add_argument("--model", default=None, help="a llava-hf checkpoint folder instead of random weights")
     g.add_argument("--device", default="cpu", help="cpu or cuda")
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weights, activations")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="weights, activations")
     g = p.add_argument_group("methods")
     g.add_argument("--methods", default="none,fastv,vtw,dyrate,dyrate-ramp,transformers",
                    help="comma-separated: none, fastv, vtw, dyrate, dyrate-ramp, transformers; add +compile to one of "
@@ -149,11 +152,11 @@ def main(argv=None):
     compiled = None
     if any(m.endswith("+compile") for m in methods):  # a second Llava on the same tensors, its decode compiled
         with torch.device("meta"):
-            compiled = M.Llava(ours.config)
+            compiled = model.Llava(ours.config)
         compiled = share_weights(compiled, ours.state_dict(), dev).compile_decode()
     cfg, N = ours.config, ours.config.n_image_tokens
     weights = sum(t.numel() * t.element_size() for t in ours.state_dict().values())
-    predictor = D.RatePredictor.load(args.predictor, cfg, dev) if args.predictor else \
+    predictor = dyrate.RatePredictor.load(args.predictor, cfg, dev) if args.predictor else \
         constant_predictor(cfg.text.num_attention_heads, args.ratio, args.k, dev)
     torch.manual_seed(1)
     text = torch.randint(3, cfg.image_token_index, (args.prompt_tokens,)).tolist()
@@ -166,40 +169,42 @@ def main(argv=None):
         if method == "none":
             return None
         if method == "dyrate-ramp":
-            return D.Pruner("dyrate", N, start, length, args.k, schedule=ramp)
-        return D.Pruner(method, N, start, length, args.k, args.ratio, predictor, stats=method == "dyrate")
+            return dyrate.Pruner("dyrate", N, start, length, args.k, schedule=ramp)
+        return dyrate.Pruner(method, N, start, length, args.k, args.ratio, predictor, stats=method == "dyrate")
 
     @torch.inference_mode()
     def run(method, B):
         ids = torch.tensor([prompt] * B, device=dev)
         S = cfg.vision.image_size
-        px = torch.randn(1, 3, S, S, device=dev, generator=torch.Generator(dev).manual_seed(0)).to(dtype).expand(B, -1, -1, -1)
+        px = torch.randn(1, 3, S, S, device=dev, generator=torch.Generator(dev).manual_seed(0)).to(dtype).expand(B, -1,
+                                                                                                                 -1, -1)
         mark = memory_mark(dev)
         if method == "transformers":  # time a 1-token generation, then the rest is decode
             times = []
             for count in (1, n):
-                G.sync(dev)
+                generate.sync(dev)
                 t0 = time.perf_counter()
                 out = hf.generate(input_ids=ids, pixel_values=px, attention_mask=torch.ones_like(ids), do_sample=False,
                                   max_new_tokens=count, min_new_tokens=count, pad_token_id=cfg.pad_token_id,
                                   return_dict_in_generate=True)
-                G.sync(dev)
+                generate.sync(dev)
                 times.append(time.perf_counter() - t0)
-            kv = sum(t.numel() * t.element_size() for layer in out.past_key_values.layers for t in (layer.keys, layer.values))
+            kv = sum(t.numel() * t.element_size() for layer in out.past_key_values.layers for t in (layer.keys,
+                                                                                                    layer.values))
             return dict(prefill_s=times[0], decode_s=times[1] - times[0], tokens=out.sequences[0, T:].tolist(),
                         hook=None, memory=weights + memory_added(dev, mark, kv))
-        model = compiled if method.endswith("+compile") else ours
-        hook, caches = pruner(method.removesuffix("+compile"), B), model.new_caches(B, n)
-        G.sync(dev)
-        t0 = time.perf_counter()
-        token = model.step(ids, torch.arange(T, device=dev).expand(B, T), caches, pixel_values=px, pruner=hook).argmax(-1)
-        out = [token]
-        G.sync(dev)
-        t1 = time.perf_counter()
-        for t in range(1, n):
-            token = model.step(token[:, None], torch.full((B, 1), T + t - 1, device=dev), caches, pruner=hook).argmax(-1)
+        llava = compiled if method.endswith("+compile") else ours
+        hook, caches = pruner(method.removesuffix("+compile"), B), llava.new_caches(B, n)
+        lengths = torch.full((B,), T, device=dev)
+        generate.sync(dev)
+        t0 = t1 = time.perf_counter()
+        out = []
+        for token, _ in generate.decode(llava, ids, lengths, px, caches, n, hook):
+            if not out:
+                generate.sync(dev)
+                t1 = time.perf_counter()
             out.append(token)
-        G.sync(dev)
+        generate.sync(dev)
         t2 = time.perf_counter()
         kv = sum(t.numel() * t.element_size() for c in caches for t in (c.k, c.v))
         return dict(prefill_s=t1 - t0, decode_s=t2 - t1, tokens=torch.stack(out, 1)[0].tolist(), hook=hook,
@@ -211,23 +216,32 @@ def main(argv=None):
     rows = []
     for (m, B), r in zip(jobs, results):
         hook = r["hook"]
-        kept = [int(h["kept"][0]) for h in hook.history] if hook else [N] * n
-        probes = sum(h["shares"] is not None for h in hook.history) if hook else 0
-        pf = predictor.flops() if m.startswith("dyrate") and hook.predictor is not None else 0
-        flops, first = (D.generation_flops(cfg, T, kept[:s], args.k, min(probes, s), pf)["total"] * B for s in (n, 1))
-        rows.append(dict(method=m, batch=B, prefill_ms=r["prefill_s"] * 1e3, decode_ms_per_token=r["decode_s"] * 1e3 / (n - 1),
-                         total_ms=(r["prefill_s"] + r["decode_s"]) * 1e3, tokens_per_s=B * n / (r["prefill_s"] + r["decode_s"]),
-                         prefill_tflops=first / 1e12, tflops=flops / 1e12, kept_visual=kept, peak_memory_bytes=r["memory"],
-                         kv_cache_bytes=B * D.kv_cache_bytes(cfg, T, n, kept[-1], args.k, dtype), tokens=r["tokens"]))
+
+        def summary(steps):  # the first `steps` steps of row 0 (all rows are alike): kept counts, FLOPs, KV bytes
+            return hook.row_summary(0, steps, cfg, T, dtype) if hook else dyrate.costs(cfg, T, [N] * steps, args.k,
+                                                                                        dtype=dtype)
+        whole, first = summary(n), summary(1)
+        total_s = r["prefill_s"] + r["decode_s"]
+        rows.append(dict(method=m, batch=B, prefill_ms=r["prefill_s"] * 1e3,
+                         decode_ms_per_token=r["decode_s"] * 1e3 / (n - 1), total_ms=total_s * 1e3,
+                         tokens_per_s=B * n / total_s, prefill_tflops=B * first["flops"] / 1e12,
+                         tflops=B * whole["flops"] / 1e12, kept_visual=whole.get("kept_visual", [N] * n),
+                         peak_memory_bytes=r["memory"], kv_cache_bytes=B * whole["kv_cache_bytes"], tokens=r["tokens"]))
     report(rows, args, cfg, T, weights, log)
-    with open(args.out, "w") as f:
-        json.dump(dict(vars(args), prompt_tokens_total=T, weights_bytes=weights, device_name=device_name(dev), results=rows), f, indent=1)
+    result = dict(vars(args), prompt_tokens_total=T, weights_bytes=weights, device_name=device_name(dev), results=rows)
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=1)
+    processing.atomic_write(args.out, write)
     log(f"wrote {args.out}")
     return rows
 
 
 def device_name(dev):
-    return torch.cuda.get_device_name(dev) if torch.device(dev).type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    if torch.device(dev).type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"CPU, {torch.get_num_threads()} threads"
 
 
 def report(rows, args, cfg, T, weights, log):
@@ -236,7 +250,8 @@ def report(rows, args, cfg, T, weights, log):
     print(f"\n{args.model or args.geometry + ' geometry (random weights)'}, {device_name(args.device)}, {args.dtype}, "
           f"prompt {T} tokens ({cfg.n_image_tokens} image), {args.new_tokens} greedy new tokens, K={args.k}, "
           f"R={args.ratio}, median of {args.repeats} interleaved rounds; (x) = ratio to none at the same batch")
-    print(f"{'method':20}{'batch':>6}{'prefill ms':>11}{'(x)':>6}{'prefill TF':>11}{'(x)':>6}{'decode ms/tok':>14}{'(x)':>6}"
+    print(f"{'method':20}{'batch':>6}{'prefill ms':>11}{'(x)':>6}{'prefill TF':>11}{'(x)':>6}{'decode ms/tok':>14}"
+          f"{'(x)':>6}"
           f"{'total ms':>10}{'tok/s':>8}{'TFLOPs':>8}{'(x)':>6}{mem:>10}{'KV MiB':>8}{'kept':>9}")
     for r in rows:
         base = next((b for b in rows if b["method"] == "none" and b["batch"] == r["batch"]), r)
@@ -251,8 +266,10 @@ def report(rows, args, cfg, T, weights, log):
         if m == "transformers" and ("none", B) in by:
             ours = by[("none", B)]
             print(f"batch {B}: ours (none) vs transformers: same tokens {ours['tokens'] == r['tokens']}, end to end "
-                  f"{r['total_ms'] / ours['total_ms']:.2f}x as fast, decode {r['decode_ms_per_token'] / ours['decode_ms_per_token']:.2f}x")
-        if m == "dyrate" and ("fastv", B) in by and not args.predictor:  # same kept tokens: the difference is DyRate's work
+                  f"{r['total_ms'] / ours['total_ms']:.2f}x as fast, decode "
+                  f"{r['decode_ms_per_token'] / ours['decode_ms_per_token']:.2f}x")
+        if m == "dyrate" and ("fastv",
+                              B) in by and not args.predictor:  # same kept tokens: the difference is DyRate's work
             print(f"batch {B}: DyRate per-step overhead (statistics + predictor, same kept tokens as fastv): "
                   f"{r['decode_ms_per_token'] / by[('fastv', B)]['decode_ms_per_token'] - 1:+.1%} of a decode step")
         if m == "dyrate-ramp" and ("fastv", B) in by:

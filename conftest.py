@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-import model as M
-import processing as P
+import model
+import processing
 
 IMAGE_SIZE, PATCH = 112, 14  # 8 x 8 = 64 image tokens
 
@@ -32,7 +32,7 @@ CORPUS = ["USER: What is in the image? ASSISTANT: A red circle and a blue square
 
 def build_tokenizer(folder, legacy=True):
     """The shapes model's tokenizer builder (llava-hf's structure) on a small corpus."""
-    return P.build_tokenizer(folder, CORPUS, 160, legacy)
+    return processing.build_tokenizer(folder, CORPUS, 160, legacy)
 
 
 def make_hf(image_id, pad_id, kv_heads=4, head_dim=16, seed=0, layers=4):
@@ -92,8 +92,8 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ours(ckpt):
-    model = M.Llava.from_pretrained(ckpt[0])
-    return model, P.Tokenizer(ckpt[0], model.config)
+    llava = model.Llava.from_pretrained(ckpt[0])
+    return llava, processing.Tokenizer(ckpt[0], llava.config)
 
 
 def random_image(seed, size=(160, 120)):
@@ -106,9 +106,9 @@ def random_image(seed, size=(160, 120)):
 
 def prompt_inputs(ours, prompts, seeds):
     """input_ids (B, T) padded at the end, lengths (B,), pixel values (B, 3, S, S) for image/prompt pairs."""
-    model, tok = ours
+    llava, tok = ours
     encoded = [tok.encode_prompt(p)[0] for p in prompts]
     T = max(map(len, encoded))
-    ids = torch.tensor([e + [model.config.pad_token_id] * (T - len(e)) for e in encoded])
-    px = torch.stack([P.preprocess(random_image(s), IMAGE_SIZE) for s in seeds])
+    ids = torch.tensor([e + [llava.config.pad_token_id] * (T - len(e)) for e in encoded])
+    px = torch.stack([processing.preprocess(random_image(s), IMAGE_SIZE) for s in seeds])
     return ids, torch.tensor(list(map(len, encoded))), px

@@ -1,7 +1,9 @@
 """
 DyRate: dynamic visual-token reduction *during generation* for LLaVA-1.5, with the FastV and VTW baselines in the same
-machinery and the FLOPs accounting of all of them. model.py calls into this file at exactly one place: the `pruner`
-argument of LlamaModel.forward, which calls Pruner.probe_rows before layer K-1 and Pruner.__call__ before layer K.
+machinery and the cost accounting of all of them. model.py calls into this file at one place: the `pruner` argument
+of LlamaModel.forward, which asks hook.probe_rows(...) which query rows' attention layer K-1 must return and calls
+hook(...) before layer K. Two hooks: Pruner (inference: rate, rank, drop) and TrainMask (training: a straight-through
+Gumbel-Softmax keep mask).
 
 Conventions (the README's "How DyRate works" walks through an example):
 - Decoder layers are 0-based. Pruning layer K (default 2): layers < K always see every token; layers >= K see only the
@@ -12,22 +14,19 @@ Conventions (the README's "How DyRate works" walks through an example):
 - A rate r is the fraction of the image tokens dropped from layers >= K: a row keeps floor((1 - r) * n_image + 1/2).
 - Step 0 is the prefill; step t >= 1 is the forward that consumes new token t-1.
 
-Inference: at step t the pruner reads the current query's attention at layer K-1, turns it into per-head type shares
-(the predictor's features) and a ranking of the image tokens, picks a rate, and drops the lowest-ranked of the still
-kept image tokens: at prefill from the sequence itself (layers >= K never compute them), later from the KV cache of
-every layer >= K (physically: those caches shrink). Kept counts never grow. Training (train.py): the same statistics
-for every query row, a Gumbel-Softmax straight-through choice of rate per row, and the resulting keep mask applied
-inside the attention softmax of layers >= K, so the language-model loss reaches the predictor.
+Read top to bottom: statistics, the predictor, the inference Pruner, the training TrainMask, costs, baselines' helpers.
 """
 import json
 import math
-import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+import processing
 
 METHODS = ("none", "fastv", "vtw", "dyrate")
 TYPES = ("system", "image", "instruction", "response")
@@ -98,17 +97,16 @@ class RatePredictor(nn.Module):
     def save(self, path, fingerprint, extra=None):
         meta = dict(format=PREDICTOR_FORMAT, k=self.k, rates=self.rates, n_heads=self.n_heads, fingerprint=fingerprint,
                     **(extra or {}))
-        tmp = f"{path}.tmp"
-        save_file({k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}, tmp,
-                  metadata={"dyrate": json.dumps(meta)})
-        os.replace(tmp, path)  # atomic: readers see the old file or the new one
+        tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}
+        processing.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"dyrate": json.dumps(meta)}))
 
     @classmethod
     def load(cls, path, model_cfg, device="cpu"):
         """Load a predictor file written by train.py and check that it was trained for this model."""
         try:
             with safe_open(path, framework="pt", device=str(device)) as f:
-                meta, state = json.loads((f.metadata() or {}).get("dyrate", "{}")), {k: f.get_tensor(k) for k in f.keys()}
+                meta, state = json.loads((f.metadata() or {}).get("dyrate",
+                                                                  "{}")), {k: f.get_tensor(k) for k in f.keys()}
         except (OSError, ValueError, SafetensorError) as e:
             raise ValueError(f"{path} is not a predictor file written by train.py ({e}).") from None
         if meta.get("format") != PREDICTOR_FORMAT:
@@ -130,36 +128,7 @@ def fingerprint(cfg):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# training-path pieces: a differentiable choice of rate and the keep masks it implies
-
-
-def gumbel_softmax_st(logits, tau, generator=None):
-    """Straight-through Gumbel-Softmax: a hard one-hot sample forward, the softmax's gradient backward, temperature tau.
-    NOTE: the Gumbel noise is added to logits / tau, so the hard sample is drawn from softmax(logits / tau) and becomes
-    the argmax decision inference makes as tau anneals towards 0. With the noise on the raw logits the forward samples
-    from softmax(logits) whatever tau, so a wide distribution over rates can meet the FLOPs budget on average in
-    training while its argmax, the rate inference uses, does not. (Measured on the shapes model with the bounded mask
-    gradient of masked_attention in place, both forms reach the same held-out figures; that gradient was the fix.)"""
-    u = torch.rand(logits.shape, generator=generator, device=logits.device).clamp(1e-10, 1 - 1e-7)
-    soft = (logits.float() / tau - torch.log(-torch.log(u))).softmax(-1)
-    hard = F.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft.dtype)
-    return hard - soft.detach() + soft
-
-
-def masked_attention(probs, weight, v):
-    """probs (B, nh, T, S) fp32 attention, weight (B, 1, T, S) in [0, 1] (Pruner.train_mask's), v (B, nh, S, hs):
-    the attention renormalised over the weighted keys, applied to v. NOTE: the gradient reaching `weight` is
-    p_j (v_j - y), the derivative with the full softmax's denominator, not the exact p_j (v_j - y) / Z with Z the mass
-    left on the kept keys: a trained model often puts nearly all of a row's attention on a few image tokens, and when a
-    mask drops them Z is ~1e-16 and the exact derivative (~1e16) drowns every other term of the loss. This one is
-    bounded by |v_j - y|, like the change that keeping key j actually makes. The value and every other gradient are
-    exact."""
-    kept = probs * weight.detach()
-    y = (kept / kept.sum(-1, keepdim=True).clamp_min(torch.finfo(kept.dtype).tiny)).to(v.dtype) @ v  # (B, nh, T, hs)
-    if not weight.requires_grad:
-        return y
-    delta = probs * (weight - weight.detach())  # zero; its gradient is probs
-    return y + (delta.to(v.dtype) @ v - delta.sum(-1, keepdim=True).to(v.dtype) * y.detach())
+# inference: rate, rank, drop
 
 
 def rank_of(scores):
@@ -168,68 +137,70 @@ def rank_of(scores):
     return scores.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
 
 
-def candidate_masks(scores, keeps):
-    """scores (..., N), keeps (C,) -> (..., C, N) bool: candidate c keeps its keeps[c] best-ranked image tokens.
-    One sort serves every candidate (DiffRate's cumulative masks)."""
-    return rank_of(scores)[..., None, :] < keeps[:, None]
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# the hook
-
-
-def kept_index(positions, length, drop, image_start, n_image):
-    """Which tokens (or cache slots) of each row remain after dropping the image tokens `drop` (B, N), in order.
+def kept_slots(positions, length, drop_mask, image_start, n_image):
+    """Which tokens (or cache slots) of each row remain after dropping the image tokens drop_mask (B, N), in order.
     positions (B, S): RoPE position of each token/slot (image token i of row b sits at image_start[b] + i);
     length (B,): how many of the S are real. Returns a gather index (B, S') and the new lengths (B,)."""
     rel = positions - image_start[:, None]  # (B, S): index among the image tokens, if one
     is_image = (rel >= 0) & (rel < n_image)
-    gone = is_image & drop.gather(1, rel.clamp(0, n_image - 1))
+    gone = is_image & drop_mask.gather(1, rel.clamp(0, n_image - 1))
     keep = ~gone & (torch.arange(positions.shape[1], device=positions.device) < length[:, None])
     new_length = keep.sum(1)
     order = (~keep).to(torch.int8).argsort(dim=1, stable=True)  # kept first, in their order; the rest is junk after
     return order[:, :int(new_length.max())], new_length
 
 
+def drop_tokens(x, positions, n_valid, drop_mask, image_start, n_image):
+    """Physical dropping from a sequence: x (B, T, C) and positions (B, T) without the image tokens in drop_mask
+    (B, N). NOTE: the kept tokens keep their original RoPE positions, with gaps where tokens went."""
+    idx, n_valid = kept_slots(positions, n_valid, drop_mask, image_start, n_image)  # (B, T')
+    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[2])), positions.gather(1, idx), n_valid
+
+
+@dataclass
+class StepRecord:
+    """What a Pruner did at one step, for every row of the batch."""
+    kept_count: torch.Tensor  # (B,) image tokens kept in layers >= k after this step
+    dropped_mask: torch.Tensor  # (B, N) bool: the image tokens dropped at this step
+    rate: torch.Tensor  # (B,) the drop rate chosen
+    shares: torch.Tensor | None  # (B, H, 4) type shares of the current query at layer k-1, None if not computed
+
+
 class Pruner:
-    """What LlamaModel.forward calls. One Pruner serves one generation (a prefill and its decode steps) of a batch,
-    or one training forward (train=True). image_start, prompt_len: (B,) tensors; the image occupies token positions
-    image_start .. image_start + n_image - 1 of each row.
+    """The inference hook for one generation of a batch: its prefill (step 0) and decode steps. image_start,
+    prompt_len: (B,) tensors; the image occupies token positions image_start .. image_start + n_image - 1 of each row.
 
     method: 'none' (statistics only), 'fastv' (drop `ratio` of the image tokens once, at prefill), 'vtw' (drop all at
-    prefill) or 'dyrate' (a rate per step from `predictor`, or from `schedule`, a list of rates per step, for tests and
-    constant-rate baselines). stats=True computes the type shares at every step (for --json / --viz)."""
+    prefill) or 'dyrate' (a rate per step from `predictor`, or from `schedule`, a list of rates per step: hand-set
+    baselines and tests). stats=True computes the type shares at every step (for --json / --viz)."""
 
     def __init__(self, method, n_image, image_start, prompt_len, k=2, ratio=0.5, predictor=None, schedule=None,
-                 stats=True, train=False, tau=1.0, generator=None):
+                 stats=True):
         if method not in METHODS:
             raise ValueError(f"Unknown method {method!r}; choose one of {METHODS}.")
         if method == "dyrate" and predictor is None and schedule is None:
             raise ValueError("--method dyrate needs a trained predictor (--predictor FILE, written by train.py).")
         if method == "fastv" and not 0 <= ratio <= 1:
             raise ValueError(f"FastV's drop ratio R must lie in [0, 1], got {ratio}.")
-        if train and predictor is None:
-            raise ValueError("training needs a predictor")
-        self.method, self.n_image, self.layer, self.ratio = method, n_image, k, ratio
+        if schedule is not None and (not len(schedule) or not all(0 <= float(r) <= 1 for r in schedule)):
+            raise ValueError(f"A rate schedule is a non-empty list of drop rates in [0, 1], got {list(schedule)}.")
+        self.method, self.n_image, self.k, self.ratio = method, n_image, k, ratio
         self.image_start, self.prompt_len = image_start, prompt_len
-        self.predictor, self.schedule, self.stats, self.train, self.tau, self.generator = \
-            predictor, schedule, stats, train, tau, generator
-        self.kept = torch.ones(len(image_start), n_image, dtype=torch.bool, device=image_start.device)
-        self.step = 0
-        self.history = []  # per step: dict of (B, ...) tensors: kept, dropped, rate, shares
+        self.predictor, self.schedule, self.stats = predictor, schedule, stats
+        self.kept_mask = torch.ones(len(image_start), n_image, dtype=torch.bool, device=image_start.device)  # (B, N)
+        self.step = 0  # the next step: 0 = the prefill
+        self.history: list[StepRecord] = []
 
     def needs_probe(self):  # dyrate ranks at every step, fastv at prefill only, vtw and none never
-        return self.train or self.stats or self.method == "dyrate" or self.method == "fastv" and self.step == 0
+        return self.stats or self.method == "dyrate" or self.method == "fastv" and self.step == 0
 
     def probe_rows(self, n_valid, T):
-        """The query rows whose layer K-1 attention this step needs: every row in training, else each row's last."""
-        if self.train:
-            return torch.arange(T, device=n_valid.device).expand(len(n_valid), T)
+        """The query rows whose layer K-1 attention this step needs: each row's last real token, or none."""
         return (n_valid - 1)[:, None] if self.needs_probe() else None
 
     def rate(self, shares):
         """(B,) drop rate chosen at this step."""
-        B, dev = len(self.kept), self.kept.device
+        B, dev = len(self.kept_mask), self.kept_mask.device
         if self.method == "dyrate":
             if self.schedule is not None:
                 return torch.full((B,), float(self.schedule[min(self.step, len(self.schedule) - 1)]), device=dev)
@@ -238,65 +209,123 @@ class Pruner:
         return torch.full((B,), {"none": 0.0, "fastv": float(self.ratio), "vtw": 1.0}[self.method], device=dev)
 
     def __call__(self, probs, x, positions, n_valid, caches):
-        if self.train:
-            return x, positions, n_valid, self.train_mask(probs)
+        """Called before layer k. probs (B, H, 1, S): layer k-1's attention of each row's current query (None when
+        this step needs no ranking); x (B, T, C), positions (B, T), n_valid (B,): what enters layer k; caches: every
+        layer's KVCache. Chooses the rate, then drops the lowest-ranked of the still kept image tokens: at the
+        prefill from x itself (layers >= k never compute them), at a decode step from the caches of every layer >= k
+        (physically: they shrink). Kept counts never grow. Returns x, positions, n_valid and key mask (None) for
+        layers >= k."""
         shares = scores = None
         if probs is not None:
             shares = type_shares(probs, self.image_start, self.n_image, self.prompt_len)[:, 0]  # (B, H, 4)
             scores = image_scores(probs, self.image_start, self.n_image)[:, 0]  # (B, N)
         rate = self.rate(shares)
-        keep = torch.minimum(self.kept.sum(1), keep_count(rate, self.n_image).long())  # (B,): never grows
+        kept_before = self.kept_mask.sum(1)  # (B,)
+        keep = torch.minimum(kept_before, keep_count(rate, self.n_image).long())  # (B,): never grows
         if scores is None:  # no ranking needed: nothing or everything goes
-            assert bool(((keep == 0) | (keep == self.kept.sum(1))).all())
-            new_kept = self.kept & (keep[:, None] > 0)
+            assert bool(((keep == 0) | (keep == kept_before)).all())
+            kept_mask = self.kept_mask & (keep[:, None] > 0)
         else:  # keep the `keep` best-ranked of the still kept image tokens
-            new_kept = rank_of(scores.masked_fill(~self.kept, float("-inf"))) < keep[:, None]
-        drop = self.kept & ~new_kept
-        self.history.append(dict(kept=keep, dropped=drop, rate=rate, shares=shares))
-        self.kept, self.step = new_kept, self.step + 1
+            kept_mask = rank_of(scores.masked_fill(~self.kept_mask, float("-inf"))) < keep[:, None]
+        drop = self.kept_mask & ~kept_mask  # (B, N)
+        self.history.append(StepRecord(keep, drop, rate, shares))
+        prefill, self.kept_mask, self.step = self.step == 0, kept_mask, self.step + 1
         if not bool(drop.any()):
             return x, positions, n_valid, None
-        if caches is None or caches[self.layer].k is None:  # prefill: layers >= K never see the dropped tokens
-            idx, n_valid = kept_index(positions, n_valid, drop, self.image_start, self.n_image)
-            x = x.gather(1, idx[..., None].expand(-1, -1, x.shape[2]))  # (B, T', C)
-            positions = positions.gather(1, idx)  # original RoPE positions: gaps where tokens went
-        else:  # decode: remove them from the cache of every layer >= K (they all hold the same slots)
-            ref = caches[self.layer]
+        if prefill:
+            x, positions, n_valid = drop_tokens(x, positions, n_valid, drop, self.image_start, self.n_image)
+        else:  # every layer >= k holds the same slots: one index serves them all
+            assert caches is not None, "a decode step drops from the KV caches"
+            ref = caches[self.k]
             before = ref.length.clone()
-            idx, length = kept_index(ref.pos, before, drop, self.image_start, self.n_image)  # slots >= length: junk
-            for cache in caches[self.layer:]:
+            slots, length = kept_slots(ref.pos, before, drop, self.image_start, self.n_image)  # slots >= length: junk
+            for cache in caches[self.k:]:
                 assert torch.equal(cache.length, before)
-                cache.keep(idx, length)
+                cache.keep(slots, length)
         return x, positions, n_valid, None
 
-    def train_mask(self, probs):
-        """Training path: a (B, T, T) key weight for layers >= K from a straight-through rate choice per query row.
-        Prompt rows take the decision of the last prompt row (the step-0 decision), as inference does."""
+    def row_summary(self, b, n_steps, cfg, prompt_len, dtype=torch.float16):
+        """Row b's first n_steps steps as plain lists, with their costs next to none's (costs()), for --json."""
+        steps = self.history[:n_steps]
+        kept = [int(h.kept_count[b]) for h in steps]
+        probes = sum(h.shares is not None for h in steps)
+        learned = self.method == "dyrate" and self.schedule is None
+        return dict(kept_visual=kept, dropped_at_step=[h.dropped_mask[b].nonzero()[:, 0].tolist() for h in steps],
+                    rates=[round(float(h.rate[b]), 6) for h in steps],
+                    type_shares=[None if h.shares is None else [round(v, 6) for v in h.shares[b].mean(0).tolist()]
+                                 for h in steps],
+                    **costs(cfg, prompt_len, kept, self.k, probes, self.predictor.flops() if learned else 0, dtype))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# training: a differentiable choice of rate and the keep masks it implies
+
+
+def gumbel_softmax_st(logits, tau, generator=None):
+    """Straight-through Gumbel-Softmax: a hard one-hot sample forward, the softmax's gradient backward, temperature tau.
+    NOTE: the noise is added to logits / tau, so the hard sample is drawn from softmax(logits / tau) and becomes the
+    argmax inference uses as tau anneals (on the raw logits it would sample softmax(logits) whatever tau)."""
+    u = torch.rand(logits.shape, generator=generator, device=logits.device).clamp(1e-10, 1 - 1e-7)
+    soft = (logits.float() / tau - torch.log(-torch.log(u))).softmax(-1)
+    hard = F.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft.dtype)
+    return hard - soft.detach() + soft
+
+
+def masked_attention(probs, weight, v):
+    """probs (B, nh, T, S) fp32 attention, weight (B, 1, T, S) in [0, 1] (TrainMask's), v (B, nh, S, hs): the
+    attention renormalised over the weighted keys, applied to v; the value and every other gradient are exact.
+    NOTE: the gradient reaching `weight` is p_j (v_j - y), not the exact p_j (v_j - y) / Z: when a mask drops the few
+    keys holding nearly all the mass, Z ~ 1e-16 and the exact one drowns the loss; this one is bounded by |v_j - y|."""
+    kept = probs * weight.detach()
+    y = (kept / kept.sum(-1, keepdim=True).clamp_min(torch.finfo(kept.dtype).tiny)).to(v.dtype) @ v  # (B, nh, T, hs)
+    if not weight.requires_grad:
+        return y
+    delta = probs * (weight - weight.detach())  # zero; its gradient is probs
+    return y + (delta.to(v.dtype) @ v - delta.sum(-1, keepdim=True).to(v.dtype) * y.detach())
+
+
+def candidate_masks(scores, keeps):
+    """scores (..., N), keeps (C,) -> (..., C, N) bool: candidate c keeps its keeps[c] best-ranked image tokens.
+    One sort serves every candidate (DiffRate's cumulative masks)."""
+    return rank_of(scores)[..., None, :] < keeps[:, None]
+
+
+class TrainMask:
+    """The training hook (train.py): the same statistics as the Pruner for *every* query row of a teacher-forced
+    sequence, a straight-through Gumbel-Softmax choice of rate per row, and the keep mask it implies, handed to layers
+    >= k as a float key weight (masked_attention), so the language-model loss reaches the predictor. Prompt rows take
+    the last prompt row's (the step-0) decision, as inference does."""
+
+    def __init__(self, predictor, n_image, image_start, prompt_len, tau=1.0, generator=None):
+        self.predictor, self.n_image, self.k = predictor, n_image, predictor.k
+        self.image_start, self.prompt_len, self.tau, self.generator = image_start, prompt_len, tau, generator
+        self.logits = None  # (B, T, C) the predictor's logits of the last forward
+        self.onehot = None  # (B, T, C) its straight-through choice
+        self.kept_count = None  # (B, T) float: each query row's kept count, differentiable (the cost terms use it)
+
+    def probe_rows(self, n_valid, T):
+        """Every query row of the sequence."""
+        return torch.arange(T, device=n_valid.device).expand(len(n_valid), T)
+
+    def __call__(self, probs, x, positions, n_valid, caches):
+        """Called before layer k with probs (B, H, T, S), layer k-1's attention of every row; drops nothing, returns
+        the (B, T, S) key weight for layers >= k."""
         B, H, T, S = probs.shape
         shares = type_shares(probs, self.image_start, self.n_image, self.prompt_len)  # (B, T, H, 4)
         scores = image_scores(probs, self.image_start, self.n_image)  # (B, T, N)
         src = torch.maximum(torch.arange(T, device=probs.device)[None], (self.prompt_len - 1)[:, None])  # (B, T)
-        logits = self.predictor(shares.gather(1, src[..., None, None].expand(-1, -1, H, 4)))  # (B, T, C)
-        onehot = gumbel_softmax_st(logits, self.tau, self.generator)  # (B, T, C)
+        self.logits = self.predictor(shares.gather(1, src[..., None, None].expand(-1, -1, H, 4)))  # (B, T, C)
+        self.onehot = gumbel_softmax_st(self.logits, self.tau, self.generator)  # (B, T, C)
         keeps = keep_count(torch.tensor(self.predictor.rates, device=probs.device), self.n_image)  # (C,)
         masks = candidate_masks(scores.gather(1, src[..., None].expand(-1, -1, self.n_image)), keeps)  # (B, T, C, N)
-        weight = (onehot[..., None] * masks).sum(-2)  # (B, T, N): 0/1 forward, gradient into onehot
+        weight = (self.onehot[..., None] * masks).sum(-2)  # (B, T, N): 0/1 forward, gradient into onehot
+        self.kept_count = self.onehot @ keeps.to(self.onehot.dtype)  # (B, T)
         idx = (self.image_start[:, None] + torch.arange(self.n_image, device=probs.device))[:, None].expand(-1, T, -1)
-        self.record = dict(logits=logits, onehot=onehot, kept=onehot @ keeps.to(onehot.dtype))  # kept: (B, T)
-        return torch.ones(B, T, S, device=probs.device).scatter(2, idx, weight)
-
-    def row_history(self, b, n_steps):
-        """Row b's first n_steps steps as plain lists, for --json (probes: how many steps read layer K-1)."""
-        steps = self.history[:n_steps]
-        return dict(kept_visual=[int(h["kept"][b]) for h in steps], probes=sum(h["shares"] is not None for h in steps),
-                    dropped_at_step=[h["dropped"][b].nonzero()[:, 0].tolist() for h in steps],
-                    rates=[round(float(h["rate"][b]), 6) for h in steps],
-                    type_shares=[None if h["shares"] is None else [round(v, 6) for v in h["shares"][b].mean(0).tolist()]
-                                 for h in steps])
+        return x, positions, n_valid, torch.ones(B, T, S, device=probs.device).scatter(2, idx, weight)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# FLOPs
+# costs: FLOPs and KV-cache bytes of a generation, from its kept counts
 
 
 def layer_flops(t, T, S):
@@ -348,3 +377,44 @@ def fastv_flops(cfg, n_tokens, n_kept_image, k=2):
     per_layer = lambda n: 4 * n * d * d + 2 * n * n * d + 2 * n * d * m  # noqa: E731
     n_short = n_tokens - (cfg.n_image_tokens - n_kept_image)
     return k * per_layer(n_tokens) + (L - k) * per_layer(n_short), L * per_layer(n_tokens)
+
+
+def costs(cfg, prompt_len, kept, k, probes=0, predictor_flops=0, dtype=torch.float16):
+    """The one cost summary of a row's generation, from its kept image tokens per step (kept[0] at prefill), next to
+    none's (every image token kept, no statistics): matmul FLOPs with a KV cache, and KV-cache bytes at the end. Ints
+    give ints; tensors (training) give differentiable tensors."""
+    N, n = cfg.n_image_tokens, len(kept)
+    flops = generation_flops(cfg, prompt_len, kept, k, probes, predictor_flops)["total"]
+    none = generation_flops(cfg, prompt_len, [N] * n, k)["total"]
+    return dict(flops=flops, flops_none=none, flops_ratio=flops / none,
+                kv_cache_bytes=kv_cache_bytes(cfg, prompt_len, n, kept[-1], k, dtype),
+                kv_cache_bytes_none=kv_cache_bytes(cfg, prompt_len, n, N, k, dtype))
+
+
+def flops_ratio(rows):
+    """Sum of FLOPs over rows (costs() dicts, or generate() rows) / the same sum for none."""
+    return sum(r["flops"] for r in rows) / sum(r["flops_none"] for r in rows)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the baselines the learned rate is compared with, matched on cost
+
+
+def ramp_rates(r0, n):
+    """A hand-set dynamic schedule: from r0 at prefill up to 1 at the last of n steps."""
+    return [r0 + (1 - r0) * t / max(n - 1, 1) for t in range(n)]
+
+
+def matched_keep(cfg, lengths, target, k, ramp=False):
+    """FastV's kept count (or, ramp=True, the kept count at the start of a hand-set ramp) whose FLOPs ratio over
+    generations of the given (prompt tokens, new tokens) is closest to `target`. FLOPs depend only on the kept
+    counts: no forward needed."""
+    N = cfg.n_image_tokens
+
+    def ratio(keep):
+        rows = []
+        for prompt_len, n in lengths:
+            kept = [min(keep, keep_count(r, N)) for r in ramp_rates(1 - keep / N, n)] if ramp else [keep] * n
+            rows.append(costs(cfg, prompt_len, kept, k, n if ramp else 1))
+        return flops_ratio(rows)
+    return min(range(N + 1), key=lambda keep: abs(ratio(keep) - target))

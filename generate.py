@@ -1,7 +1,7 @@
 """
 Answer a prompt about an image with LLaVA-1.5 (model.py): prefill, then a decode loop over a preallocated KV cache.
 
-    python generate.py --image assets/examples/1.png          # the shipped shapes model (shapes.py), CPU is fine
+    python generate.py --image assets/examples/1.png          # the shipped shapes model (models/shapes), CPU
     python generate.py --image photo.jpg --model path/to/llava-1.5-7b-hf --prompt "What is unusual here?" --json
     python generate.py --image photo.jpg --model DIR --method dyrate --predictor FILE --viz out/photo --compile
 
@@ -27,7 +27,7 @@ from processing import Tokenizer, preprocess
 @dataclass
 class Generation:
     """The result of one generate() call; `rows` holds one dict per image/prompt pair."""
-    rows: list = field(default_factory=list)  # text, token_ids (new tokens, EOS included), prompt_tokens, image_token_start
+    rows: list = field(default_factory=list)  # text, token_ids (new tokens, EOS included), prompt_tokens, costs, ...
     prefill_ms: float = 0.0  # vision tower + prompt forward + first token
     decode_ms_per_token: float = 0.0
     peak_memory_bytes: int = 0  # CUDA: max allocated; CPU: the process's peak resident set
@@ -55,7 +55,7 @@ class StreamDecoder:
         return new
 
 
-def sample(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
+def sample_next_token(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
     """(B, V) logits -> (B,) next tokens. temperature 0 is greedy; top_k and top_p restrict what is sampled."""
     if temperature <= 0:
         return logits.argmax(-1)
@@ -69,6 +69,25 @@ def sample(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
         drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+def decode(model, input_ids, lengths, pixel_values, caches, n_new, pruner=None, choose=None, eos_id=None):
+    """The one prefill + decode loop (generation, training's forced decoding, the benchmark and the tests run it).
+    Prefill the prompts (B, T) (rows padded at the end, lengths (B,) real tokens each), then feed each new token back
+    over the caches. choose(t, logits) -> (B,) new token t (default: greedy). Yields (token, logits) for each new
+    token as soon as it is chosen; stops after n_new, or once every row has produced eos_id."""
+    choose = choose or (lambda t, logits: logits.argmax(-1))
+    logits = model.prefill(input_ids, caches, lengths, pixel_values, pruner)
+    done = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
+    for t in range(n_new):
+        token = choose(t, logits)
+        yield token, logits
+        if eos_id is not None:
+            done |= token == eos_id
+        if t == n_new - 1 or bool(done.all()):
+            return
+        # new token t sits at index lengths + t of its row's full sequence: that is its RoPE position
+        logits = model.decode_step(token, lengths + t, caches, pruner)
 
 
 def sync(device):
@@ -110,27 +129,24 @@ def generate(model: Llava, tokenizer: Tokenizer, images, prompts, max_new_tokens
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    sync(device)
-    t0 = time.perf_counter()
-    positions = torch.arange(T, device=device).expand(B, T)
-    logits = model.step(input_ids, positions, caches, lengths, pixel_values, pruner)
-    token = sample(logits, temperature, top_k, top_p, generator)
-    sync(device)
-    t1 = time.perf_counter()
+    def choose(t, logits):
+        return sample_next_token(logits, temperature, top_k, top_p, generator)
+
     streams, new_tokens = [StreamDecoder(tokenizer) for _ in range(B)], []
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    for t in range(1, max_new_tokens + 1):  # `token` is new token t-1
+    sync(device)
+    t0 = t1 = time.perf_counter()
+    for token, _ in decode(model, input_ids, lengths, pixel_values, caches, max_new_tokens, pruner, choose,
+                           cfg.eos_token_id):
+        if not new_tokens:  # prefill: vision tower + prompt forward + the first token
+            sync(device)
+            t1 = time.perf_counter()
         if on_text is not None:
             for b in range(B):
                 if not done[b]:
                     on_text(b, streams[b].push(token[b]))
         new_tokens.append(token)
         done |= token == cfg.eos_token_id
-        if bool(done.all()) or t == max_new_tokens:
-            break
-        # new token t-1 sits at index lengths + t - 1 of its row's full sequence: that is its RoPE position
-        logits = model.step(token[:, None], (lengths + t - 1)[:, None], caches, pruner=pruner)
-        token = sample(logits, temperature, top_k, top_p, generator)
     sync(device)
     t2 = time.perf_counter()
     if on_text is not None:
@@ -147,14 +163,8 @@ def generate(model: Llava, tokenizer: Tokenizer, images, prompts, max_new_tokens
         row = all_tokens[b]
         if cfg.eos_token_id in row:
             row = row[:row.index(cfg.eos_token_id) + 1]
-        hist = pruner.row_history(b, len(row))
-        flops = dyrate.generation_flops(cfg, len(ids), hist["kept_visual"], k, hist.pop("probes"),
-                                        predictor.flops() if method == "dyrate" and predictor is not None else 0)
-        none = dyrate.generation_flops(cfg, len(ids), [cfg.n_image_tokens] * len(row), k)
-        kv = [dyrate.kv_cache_bytes(cfg, len(ids), len(row), kept, k, dtype) for kept in (hist["kept_visual"][-1], cfg.n_image_tokens)]
         out.rows.append(dict(text=tokenizer.decode(row), token_ids=row, prompt_tokens=len(ids), image_token_start=start,
-                             method=method, k=k, **hist, flops=flops["total"], flops_ratio=flops["total"] / none["total"],
-                             kv_cache_bytes=kv[0], kv_cache_bytes_none=kv[1]))
+                             method=method, k=k, **pruner.row_summary(b, len(row), cfg, len(ids), dtype)))
     return out
 
 
@@ -171,11 +181,13 @@ def main(argv=None):
     g.add_argument("--image", required=True, help="image file (anything Pillow opens)")
     g.add_argument("--prompt", default="Provide a one-sentence caption for the provided image.", help="the question")
     g.add_argument("--conv", choices=["llava-hf", "vicuna_v1"], default="llava-hf",
-                   help="prompt template: llava-hf's 'USER: <image>\\n... ASSISTANT:' or the original with a system prompt")
+                   help="prompt template: llava-hf's 'USER: <image>\\n... ASSISTANT:' or the original with a system "
+                        "prompt")
     g.add_argument("--pad", action="store_true", help="pad the image to a square first (original LLaVA evaluation)")
     g = p.add_argument_group("model")
     g.add_argument("--model", default=SHAPES_MODEL, help="llava-hf checkpoint folder (config.json, safetensors, "
-                   "tokenizer.json); default: the shipped shapes model (shapes.py), e.g. llava-1.5-7b-hf for the real one")
+                   "tokenizer.json); default: the shipped shapes model (models/shapes), e.g. llava-1.5-7b-hf for "
+                   "the real one")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:1, cpu, ...")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="default: float16 on CUDA, float32 on CPU (use bfloat16 for 7B on CPU: ~14 GB)")
@@ -225,7 +237,8 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     row = out.rows[0]
     if args.json:
-        print(json.dumps(dict(row, prefill_ms=round(out.prefill_ms, 3), decode_ms_per_token=round(out.decode_ms_per_token, 3),
+        print(json.dumps(dict(row, prefill_ms=round(out.prefill_ms, 3),
+                              decode_ms_per_token=round(out.decode_ms_per_token, 3),
                               new_tokens=len(row["token_ids"]), peak_memory_bytes=out.peak_memory_bytes)))
         return out
     print()

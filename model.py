@@ -2,14 +2,12 @@
 LLaVA-1.5 written from scratch: CLIP ViT-L/14-336 -> 2-layer GELU projector -> Llama (Vicuna).
 
 Loads the public llava-hf safetensors checkpoints (llava-hf/llava-1.5-7b-hf, -13b-hf) from a local folder and
-computes what HF transformers' LlavaForConditionalGeneration computes (test_model.py proves it). Module names
-mirror the checkpoint keys, so loading is one key canonicalisation plus a strict, shape-checked copy.
+computes what HF transformers' LlavaForConditionalGeneration computes (test_model.py checks it). Module names mirror
+the checkpoint keys, so loading is one key canonicalisation plus a strict, shape-checked copy.
 
-Read top to bottom: configs, the CLIP vision tower, the projector, the Llama decoder (its KV cache is kv_cache.py's),
-the LLaVA wrapper and its loader (the checkpoint's files and key layouts, and the image and prompt going in, are
-processing.py's).
-dyrate.py plugs into LlamaModel.forward through its `pruner` argument, and LlamaAttention hands a training key mask
-(floats) to dyrate.masked_attention; nothing else here knows about pruning.
+Read top to bottom: configs, the CLIP vision tower, the projector, the Llama decoder with its KV cache, the LLaVA
+wrapper (prefill, decode_step) and its loader. dyrate.py plugs in at one place, the `pruner` argument of
+LlamaModel.forward; LlamaAttention hands a float training key mask to dyrate.masked_attention.
 
     model = Llava.from_pretrained("path/to/llava-1.5-7b-hf", device="cuda", dtype=torch.float16)
 """
@@ -23,8 +21,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 import dyrate
-from kv_cache import KVCache, causal_mask
-from processing import GET_WEIGHTS, canonical_key, checkpoint_files
+import processing
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Configs. Defaults are LLaVA-1.5-7B's; the hub config.json lists only some fields, the rest are these.
@@ -101,7 +98,8 @@ class LlavaConfig:
         cfg = pick(cls, {**d, **{k: tc[k] for k in ("bos_token_id", "eos_token_id") if tc.get(k) is not None}})
         cfg.vision, cfg.text = pick(VisionConfig, d.get("vision_config") or {}), text
         for ok, what in [(text.hidden_act == "silu", f"text hidden_act {text.hidden_act!r}"),
-                         (cfg.vision.hidden_act in ("quick_gelu", "gelu"), f"vision hidden_act {cfg.vision.hidden_act!r}"),
+                         (cfg.vision.hidden_act in ("quick_gelu", "gelu"),
+                          f"vision hidden_act {cfg.vision.hidden_act!r}"),
                          (cfg.projector_hidden_act == "gelu", f"projector_hidden_act {cfg.projector_hidden_act!r}"),
                          (isinstance(cfg.vision_feature_layer, int), "vision_feature_layer list (LLaVA-1.5 uses -2)"),
                          (cfg.vision_feature_select_strategy in ("default", "full"), "vision_feature_select_strategy"),
@@ -132,7 +130,8 @@ class CLIPAttention(nn.Module):
     def forward(self, x):
         B, T, C = x.shape
         hs = C // self.n_head
-        q, k, v = (proj(x).view(B, T, self.n_head, hs).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (proj(x).view(B, T, self.n_head, hs).transpose(1, 2) for proj in (self.q_proj, self.k_proj,
+                                                                                    self.v_proj))
         y = F.scaled_dot_product_attention(q, k, v, scale=hs ** -0.5)  # (B, nh, T, hs), bidirectional
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -240,6 +239,75 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+class KVCache:
+    """One decoder layer's keys and values (gpt-fast style): preallocated at the first write (the prompt) plus
+    `max_new` more tokens, so a layer that dropped tokens at prefill (dyrate.py) is physically smaller.
+
+    Each row keeps its own valid length and each slot the RoPE position of the token in it, so rows of different
+    lengths share a batch and layers can hold different numbers of positions; attention masks the slots a row does
+    not own. `used` (host side) bounds the lengths, and attention reads slots [0, used). A `static` cache instead
+    reads its whole buffer at every step after the first write: the shapes of a decode step never change, which is
+    what torch.compile and CUDA graphs need (Llava.compile_decode). Every update is in place, for the same reason.
+    """
+
+    def __init__(self, batch, max_new, n_kv_heads, head_dim, dtype, device, static=False):
+        self.shape, self.dtype, self.device, self.max_new = (batch, n_kv_heads, head_dim), dtype, device, max_new
+        self.static, self.used = static, 0
+        self.k = self.v = self.pos = None
+        self.length = torch.zeros(batch, dtype=torch.long, device=device)
+
+    def update(self, k, v, positions, n_valid):
+        """Write a chunk k/v (B, nkv, T, hs) at each row's end; the first n_valid[b] of row b's T tokens are real.
+        Returns the keys/values to attend to, (B, nkv, S, hs), and each row's length before the chunk."""
+        B, _, T, _ = k.shape
+        if self.k is None:  # the first write: every row starts at slot 0
+            (b, nkv, hs), S = self.shape, T + self.max_new
+            # zeros: a ragged batch reads (masked) slots it never wrote, which must be finite
+            self.k = torch.zeros(b, nkv, S, hs, dtype=self.dtype, device=self.device)
+            self.v = torch.zeros_like(self.k)
+            self.pos = torch.full((b, S), -1, dtype=torch.long, device=self.device)  # -1 = empty slot
+            for t in (self.k, self.v, self.pos, self.length):  # updated in place: CUDA graphs may keep their addresses
+                torch._dynamo.mark_static_address(t)
+            self.k[:, :, :T], self.v[:, :, :T], self.pos[:, :T] = k, v, positions
+            self.length.copy_(n_valid)
+            self.used = T
+            return k, v, torch.zeros_like(n_valid)
+        assert self.static or self.used + T <= self.k.shape[2], "KV cache overflow: more new tokens than max_new"
+        base = self.length.clone()
+        slots = base[:, None] + torch.arange(T, device=k.device)  # (B, T), junk tokens of short rows included
+        idx = slots[:, None, :, None].expand_as(k)
+        self.k.scatter_(2, idx, k)
+        self.v.scatter_(2, idx, v)
+        self.pos.scatter_(1, slots, positions)
+        self.length.add_(n_valid)
+        if self.static:  # fixed shapes, and no host-side count for torch.compile to specialise on
+            return self.k, self.v, base
+        self.used += T
+        return self.k[:, :, :self.used], self.v[:, :, :self.used], base
+
+    def nbytes(self):
+        """(B,) bytes of the keys and values each row holds."""
+        _, nkv, hs = self.shape
+        return self.length * (2 * nkv * hs * torch.finfo(self.dtype).bits // 8)
+
+    def keep(self, slots, lengths):
+        """Keep only the given slots (B, S') of each row, in order (the first lengths[b] are real): physical dropping,
+        compacted into the front of the same buffers."""
+        S = slots.shape[1]
+        for buf in (self.k, self.v):
+            buf[:, :, :S] = buf.gather(2, slots[:, None, :, None].expand(-1, buf.shape[1], -1, buf.shape[3]))
+        self.pos[:, :S] = self.pos.gather(1, slots)
+        self.pos[:, S:] = -1
+        self.length.copy_(lengths)
+        self.used = S
+
+
+def causal_mask(base, T, S):
+    """(B, 1, T, S) bool: query i of row b sits in slot base[b] + i and may see slots up to and including its own."""
+    q = base[:, None] + torch.arange(T, device=base.device)  # (B, T)
+    return (torch.arange(S, device=base.device) <= q[:, :, None])[:, None]
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -289,7 +357,8 @@ def repeat_kv(k, n_rep):
 
 
 def attention_probs(q, k, mask, scale):
-    """Explicit softmax(q k^T) in fp32 for the given query rows: q (B, nh, R, hs), k (B, nkv, S, hs), mask (B, 1, R, S)."""
+    """Explicit softmax(q k^T) in fp32 for the given query rows: q (B, nh, R, hs), k (B, nkv, S, hs),
+    mask (B, 1, R, S)."""
     scores = (q.float() @ repeat_kv(k, q.shape[1] // k.shape[1]).float().transpose(-1, -2)) * scale  # (B, nh, R, S)
     return scores.masked_fill(~mask, float("-inf")).softmax(-1)
 
@@ -347,17 +416,17 @@ class LlamaModel(nn.Module):
         """x (B, T, C) input embeddings; positions (B, T): each token's RoPE position = its index in its row's full
         sequence (never a cache length); n_valid (B,): real tokens per row, the rest of a row is padding at its end.
 
-        `pruner` (dyrate.py) is the only hook: layer pruner.layer - 1 also computes the attention probabilities of
-        the query rows pruner.probe_rows(...) asks for, and before layer pruner.layer the pruner may drop image
-        tokens (gather x and positions, compact the caches of the later layers) or return a key mask for them.
-        Returns the final-normed hidden states and the real tokens per row after any dropping."""
+        `pruner` (dyrate.Pruner at inference, dyrate.TrainMask in training) is the only hook: layer pruner.k - 1 also
+        returns the attention probabilities of the query rows pruner.probe_rows(...) asks for, and before layer
+        pruner.k the pruner may drop image tokens (gather x and positions, compact the caches of the later layers)
+        or return a key mask for them. Returns the final-normed hidden states and the real tokens per row after it."""
         B, T, _ = x.shape
         n_valid = torch.full((B,), T, device=x.device) if n_valid is None else n_valid
         run = self.compiled_run if T == 1 and self.compiled_run is not None else self.run  # see Llava.compile_decode
         L = len(self.layers)
         if pruner is None:
             return self.norm(run(0, L, x, positions, n_valid, caches)[0]), n_valid
-        K = pruner.layer
+        K = pruner.k
         x, probs = run(0, K, x, positions, n_valid, caches, pruner.probe_rows(n_valid, T))
         # dyrate: from layer K on, layers see only the kept image tokens (or, in training, a key mask)
         x, positions, n_valid, key_weight = pruner(probs, x, positions, n_valid, caches)
@@ -373,6 +442,46 @@ class LlamaForCausalLM(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Checkpoint files: which safetensors files hold the weights, in which key layout (Llava.from_pretrained reads them)
+
+
+def checkpoint_files(model_dir):
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):  # sharded: shard names come from the index, never hard-coded
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        missing = [n for n in names if not os.path.isfile(os.path.join(model_dir, n))]
+        if missing:
+            raise FileNotFoundError(f"{model_dir}: shard(s) {missing} listed in model.safetensors.index.json are "
+                                    f"missing (partial download?). {processing.GET_WEIGHTS}")
+        return [os.path.join(model_dir, n) for n in names]
+    if os.path.isfile(os.path.join(model_dir, "model.safetensors")):
+        return [os.path.join(model_dir, "model.safetensors")]
+    pickled = any(n.endswith((".bin", ".pt", ".pth")) for n in os.listdir(model_dir))
+    raise FileNotFoundError(f"{model_dir}: no model.safetensors or model.safetensors.index.json"
+                            + (" (pickled .bin weights are not loaded; use safetensors)" if pickled else "")
+                            + f". {processing.GET_WEIGHTS}")
+
+
+def canonical_key(key):
+    """Map any of the three key layouts to the hub's, which our module names mirror; None = a buffer to skip.
+    hub: language_model.model.*, language_model.lm_head.*, vision_tower.vision_model.*, multi_modal_projector.*
+    transformers 4.52-4.57 in memory: model.language_model.*, lm_head.*, model.vision_tower.vision_model.*, ...
+    transformers 5 save_pretrained: the hub's, but vision_tower.* without vision_model."""
+    if key.startswith("model.language_model."):
+        key = "language_model.model." + key[len("model.language_model."):]
+    elif key == "lm_head.weight":
+        key = "language_model.lm_head.weight"
+    elif key.startswith("model."):
+        key = key[len("model."):]
+    if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
+        key = "vision_tower.vision_model." + key[len("vision_tower."):]
+    if key.endswith(("rotary_emb.inv_freq", "embeddings.position_ids")):  # derived buffers some exports contain
+        return None
+    return key
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # LLaVA: the image features replace the image token ids' embeddings, then it is a plain Llama
 
 
@@ -384,19 +493,22 @@ class Llava(nn.Module):
         self.multi_modal_projector = LlavaMultiModalProjector(cfg)
         self.language_model = LlamaForCausalLM(cfg.text)
 
-    def image_features(self, pixel_values):
-        """(n_images, 3, H, W) -> projected image features (n_images, 576, text hidden)."""
+    def vision_features(self, pixel_values):
+        """(n_images, 3, H, W) -> CLIP features at LLaVA's feature layer (n_images, 576, vision hidden)."""
         v = self.config.vision
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (v.num_channels, v.image_size, v.image_size):
             raise ValueError(f"pixel_values must be (n_images, {v.num_channels}, {v.image_size}, {v.image_size}), got "
                              f"{tuple(pixel_values.shape)}; make them with processing.preprocess().")
         h = self.vision_tower.vision_model(pixel_values, self.config.n_vision_layers_used)  # (n, 577, Cv)
-        if self.config.vision_feature_select_strategy == "default":
-            h = h[:, 1:]  # drop CLS: (n, 576, Cv)
-        return self.multi_modal_projector(h)
+        return h[:, 1:] if self.config.vision_feature_select_strategy == "default" else h  # "default" drops CLS
 
-    def embed(self, input_ids, pixel_values=None):
-        """Token embeddings (B, T, C) with the image token ids' rows replaced by the image features, in order."""
+    def image_features(self, pixel_values):
+        """(n_images, 3, H, W) -> projected image features (n_images, 576, text hidden)."""
+        return self.multi_modal_projector(self.vision_features(pixel_values))
+
+    def embed(self, input_ids, pixel_values=None, vision=None):
+        """Token embeddings (B, T, C) with the image token ids' rows replaced by the image features, in order.
+        vision: the images' vision_features, when the caller computed them already (instead of pixel_values)."""
         cfg = self.config
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
@@ -404,20 +516,23 @@ class Llava(nn.Module):
             raise ValueError(f"input_ids must lie in [0, {cfg.text.vocab_size}); is the tokenizer from this model?")
         x = self.language_model.model.embed_tokens(input_ids)
         is_image = input_ids == cfg.image_token_index
-        n_ids, n_features = int(is_image.sum()), 0 if pixel_values is None else len(pixel_values) * cfg.n_image_tokens
+        n_images = len(vision) if vision is not None else 0 if pixel_values is None else len(pixel_values)
+        n_ids, n_features = int(is_image.sum()), n_images * cfg.n_image_tokens
         if n_ids != n_features:
             raise ValueError(f"input_ids hold {n_ids} image token ids ({cfg.image_token_index}) but the images give "
                              f"{n_features} features: each image needs exactly {cfg.n_image_tokens} image ids "
                              f"(Tokenizer.encode_prompt expands <image> to them).")
         if n_ids:
-            x = x.masked_scatter(is_image[..., None], self.image_features(pixel_values).to(x.dtype))
+            vision = self.vision_features(pixel_values) if vision is None else vision
+            x = x.masked_scatter(is_image[..., None], self.multi_modal_projector(vision).to(x.dtype))
         return x
 
     def check_length(self, n_tokens):
         limit = self.config.text.max_position_embeddings
         if n_tokens > limit:
             raise ValueError(f"{n_tokens} tokens (prompt with its {self.config.n_image_tokens} image tokens, plus new "
-                             f"tokens) exceed the model's context of {limit}: shorten the prompt or ask for fewer tokens.")
+                             f"tokens) exceed the model's context of {limit}: shorten the prompt or ask for fewer "
+                             f"tokens.")
 
     def forward(self, input_ids, pixel_values=None, pruner=None):
         """The full sequence without a cache: logits (B, T, vocab). With a training pruner (dyrate.py), layers >= K
@@ -436,10 +551,21 @@ class Llava(nn.Module):
         return [KVCache(batch, max_new, t.num_key_value_heads, t.head_dim, p.dtype, p.device, static)
                 for _ in range(t.num_hidden_layers)]
 
-    def step(self, input_ids, positions, caches, n_valid=None, pixel_values=None, pruner=None):
-        """One forward over the caches: a whole prompt (prefill; rows padded at the end, n_valid real tokens each,
-        with the images) or one new token per row (decode). Returns the logits of each row's last real token (B, V)."""
-        h, n_valid = self.language_model.model(self.embed(input_ids, pixel_values), positions, n_valid, caches, pruner)
+    def prefill(self, input_ids, caches, n_valid=None, pixel_values=None, pruner=None):
+        """Step 0 of a generation: the whole prompt (B, T) into fresh caches, rows padded at the end (n_valid real
+        tokens each), with the images. Returns the logits of each row's last real token (B, V)."""
+        B, T = input_ids.shape
+        positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        return self.last_logits(self.embed(input_ids, pixel_values), positions, n_valid, caches, pruner)
+
+    def decode_step(self, token, positions, caches, pruner=None):
+        """One new token per row, token (B,) at RoPE positions (B,) (its index in the row's full sequence), over the
+        caches. Returns the next logits (B, V). NOTE: plain embeddings here, even for the image id (as transformers)."""
+        x = self.language_model.model.embed_tokens(token[:, None])  # (B, 1, C)
+        return self.last_logits(x, positions[:, None], None, caches, pruner)
+
+    def last_logits(self, x, positions, n_valid, caches, pruner):
+        h, n_valid = self.language_model.model(x, positions, n_valid, caches, pruner)
         last = h.gather(1, (n_valid - 1)[:, None, None].expand(-1, 1, h.shape[2]))[:, 0]  # (B, C)
         return self.language_model.lm_head(last)
 
@@ -461,7 +587,7 @@ class Llava(nn.Module):
         model_dir = os.fspath(model_dir)
         config_path = os.path.join(model_dir, "config.json")
         if not os.path.isdir(model_dir) or not os.path.isfile(config_path):
-            raise FileNotFoundError(f"No LLaVA checkpoint at {model_dir!r} (no config.json). {GET_WEIGHTS}")
+            raise FileNotFoundError(f"No LLaVA checkpoint at {model_dir!r} (no config.json). {processing.GET_WEIGHTS}")
         cfg = LlavaConfig.from_json(config_path)
         with torch.device("meta"):
             model = cls(cfg)
@@ -483,7 +609,7 @@ class Llava(nn.Module):
         missing = sorted(set(expected) - set(state))
         if missing:
             raise ValueError(f"{model_dir}: {len(missing)} tensor(s) missing from the checkpoint, e.g. {missing[:3]}; "
-                             f"the download is partial or not a LLaVA-1.5 checkpoint. {GET_WEIGHTS}")
+                             f"the download is partial or not a LLaVA-1.5 checkpoint. {processing.GET_WEIGHTS}")
         model.load_state_dict(state, strict=True, assign=True)
         model.language_model.model.inv_freq = rope_inv_freq(cfg.text).to(device)  # meta buffer -> real one
         return model.eval().requires_grad_(False)

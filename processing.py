@@ -1,8 +1,8 @@
 """
-What goes into LLaVA-1.5 (model.py): the checkpoint's weight files (one or sharded, in any of three key layouts), an
-image as pixel values, bit-exact with llava-hf's processor, and a question as prompt ids in llava-hf's or the original
-LLaVA's template, with the tokenizers library on the checkpoint's tokenizer.json. build_tokenizer writes a
-tokenizer.json of the same structure for a new model (shapes.py, the tests).
+What goes into LLaVA-1.5 (model.py) and what comes out to disk: an image as pixel values, bit-exact with llava-hf's
+processor; a question as prompt ids in llava-hf's or the original LLaVA's template, with the tokenizers library on the
+checkpoint's tokenizer.json (build_tokenizer writes one of the same structure for a new model); and atomic_write, the
+one way files are saved here.
 
     pixels = preprocess("photo.jpg")                                  # (3, 336, 336)
     ids, image_start = Tokenizer("llava-1.5-7b-hf", model.config).encode_prompt("What is this?")
@@ -18,45 +18,18 @@ from tokenizers import Tokenizer as HFTokenizer
 GET_WEIGHTS = ("Download a checkpoint with `hf download llava-hf/llava-1.5-7b-hf --local-dir DIR` "
                "(or llava-hf/llava-1.5-13b-hf) and pass that DIR.")
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Checkpoint files: which safetensors files hold the weights, and the key layouts they come in (model.py loads them)
 
-
-def checkpoint_files(model_dir):
-    index = os.path.join(model_dir, "model.safetensors.index.json")
-    if os.path.isfile(index):  # sharded: shard names come from the index, never hard-coded
-        with open(index) as f:
-            names = sorted(set(json.load(f)["weight_map"].values()))
-        missing = [n for n in names if not os.path.isfile(os.path.join(model_dir, n))]
-        if missing:
-            raise FileNotFoundError(f"{model_dir}: shard(s) {missing} listed in model.safetensors.index.json are "
-                                    f"missing (partial download?). {GET_WEIGHTS}")
-        return [os.path.join(model_dir, n) for n in names]
-    if os.path.isfile(os.path.join(model_dir, "model.safetensors")):
-        return [os.path.join(model_dir, "model.safetensors")]
-    pickled = any(n.endswith((".bin", ".pt", ".pth")) for n in os.listdir(model_dir))
-    raise FileNotFoundError(f"{model_dir}: no model.safetensors or model.safetensors.index.json"
-                            + (" (pickled .bin weights are not loaded; use safetensors)" if pickled else "")
-                            + f". {GET_WEIGHTS}")
-
-
-def canonical_key(key):
-    """Map any of the three key layouts to the hub's, which our module names mirror; None = a buffer to skip.
-    hub: language_model.model.*, language_model.lm_head.*, vision_tower.vision_model.*, multi_modal_projector.*
-    transformers 4.52-4.57 in memory: model.language_model.*, lm_head.*, model.vision_tower.vision_model.*, ...
-    transformers 5 save_pretrained: the hub's, but vision_tower.* without vision_model."""
-    if key.startswith("model.language_model."):
-        key = "language_model.model." + key[len("model.language_model."):]
-    elif key == "lm_head.weight":
-        key = "language_model.lm_head.weight"
-    elif key.startswith("model."):
-        key = key[len("model."):]
-    if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
-        key = "vision_tower.vision_model." + key[len("vision_tower."):]
-    if key.endswith(("rotary_emb.inv_freq", "embeddings.position_ids")):  # derived buffers some exports contain
-        return None
-    return key
-
+def atomic_write(path, write):
+    """write(tmp_path) writes the file; it then replaces `path` in one step, so a reader (or a crash, Ctrl-C, SIGKILL)
+    sees the old file or the new one, never half of one."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Image preprocessing, bit-exact with llava-hf (transformers' CLIPImageProcessorPil)
@@ -159,13 +132,15 @@ def build_tokenizer(folder, texts, vocab_size=160, legacy=True):
     pieces = pieces[:3] + [f"<0x{i:02X}>" for i in range(256)] + pieces[3:]
     d["model"]["vocab"] = {p: i for i, p in enumerate(dict.fromkeys(pieces))}
     d["pre_tokenizer"] = None
-    d["normalizer"] = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"},
-                                                           {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
+    d["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
     tok = HFTokenizer.from_str(json.dumps(d))
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                      decoders.Strip(" ", 1, 0)])
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
-    tok.add_special_tokens([AddedToken(s, normalized=False, special=True) for s in ["<unk>", "<s>", "</s>", "<image>", "<pad>"]])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>",
+                                                                                                               1)])
+    tok.add_special_tokens([AddedToken(s, normalized=False, special=True) for s in ["<unk>", "<s>", "</s>", "<image>",
+                                                                                    "<pad>"]])
     os.makedirs(folder, exist_ok=True)
     tok.save(os.path.join(folder, "tokenizer.json"))
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:

@@ -11,10 +11,10 @@ import sys
 import pytest
 import torch
 
-import dyrate as D
-import generate as G
-import model as M
-import train as TR
+import dyrate
+import generate
+import model
+import train
 from conftest import random_image
 
 N_TRAIN = 24
@@ -46,9 +46,9 @@ def argv(ckpt, data, out, *extra):
 
 
 def test_records_are_read_skipped_and_distilled_once(ckpt, ours, data, capsys):
-    model, tok = ours
-    args = TR.parse_args(argv(ckpt, data, data / "p"))
-    samples, skipped = TR.load_samples(str(data / "train.jsonl"), model, tok, args, print)
+    llava, tok = ours
+    args = train.parse_args(argv(ckpt, data, data / "p"))
+    samples, skipped = train.load_samples(str(data / "train.jsonl"), llava, tok, args, print)
     assert len(samples) == N_TRAIN
     assert skipped == {"image not found": 1, "empty prompt": 1, "bad JSON line": 1, "longer than the context (512)": 1,
                        "unreadable image": 1}
@@ -57,10 +57,11 @@ def test_records_are_read_skipped_and_distilled_once(ckpt, ours, data, capsys):
     assert answered.answer == tok.tok.encode("A red circle and a blue square.", add_special_tokens=False).ids + [2]
     cache = json.loads((data / "train.jsonl.answers.json").read_text())
     assert len(cache) == N_TRAIN - N_TRAIN // 3
-    first = G.generate(model, tok, [samples[1].image], [samples[1].prompt], max_new_tokens=8).rows[0]["token_ids"]
+    first = generate.generate(llava, tok, [samples[1].image], [samples[1].prompt],
+                              max_new_tokens=8).rows[0]["token_ids"]
     assert samples[1].answer == first  # the unpruned model's own greedy answer
     capsys.readouterr()
-    again, _ = TR.load_samples(str(data / "train.jsonl"), model, tok, args, print)
+    again, _ = train.load_samples(str(data / "train.jsonl"), llava, tok, args, print)
     assert "distilled" not in capsys.readouterr().out and [s.answer for s in again] == [s.answer for s in samples]
 
 
@@ -69,12 +70,12 @@ def test_llava_conversation_json(tmp_path):
     (tmp_path / "llava.json").write_text(json.dumps([{"id": "1", "image": "a.jpg", "conversations": [
         {"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "Two shapes."},
         {"from": "human", "value": "More?"}, {"from": "gpt", "value": "No."}]}]))
-    records, skipped = TR.read_records(str(tmp_path / "llava.json"))
+    records, skipped = train.read_records(str(tmp_path / "llava.json"))
     assert records == [(str(tmp_path / "a.jpg"), "What is shown?", "Two shapes.")] and not skipped
 
 
 def test_training_moves_flops_to_target_and_loss_down(ckpt, data, tmp_path, capsys):
-    predictor, best = TR.main(argv(ckpt, data, tmp_path / "p", "--max-iters", "40", "--compare"))
+    predictor, best = train.main(argv(ckpt, data, tmp_path / "p", "--max-iters", "40", "--compare"))
     log = capsys.readouterr().out
     steps = [line for line in log.splitlines() if line.startswith("step ")]
     losses = [float(line.split("loss ")[1].split()[0]) for line in steps]
@@ -87,17 +88,17 @@ def test_training_moves_flops_to_target_and_loss_down(ckpt, data, tmp_path, caps
 
 
 def test_state_round_trip(tmp_path):
-    predictor = D.RatePredictor(4, [0.0, 0.5, 1.0])
+    predictor = dyrate.RatePredictor(4, [0.0, 0.5, 1.0])
     optimizer = torch.optim.AdamW(predictor.parameters(), lr=0.1)
     generator = torch.Generator().manual_seed(3)
     predictor(torch.rand(2, 4, 4)).sum().backward()
     optimizer.step()
     torch.rand(5, generator=generator)
-    args = TR.parse_args(["--model", "m", "--data", "d", "--out", "o"])
-    TR.save_state(str(tmp_path / "s"), predictor, optimizer, generator, 7, args, {"agreement": 0.5})
-    p2, g2 = D.RatePredictor(4, [0.0, 0.5, 1.0]), torch.Generator()
+    args = train.parse_args(["--model", "m", "--data", "d", "--out", "o"])
+    train.save_state(str(tmp_path / "s"), predictor, optimizer, generator, 7, args, {"agreement": 0.5})
+    p2, g2 = dyrate.RatePredictor(4, [0.0, 0.5, 1.0]), torch.Generator()
     o2 = torch.optim.AdamW(p2.parameters(), lr=0.1)
-    meta = TR.load_state(str(tmp_path / "s"), p2, o2, g2)
+    meta = train.load_state(str(tmp_path / "s"), p2, o2, g2)
     assert meta["iter"] == 7 and meta["best"] == {"agreement": 0.5}
     assert all(torch.equal(a, b) for a, b in zip(predictor.state_dict().values(), p2.state_dict().values()))
     for key in ("exp_avg", "exp_avg_sq", "step"):
@@ -106,37 +107,38 @@ def test_state_round_trip(tmp_path):
 
 
 def test_ctrl_c_saves_and_resume_is_exact(ckpt, data, tmp_path, monkeypatch):
-    straight, _ = TR.main(argv(ckpt, data, tmp_path / "a", "--max-iters", "6"))
-    real, calls = TR.train_loss, []
+    straight, _ = train.main(argv(ckpt, data, tmp_path / "a", "--max-iters", "6"))
+    real, calls = train.train_loss, []
 
     def interrupted(*a, **kw):
         calls.append(1)
         if len(calls) == 4:
             raise KeyboardInterrupt
         return real(*a, **kw)
-    monkeypatch.setattr(TR, "train_loss", interrupted)
+    monkeypatch.setattr(train, "train_loss", interrupted)
     with pytest.raises(SystemExit) as stop:
-        TR.main(argv(ckpt, data, tmp_path / "b", "--max-iters", "6"))
+        train.main(argv(ckpt, data, tmp_path / "b", "--max-iters", "6"))
     assert stop.value.code == 130 and os.path.isfile(tmp_path / "b.state") and os.path.isfile(tmp_path / "b")
-    monkeypatch.setattr(TR, "train_loss", real)
-    resumed, _ = TR.main(argv(ckpt, data, tmp_path / "b", "--max-iters", "6", "--resume"))
-    assert torch.equal(straight.linear.weight, resumed.linear.weight) and torch.equal(straight.linear.bias, resumed.linear.bias)
+    monkeypatch.setattr(train, "train_loss", real)
+    resumed, _ = train.main(argv(ckpt, data, tmp_path / "b", "--max-iters", "6", "--resume"))
+    assert torch.equal(straight.linear.weight, resumed.linear.weight) and torch.equal(straight.linear.bias,
+                                                                                      resumed.linear.bias)
 
 
 def test_predictor_file_works_in_generate_and_mismatch_is_refused(ckpt, data, tmp_path, capsys):
-    TR.main(argv(ckpt, data, tmp_path / "p", "--max-iters", "3"))
+    train.main(argv(ckpt, data, tmp_path / "p", "--max-iters", "3"))
     image = tmp_path / "x.png"
     random_image(1).save(image)
     capsys.readouterr()
-    G.main(["--image", str(image), "--model", ckpt[0], "--method", "dyrate", "--predictor", str(tmp_path / "p"),
+    generate.main(["--image", str(image), "--model", ckpt[0], "--method", "dyrate", "--predictor", str(tmp_path / "p"),
             "--json", "--max-new-tokens", "4"])
     got = json.loads(capsys.readouterr().out)
     assert got["method"] == "dyrate" and len(got["rates"]) == len(got["token_ids"])
     assert all(r in [i / 8 for i in range(9)] for r in got["rates"])
     with pytest.raises(ValueError, match="trained for a different model"):
-        D.RatePredictor.load(tmp_path / "p", M.LlavaConfig())
+        dyrate.RatePredictor.load(tmp_path / "p", model.LlavaConfig())
     with pytest.raises(SystemExit, match="out of reach"):
-        TR.main(argv(ckpt, data, tmp_path / "q", "--max-iters", "1", "--target-flops", "0.3"))
+        train.main(argv(ckpt, data, tmp_path / "q", "--max-iters", "1", "--target-flops", "0.3"))
 
 
 def test_torchrun_two_processes(ckpt, data, tmp_path):
@@ -144,7 +146,9 @@ def test_torchrun_two_processes(ckpt, data, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
                           "train.py", *argv(ckpt, data, tmp_path / "ddp", "--max-iters", "3", "--batch-size", "2")],
-                         capture_output=True, text=True, env=env, cwd=os.path.dirname(os.path.abspath(__file__)), timeout=120)
+                         capture_output=True, text=True, env=env, cwd=os.path.dirname(os.path.abspath(__file__)),
+                         timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.count("step 3/3") == 1  # only rank 0 logs
-    assert D.RatePredictor.load(tmp_path / "ddp", M.Llava.from_pretrained(ckpt[0]).config).meta["trained_iters"] == 3
+    assert dyrate.RatePredictor.load(tmp_path / "ddp",
+                                     model.Llava.from_pretrained(ckpt[0]).config).meta["trained_iters"] == 3

@@ -11,7 +11,7 @@ or LLaVA's conversation JSON (a list of {"image", "conversations": [{"from": "hu
 self-distillation), once: the answers are cached next to the data. Bad records are skipped and counted.
 
 Loss per batch: KL(unpruned || pruned) over the response tokens (or --loss ce: cross-entropy to the answer), plus
---flops-weight * (FLOPs ratio - target)^2, the FLOPs ratio counted by dyrate.generation_flops from the rates sampled
+--flops-weight * (FLOPs ratio - target)^2, the FLOPs ratio counted by dyrate.costs from the rates sampled
 by the straight-through Gumbel-Softmax (so its gradient reaches the predictor). The Gumbel temperature anneals from
 --tau-start to --tau-end. Every --eval-interval steps the held-out set runs through the real inference path with hard
 decisions: achieved FLOPs ratio, agreement of the greedy tokens with the unpruned model, KL. The training state is
@@ -32,10 +32,10 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import dyrate as D
-from generate import default_dtype
+import dyrate
+from generate import decode, default_dtype
 from model import Llava
-from processing import Tokenizer, preprocess
+from processing import Tokenizer, atomic_write, preprocess
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -108,13 +108,15 @@ def load_samples(path, model, tok, args, log):
         except ValueError as e:
             skipped[f"bad prompt ({e})"] += 1
             continue
-        answer_ids = tok.tok.encode(answer, add_special_tokens=False).ids + [model.config.eos_token_id] if answer else None
+        answer_ids = tok.tok.encode(answer,
+                                    add_special_tokens=False).ids + [model.config.eos_token_id] if answer else None
         if len(ids) + (len(answer_ids) if answer_ids else args.distill_max_new_tokens) > limit:
             skipped[f"longer than the context ({limit})"] += 1
             continue
         samples.append(Sample(image, prompt, ids, start, answer_ids))
         if answer_ids is None:
-            key = json.dumps([D.fingerprint(model.config), args.conv, args.pad, args.distill_max_new_tokens, image, prompt])
+            key = json.dumps([dyrate.fingerprint(model.config), args.conv, args.pad, args.distill_max_new_tokens, image,
+                              prompt])
             todo.append((samples[-1], key))
     new = [(s, key) for s, key in todo if key not in cache]
     for i, (s, key) in enumerate(new):
@@ -131,7 +133,8 @@ def load_samples(path, model, tok, args, log):
 
 def pixels(samples, model, args):
     dtype = model.language_model.lm_head.weight.dtype
-    return torch.stack([preprocess(s.image, model.config.vision.image_size, args.pad) for s in samples]).to(args.device, dtype)
+    return torch.stack([preprocess(s.image, model.config.vision.image_size, args.pad) for s in samples]).to(args.device,
+                                                                                                            dtype)
 
 
 @torch.inference_mode()
@@ -161,7 +164,8 @@ def response_logits(model, ids, px, lengths, n_answer, pruner=None):
     """Logits (B, R, V) of the rows that predict the answer tokens (row L-1+i predicts answer token i) and a (B, R)
     mask of the real ones; the LM head runs on those rows only."""
     B, T = ids.shape
-    h, _ = model.language_model.model(model.embed(ids, px), torch.arange(T, device=ids.device).expand(B, T), pruner=pruner)
+    h, _ = model.language_model.model(model.embed(ids, px), torch.arange(T, device=ids.device).expand(B, T),
+                                      pruner=pruner)
     R = int(n_answer.max())
     rows = (lengths - 1)[:, None] + torch.arange(R, device=ids.device)  # (B, R)
     valid = torch.arange(R, device=ids.device) < n_answer[:, None]
@@ -173,24 +177,22 @@ def train_loss(model, predictor, samples, args, tau, generator):
     cfg, N = model.config, model.config.n_image_tokens
     ids, lengths, starts, n_answer = batch_tensors(samples, model, args)
     px = pixels(samples, model, args)
-    pruner = D.Pruner("dyrate", N, starts, lengths, predictor.k, predictor=predictor, train=True, tau=tau,
-                      generator=generator)
+    pruner = dyrate.TrainMask(predictor, N, starts, lengths, tau, generator)
     logits, valid = response_logits(model, ids, px, lengths, n_answer, pruner)
     if args.loss == "kl":
         with torch.no_grad():
             teacher, _ = response_logits(model, ids, px, lengths, n_answer)
         per_token = F.kl_div(logits.log_softmax(-1), teacher.log_softmax(-1), log_target=True, reduction="none").sum(-1)
     else:
-        targets = ids.gather(1, (lengths[:, None] + torch.arange(logits.shape[1], device=ids.device)).clamp(max=ids.shape[1] - 1))
+        targets = ids.gather(1, (lengths[:, None] + torch.arange(logits.shape[1],
+                                                                 device=ids.device)).clamp(max=ids.shape[1] - 1))
         per_token = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
     fit = (per_token * valid).sum() / valid.sum()
-    kept = pruner.record["kept"]  # (B, T): the straight-through kept count of each query row
-    used = none = 0
+    rows = []  # the straight-through kept count of each response step: the FLOPs term's gradient reaches the predictor
     for b in range(len(samples)):
         L, n = int(lengths[b]), int(n_answer[b])
-        used = used + D.generation_flops(cfg, L, kept[b, L - 1:L - 1 + n], predictor.k, n, predictor.flops())["total"]
-        none = none + D.generation_flops(cfg, L, [N] * n, predictor.k)["total"]
-    ratio = used / none
+        rows.append(dyrate.costs(cfg, L, pruner.kept_count[b, L - 1:L - 1 + n], predictor.k, n, predictor.flops()))
+    ratio = dyrate.flops_ratio(rows)
     return fit + args.flops_weight * (ratio - args.target_flops) ** 2, fit, ratio
 
 
@@ -202,18 +204,12 @@ def train_loss(model, predictor, samples, args, tau, generator):
 def forced_decode(model, s, px, pruner, n_steps, tokens=None):
     """Decode one sample over the KV cache with a pruner. With `tokens` they are fed back (teacher forcing), else the
     greedy ones (stopping at EOS). Returns the logits of every step (n, V) and the tokens fed/chosen."""
-    dev = px.device
-    L, caches = len(s.ids), model.new_caches(1, n_steps)
-    logits = [model.step(torch.tensor([s.ids], device=dev), torch.arange(L, device=dev)[None], caches,
-                         pixel_values=px, pruner=pruner)[0]]
-    out = []
-    for t in range(1, n_steps + 1):
-        out.append(int(logits[-1].argmax()) if tokens is None else tokens[t - 1])
-        if t == n_steps or (tokens is None and out[-1] == model.config.eos_token_id):
-            break
-        logits.append(model.step(torch.tensor([[out[-1]]], device=dev), torch.tensor([[L + t - 1]], device=dev),
-                                 caches, pruner=pruner)[0])
-    return torch.stack(logits).float(), out
+    ids = torch.tensor([s.ids], device=px.device)
+    caches = model.new_caches(1, n_steps)
+    choose = None if tokens is None else (lambda t, logits: torch.tensor([tokens[t]], device=px.device))
+    steps = list(decode(model, ids, torch.tensor([len(s.ids)], device=px.device), px, caches, n_steps, pruner, choose,
+                        None if tokens is not None else model.config.eos_token_id))
+    return torch.stack([logits[0] for _, logits in steps]).float(), [int(token[0]) for token, _ in steps]
 
 
 def reference(model, samples, args):
@@ -224,61 +220,40 @@ def reference(model, samples, args):
 def evaluate(model, samples, refs, make_pruner, args):
     """Hard decisions through the inference path, teacher-forced with the unpruned greedy tokens: achieved FLOPs ratio
     (sum over samples / sum for none), top-1 agreement with those tokens, KL(unpruned || pruned) per token."""
-    used = none = agree = kl = count = 0
+    rows, agree, kl, count = [], 0, 0, 0
     for s, (ref_logits, ref_tokens) in zip(samples, refs):
         dev = torch.device(args.device)
-        pruner = make_pruner(torch.tensor([s.start], device=dev), torch.tensor([len(s.ids)], device=dev), len(ref_tokens))
+        pruner = make_pruner(torch.tensor([s.start], device=dev), torch.tensor([len(s.ids)], device=dev),
+                             len(ref_tokens))
         logits, _ = forced_decode(model, s, pixels([s], model, args), pruner, len(ref_tokens), ref_tokens)
-        kept = [int(h["kept"][0]) for h in pruner.history][:len(ref_tokens)]
-        probes = sum(h["shares"] is not None for h in pruner.history[:len(ref_tokens)])
-        pf = pruner.predictor.flops() if pruner.predictor is not None else 0
-        used += D.generation_flops(model.config, len(s.ids), kept, pruner.layer, probes, pf)["total"]
-        none += D.generation_flops(model.config, len(s.ids), [model.config.n_image_tokens] * len(ref_tokens), pruner.layer)["total"]
+        rows.append(pruner.row_summary(0, len(ref_tokens), model.config, len(s.ids)))
         agree += (logits.argmax(-1).cpu() == torch.tensor(ref_tokens)).sum().item()
         kl += F.kl_div(logits.log_softmax(-1), ref_logits.log_softmax(-1), log_target=True, reduction="sum").item()
         count += len(ref_tokens)
-    return dict(flops_ratio=used / none, agreement=agree / count, kl=kl / count)
+    return dict(flops_ratio=dyrate.flops_ratio(rows), agreement=agree / count, kl=kl / count)
 
 
 def pruner_factory(model, method, k, ramp_from=None, **kw):
     """make(start, length, n_steps) -> a Pruner for one sample; ramp_from: a hand-set schedule over its n steps."""
     N = model.config.n_image_tokens
     if ramp_from is not None:
-        return lambda start, length, n: D.Pruner("dyrate", N, start, length, k, schedule=ramp_rates(ramp_from, n), stats=False)
-    return lambda start, length, n: D.Pruner(method, N, start, length, k, stats=False, **kw)
-
-
-def matched_keep(cfg, lengths, target, k, ramp=False):
-    """FastV's kept count (or the starting rate of a hand-set ramp) whose FLOPs ratio over generations of the given
-    (prompt tokens, new tokens) is closest to `target` (FLOPs depend only on the kept counts: no forward needed)."""
-    N = cfg.n_image_tokens
-
-    def ratio(keep):
-        used = none = 0
-        for prompt_len, n in lengths:
-            kept = [min(keep, D.keep_count(r, N)) for r in ramp_rates(1 - keep / N, n)] if ramp else [keep] * n
-            used += D.generation_flops(cfg, prompt_len, kept, k, 1 if not ramp else n)["total"]
-            none += D.generation_flops(cfg, prompt_len, [N] * n, k)["total"]
-        return used / none
-    return min(range(N + 1), key=lambda keep: abs(ratio(keep) - target))
-
-
-def ramp_rates(r0, n):
-    """A hand-set dynamic schedule: from r0 at prefill up to 1 at the last step."""
-    return [r0 + (1 - r0) * t / max(n - 1, 1) for t in range(n)]
+        return lambda start, length, n: dyrate.Pruner("dyrate", N, start, length, k,
+                                                      schedule=dyrate.ramp_rates(ramp_from, n), stats=False)
+    return lambda start, length, n: dyrate.Pruner(method, N, start, length, k, stats=False, **kw)
 
 
 def compare(model, predictor, samples, refs, args, log):
     """The README table: the learned predictor against FastV and a hand-set ramp at the same FLOPs, VTW, none."""
     N, k = model.config.n_image_tokens, predictor.k
     rows = {"none": evaluate(model, samples, refs, pruner_factory(model, "none", k), args)}
-    rows["dyrate (learned)"] = evaluate(model, samples, refs, pruner_factory(model, "dyrate", k, predictor=predictor), args)
+    rows["dyrate (learned)"] = evaluate(model, samples, refs, pruner_factory(model, "dyrate", k, predictor=predictor),
+                                        args)
     target = rows["dyrate (learned)"]["flops_ratio"]
     lengths = [(len(s.ids), len(tokens)) for s, (_, tokens) in zip(samples, refs)]
-    keep = matched_keep(model.config, lengths, target, k)
+    keep = dyrate.matched_keep(model.config, lengths, target, k)
     rows[f"fastv R={1 - keep / N:.3f} (= constant-rate dyrate)"] = evaluate(
         model, samples, refs, pruner_factory(model, "fastv", k, ratio=1 - keep / N), args)
-    start = matched_keep(model.config, lengths, target, k, ramp=True)
+    start = dyrate.matched_keep(model.config, lengths, target, k, ramp=True)
     rows[f"dyrate hand-set ramp {1 - start / N:.3f} -> 1"] = evaluate(
         model, samples, refs, pruner_factory(model, "dyrate", k, ramp_from=1 - start / N), args)
     rows["vtw"] = evaluate(model, samples, refs, pruner_factory(model, "vtw", k), args)
@@ -293,10 +268,10 @@ def compare(model, predictor, samples, refs, args, log):
 
 
 def atomic_json(obj, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f)
+    atomic_write(path, write)
 
 
 def save_state(path, predictor, optimizer, generator, it, args, best):
@@ -307,9 +282,7 @@ def save_state(path, predictor, optimizer, generator, it, args, best):
     tensors["generator"] = generator.get_state().cpu()
     meta = dict(iter=it, args=vars(args), param_groups=opt["param_groups"], best=best,
                 predictor=dict(n_heads=predictor.n_heads, rates=predictor.rates, k=predictor.k))
-    tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata={"train_state": json.dumps(meta)})
-    os.replace(tmp, path)  # atomic: a crash leaves the old state or the new one, never half of one
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"train_state": json.dumps(meta)}))
 
 
 def load_state(path, predictor, optimizer, generator):
@@ -428,14 +401,15 @@ def main(argv=None):
         if not samples or not val:
             raise ValueError(f"need training and held-out samples: got {len(samples)} and {len(val)}")
         if args.eval_only:
-            predictor = D.RatePredictor.load(args.out, cfg, args.device)
+            predictor = dyrate.RatePredictor.load(args.out, cfg, args.device)
         else:
-            predictor = D.RatePredictor(cfg.text.num_attention_heads, parse_rates(args.rates), args.k).to(args.device)
-            floor = sum(D.generation_flops(cfg, len(s.ids), [0] * len(s.answer), args.k)["total"] for s in samples) / \
-                sum(D.generation_flops(cfg, len(s.ids), [cfg.n_image_tokens] * len(s.answer), args.k)["total"] for s in samples)
+            predictor = dyrate.RatePredictor(cfg.text.num_attention_heads, parse_rates(args.rates),
+                                             args.k).to(args.device)
+            floor = dyrate.flops_ratio([dyrate.costs(cfg, len(s.ids), [0] * len(s.answer), args.k) for s in samples])
             if not floor < args.target_flops <= 1:
                 raise ValueError(f"--target-flops {args.target_flops} is out of reach: dropping every image token "
-                                 f"gives {floor:.3f} of none's FLOPs on this data; choose a target in ({floor:.3f}, 1].")
+                                 f"gives {floor:.3f} of none's FLOPs on this data; choose a target in "
+                                 f"({floor:.3f}, 1].")
         log(predictor.describe(cfg))
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
@@ -455,7 +429,7 @@ def main(argv=None):
 
     def checkpoint(evaluation=None):
         if rank == 0:
-            predictor.save(args.out, D.fingerprint(cfg), dict(trained_iters=it, target_flops=args.target_flops,
+            predictor.save(args.out, dyrate.fingerprint(cfg), dict(trained_iters=it, target_flops=args.target_flops,
                                                                  held_out=evaluation))
             save_state(state_path, predictor, optimizer, generator, it, args, evaluation)
 
@@ -484,7 +458,8 @@ def main(argv=None):
                     f"{(time.perf_counter() - t0) * 1e3:.0f} ms")
             if it % args.eval_interval == 0 or it == args.max_iters:
                 if rank == 0:
-                    best = evaluate(model, val, refs, pruner_factory(model, "dyrate", args.k, predictor=predictor), args)
+                    best = evaluate(model, val, refs, pruner_factory(model, "dyrate", args.k, predictor=predictor),
+                                    args)
                     log(f"held-out, hard decisions: FLOPs ratio {best['flops_ratio']:.3f} (target {args.target_flops})"
                         f" | agreement with unpruned {best['agreement']:.3f} | KL/token {best['kl']:.4f}")
                 checkpoint(best)

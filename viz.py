@@ -19,14 +19,15 @@ TYPES = ("system", "image", "instruction", "response")
 
 
 def model_view(image, image_size, pad):
-    """The centre crop the model saw, as an RGB uint8 array (undoing the normalisation of model.preprocess)."""
+    """The centre crop the model saw, as an RGB uint8 array (undoing the normalisation of processing.preprocess)."""
     x = preprocess(image, image_size, pad).numpy().transpose(1, 2, 0)  # (S, S, 3)
     return np.clip((x * np.array(CLIP_STD) + np.array(CLIP_MEAN)) * 255 + 0.5, 0, 255).astype(np.uint8)
 
 
 def frames(view, row, tokenizer, cfg, size=336, text_height=120):
     """One picture per step: patches dropped so far greyed out, and the step's numbers and text below."""
-    grid, patch = cfg.vision.image_size // cfg.vision.patch_size, size // (cfg.vision.image_size // cfg.vision.patch_size)
+    grid = cfg.vision.image_size // cfg.vision.patch_size
+    patch = size // grid
     base = Image.fromarray(view).resize((grid * patch, grid * patch), Image.NEAREST)
     first = 1 if cfg.vision_feature_select_strategy == "full" else 0  # feature 0 is CLS, not a patch
     font, dropped, out = ImageFont.load_default(size=13), np.zeros(cfg.n_image_tokens, bool), []
@@ -66,7 +67,8 @@ def shares_plot(shares, width=640, height=360):
     draw.text(((left + right) // 2 - 40, height - 18), "generation step", fill="black", font=font)
     for j, (name, colour) in enumerate(zip(TYPES, COLOURS)):
         points = [(x, bottom - s[j] * (bottom - top)) for x, s in zip(xs, shares)]
-        draw.line(points, fill=colour, width=2) if n > 1 else draw.ellipse((*[v - 3 for v in points[0]], *[v + 3 for v in points[0]]), fill=colour)
+        draw.line(points, fill=colour, width=2) if n > 1 else draw.ellipse((*[v - 3 for v in points[0]],
+                                                                            *[v + 3 for v in points[0]]), fill=colour)
         draw.line((right + 12, top + 12 + 20 * j, right + 32, top + 12 + 20 * j), fill=colour, width=3)
         draw.text((right + 38, top + 5 + 20 * j), name, fill="black", font=font)
     return img

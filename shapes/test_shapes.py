@@ -1,5 +1,5 @@
 """
-Tests of the shapes model (shapes.py): the data generator is deterministic, the shipped checkpoint loads through the
+Tests of the shapes toy: the data generator is deterministic, the shipped checkpoint loads through the
 real from_pretrained path and answers the example questions, and DyRate with the shipped predictor keeps accuracy.
 CPU, seconds.
 """
@@ -12,14 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import dyrate as D
-import generate as G
-import model as M
-import processing as P
-import shapes as S
-import shapes_model as SM
+import dyrate
+import generate
+import model
+import processing
+from shapes import data, experiment, train_model
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 SHIPPED = os.path.join(HERE, "models", "shapes")
 EXAMPLES = os.path.join(HERE, "assets", "examples")
 
@@ -27,15 +26,16 @@ EXAMPLES = os.path.join(HERE, "assets", "examples")
 def test_data_generator_is_deterministic(tmp_path):
     a, b = random.Random(7), random.Random(7)
     for _ in range(20):
-        sa, sb = S.sample(a), S.sample(b)
+        sa, sb = data.sample(a), data.sample(b)
         assert sa == sb
-        assert np.array_equal(np.asarray(S.draw(sa[0])), np.asarray(S.draw(sb[0])))
-    S.write_dataset(str(tmp_path / "x"), 5, 3, "test")
-    S.write_dataset(str(tmp_path / "y"), 5, 3, "test")
+        assert np.array_equal(np.asarray(data.draw(sa[0])), np.asarray(data.draw(sb[0])))
+    data.write_dataset(str(tmp_path / "x"), 5, 3, "test")
+    data.write_dataset(str(tmp_path / "y"), 5, 3, "test")
     assert (tmp_path / "x" / "test.jsonl").read_text() == (tmp_path / "y" / "test.jsonl").read_text()
     for i in range(5):
-        assert (tmp_path / "x" / f"test/{i:05d}.png").read_bytes() == (tmp_path / "y" / f"test/{i:05d}.png").read_bytes()
-    assert (tmp_path / "x" / "test.jsonl").read_text() != (S.write_dataset(str(tmp_path / "z"), 5, 4, "test") or
+        name = f"test/{i:05d}.png"
+        assert (tmp_path / "x" / name).read_bytes() == (tmp_path / "y" / name).read_bytes()
+    assert (tmp_path / "x" / "test.jsonl").read_text() != (data.write_dataset(str(tmp_path / "z"), 5, 4, "test") or
                                                             (tmp_path / "z" / "test.jsonl").read_text())
 
 
@@ -47,27 +47,31 @@ def two_shapes():
 
 def test_scene_text_and_patch_labels():
     scene = two_shapes()
-    qa = S.questions(scene)
+    qa = data.questions(scene)
     answers = dict(qa)
-    assert answers[S.CAPTION_PROMPT] == "An orange circle at the top left and a red square at the middle center."
+    assert answers[data.CAPTION_PROMPT] == "An orange circle at the top left and a red square at the middle center."
     assert answers["How many shapes are there?"] == "two" and answers["What color is the square?"] == "red"
-    assert answers["What is at the middle center?"] == "a red square" and answers["What is at the top left?"] == "an orange circle"
-    assert [q for q, _ in qa if q.startswith("What is at")] == ["What is at the top left?", "What is at the middle center?"]
-    kind, row, col = S.patch_labels(scene).reshape(3, 16, 16)
-    orange_circle, red_square = S.item_label(scene["items"][0])[0], S.item_label(scene["items"][1])[0]
-    assert orange_circle == 1 + 0 * 6 + list(S.COLOURS).index("orange") and red_square == 1 + 1 * 6 + 0
+    assert answers["What is at the middle center?"] == "a red square"
+    assert answers["What is at the top left?"] == "an orange circle"
+    assert [q for q, _ in qa if q.startswith("What is at")] == ["What is at the top left?",
+                                                                "What is at the middle center?"]
+    kind, row, col = data.patch_labels(scene).reshape(3, 16, 16)
+    orange_circle, red_square = data.item_label(scene["items"][0])[0], data.item_label(scene["items"][1])[0]
+    assert orange_circle == 1 + 0 * 6 + list(data.COLOURS).index("orange") and red_square == 1 + 1 * 6 + 0
     assert (kind[2:4, 2:4] == orange_circle).all() and (kind[7:10, 7:10] == red_square).all()  # 2 x 2 and 3 x 3 patches
     assert (kind > 0).sum() == 13
     assert (row[2:4, 2:4] == 0).all() and (col[2:4, 2:4] == 0).all() and (row[7:10, 7:10] == 1).all()
     assert (col[7:10, 7:10] == 1).all() and ((row == 3) == (kind == 0)).all() and ((col == 3) == (kind == 0)).all()
-    assert S.item_label(scene["items"][1]) == (red_square, 1, 1)
+    assert data.item_label(scene["items"][1]) == (red_square, 1, 1)
 
 
 def test_training_steps_keep_shapes_first():
     scene, N = two_shapes(), 256
-    cover = torch.tensor(S.coverage(scene).max(0))
-    for keep, whole in ((SM.CHEAP_KEEP, 0.0), (SM.PRUNE_KEEP, SM.PRUNE_WHOLE)):
-        draws = [SM.pruned_keys([S.coverage(scene)] * 2, random.Random(i), keep, whole) for i in range(60)]
+    cover = torch.tensor(data.coverage(scene).max(0))
+    for keep, whole in ((train_model.CHEAP_KEEP, 0.0), (train_model.PRUNE_KEEP,
+                                                               train_model.PRUNE_WHOLE)):
+        draws = [train_model.pruned_keys([data.coverage(scene)] * 2, random.Random(i), keep,
+                                                whole) for i in range(60)]
         assert abs(sum(k is None for k in draws) - 60 * whole) <= 10  # steps that keep every image token
         for kept in (k for k in draws if k is not None):
             n = kept.shape[1]
@@ -85,36 +89,36 @@ def test_packed_rows_match_single_prompts(shipped):
     """packed_forward's two passes (the prefix, then every segment over the caches) give each question exactly the
     logits of its own single-turn prompt; with kept image tokens, exactly those of hiding the others from layers >= K
     in that prompt alone (physical dropping = masking)."""
-    model, tok = shipped
-    cfg, lm, K = model.config, model.language_model.model, SM.PRUNE_LAYER
-    scenes = [two_shapes(), S.make_scene(random.Random(3))]
-    ids, positions, segment, px, flat, targets = SM.packed_batch(model, tok, scenes)[:6]
+    llava, tok = shipped
+    cfg, lm, K = llava.config, llava.language_model.model, train_model.PRUNE_LAYER
+    scenes = [two_shapes(), data.make_scene(random.Random(3))]
+    ids, positions, segment, px, flat, targets = train_model.packed_batch(llava, tok, scenes)[:6]
     prefix, N = int((segment[0] == 0).sum()), cfg.n_image_tokens
     kept = torch.stack([torch.arange(0, N - 1, 3), torch.arange(1, N, 3)])  # (2, n)
     with torch.no_grad():
-        logits = [SM.packed_forward(model, ids, positions, segment, px, k)[3] for k in (None, kept)]
+        logits = [train_model.packed_forward(llava, ids, positions, segment, px, k)[3] for k in (None, kept)]
         assert logits[0].shape == (2, ids.shape[1] - prefix, cfg.text.vocab_size)
         assert F.cross_entropy(logits[0].flatten(0, 1)[flat], targets) < 0.05  # the loss rows are the answers
         for b, scene in enumerate(scenes):
-            for s, (q, a) in enumerate(S.questions(scene), 1):
+            for s, (q, a) in enumerate(data.questions(scene), 1):
                 at = (segment[b] == s).nonzero()[:, 0]  # (Ts,)
                 single = ids[b, :prefix].tolist() + ids[b, at].tolist()
                 assert single[:len(tok.encode_prompt(q)[0])] == tok.encode_prompt(q)[0]
-                x, whole = model.embed(torch.tensor([single]), px[b:b + 1]), torch.arange(len(single))[None]
-                ref = model.language_model.lm_head(lm(x, whole)[0])[0, prefix:]
+                x, whole = llava.embed(torch.tensor([single]), px[b:b + 1]), torch.arange(len(single))[None]
+                ref = llava.language_model.lm_head(lm(x, whole)[0])[0, prefix:]
                 torch.testing.assert_close(logits[0][b, at - prefix], ref, atol=2e-4, rtol=1e-4)
                 hide = torch.ones(1, len(single), len(single), dtype=torch.bool)
                 hide[..., prefix - N:prefix] = False
                 hide[..., prefix - N + kept[b]] = True
                 h = lm.run(0, K, x, whole, None)[0]
                 h = lm.norm(lm.run(K, cfg.text.num_hidden_layers, h, whole, None, key_weight=hide)[0])
-                torch.testing.assert_close(logits[1][b, at - prefix], model.language_model.lm_head(h)[0, prefix:],
+                torch.testing.assert_close(logits[1][b, at - prefix], llava.language_model.lm_head(h)[0, prefix:],
                                            atol=2e-4, rtol=1e-4)
 
 
 def test_ranking_loss_wants_the_shapes_attended_evenly():
     scene, start, N, T = two_shapes(), 3, 256, 270
-    covered = torch.tensor(S.item_patches(scene), dtype=torch.float32)  # (2, N)
+    covered = torch.tensor(data.item_patches(scene), dtype=torch.float32)  # (2, N)
     even = torch.zeros(1, 2, 1, T)
     even[..., start:start + N] = 0.4 * (covered / covered.sum(1, keepdim=True)).sum(0)  # 0.2 per shape, 0.6 on text
     even[..., -1] = 0.6
@@ -123,25 +127,28 @@ def test_ranking_loss_wants_the_shapes_attended_evenly():
     one = torch.zeros(1, 2, 1, T)
     one[..., start:start + N] = covered[1] / covered[1].sum()
     valid = torch.ones(1, 1)
-    loss = {k: SM.ranking_loss(p, valid, [S.coverage(scene)], start).item() for k, p in
+    loss = {k: train_model.ranking_loss(p, valid, [data.coverage(scene)], start).item() for k, p in
             dict(even=even, background=background, one=one).items()}
     assert loss["even"] == pytest.approx(-np.log(0.5 + 1e-4), abs=1e-4)
-    assert loss["background"] == pytest.approx(-np.log(1e-4), abs=1e-3) and loss["even"] < loss["one"] < loss["background"]
+    assert loss["background"] == pytest.approx(-np.log(1e-4),
+                                               abs=1e-3) and loss["even"] < loss["one"] < loss["background"]
     probs = background.clone().requires_grad_(True)
-    SM.ranking_loss(probs, valid, [S.coverage(scene)], start).backward()
+    train_model.ranking_loss(probs, valid, [data.coverage(scene)], start).backward()
     assert (probs.grad[0, :, 0, start:start + N][:, covered.sum(0) > 0] < 0).all()  # more on the shapes: lower loss
 
 
 def test_shapes_training_runs_and_saves_a_loadable_checkpoint(tmp_path):
-    model, tok, cfg = SM.train_model(str(tmp_path), iters=2, vision_iters=1, batch=2, lr=1e-3, seed=0, eval_every=100,
+    llava, tok, cfg = train_model.train_model(str(tmp_path), iters=2, vision_iters=1, batch=2, lr=1e-3, seed=0,
+                                              eval_every=100,
                                      prune_iters=1, n_val=2, log=lambda msg: None)
-    SM.save_model(model, str(tmp_path))
-    again = M.Llava.from_pretrained(str(tmp_path))
+    train_model.save_model(llava, str(tmp_path))
+    again = model.Llava.from_pretrained(str(tmp_path))
     assert again.config == cfg and cfg.n_image_tokens == 256
-    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+    for (name, a), b in zip(llava.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a.half().float(), b), name
     (tmp_path / "more").mkdir()  # --init: going on from a saved shapes model (e.g. only pruning-aware steps)
-    more = SM.train_model(str(tmp_path / "more"), iters=1, vision_iters=0, batch=2, lr=1e-3, seed=1, eval_every=100,
+    more = train_model.train_model(str(tmp_path / "more"), iters=1, vision_iters=0, batch=2, lr=1e-3, seed=1,
+                                   eval_every=100,
                           prune_iters=1, init=str(tmp_path), n_val=1, log=lambda msg: None)[0]
     moved = [not torch.equal(a, b) for a, b in zip(again.state_dict().values(), more.state_dict().values())]
     assert all(p.requires_grad for p in more.parameters()) and sum(moved) > len(moved) // 2
@@ -153,49 +160,50 @@ def test_shapes_training_runs_and_saves_a_loadable_checkpoint(tmp_path):
 
 @pytest.fixture(scope="module")
 def shipped():
-    model = M.Llava.from_pretrained(SHIPPED)  # the real loader: llava-hf layout, config.json, tokenizer.json
-    return model, P.Tokenizer(SHIPPED, model.config)
+    llava = model.Llava.from_pretrained(SHIPPED)  # the real loader: llava-hf layout, config.json, tokenizer.json
+    return llava, processing.Tokenizer(SHIPPED, llava.config)
 
 
 def test_shipped_model_answers_the_examples(shipped):
-    model, tok = shipped
+    llava, tok = shipped
     with open(os.path.join(EXAMPLES, "examples.json")) as f:
         examples = json.load(f)
-    assert len(examples) >= 8 and {S.task(e["prompt"]) for e in examples} == {"caption", "colour", "count", "position"}
-    rows = G.generate(model, tok, [os.path.join(EXAMPLES, e["image"]) for e in examples],
+    assert len(examples) >= 8 and {data.task(e["prompt"]) for e in examples} == {"caption", "colour", "count",
+                                                                                        "position"}
+    rows = generate.generate(llava, tok, [os.path.join(EXAMPLES, e["image"]) for e in examples],
                       [e["prompt"] for e in examples], max_new_tokens=48, stats=False).rows
     assert [r["text"] for r in rows] == [e["answer"] for e in examples]
 
 
 def test_cli_runs_the_shipped_model_by_default(capsys):
     image = os.path.join(EXAMPLES, "0.png")
-    G.main(["--image", image, "--json"])  # no --model: the shipped shapes model
+    generate.main(["--image", image, "--json"])  # no --model: the shipped shapes model
     with open(os.path.join(EXAMPLES, "examples.json")) as f:
-        caption = next(e["answer"] for e in json.load(f) if e["image"] == "0.png" and e["prompt"] == S.CAPTION_PROMPT)
+        caption = next(e["answer"] for e in json.load(f)
+                       if e["image"] == "0.png" and e["prompt"] == data.CAPTION_PROMPT)
     assert json.loads(capsys.readouterr().out)["text"] == caption
 
 
 def held_out(n, seed=12345):
     """A small fixed held-out set drawn by seed (not the training stream's seed)."""
     rng = random.Random(seed)
-    return [dict(image=S.draw(scene), prompt=q, answer=a) for scene, q, a in (S.sample(rng) for _ in range(n))]
+    return [dict(image=data.draw(scene), prompt=q, answer=a) for scene, q,
+            a in (data.sample(rng) for _ in range(n))]
 
 
 @pytest.fixture(scope="module")
 def unpruned(shipped):
     """The small fixed held-out set and the unpruned model's exact-match accuracy on it."""
     records = held_out(96)
-    return records, S.evaluate_answers(*shipped, records)[0]
+    return records, experiment.evaluate_answers(*shipped, records)[0]
 
 
 def dyrate_on_held_out(shipped, budget):
-    model, tok = shipped
-    cfg, records = model.config, held_out(96)
-    predictor = D.RatePredictor.load(os.path.join(SHIPPED, f"predictor-{budget}"), cfg)
-    accuracy, rows = S.evaluate_answers(model, tok, records, method="dyrate", predictor=predictor)
-    none = sum(D.generation_flops(cfg, r["prompt_tokens"], [cfg.n_image_tokens] * len(r["token_ids"]), r["k"])["total"]
-               for r in rows)
-    return accuracy, sum(r["flops"] for r in rows) / none
+    llava, tok = shipped
+    cfg, records = llava.config, held_out(96)
+    predictor = dyrate.RatePredictor.load(os.path.join(SHIPPED, f"predictor-{budget}"), cfg)
+    accuracy, rows = experiment.evaluate_answers(llava, tok, records, method="dyrate", predictor=predictor)
+    return accuracy, dyrate.flops_ratio(rows)
 
 
 def test_unpruned_shipped_model_is_accurate(unpruned):
@@ -213,16 +221,17 @@ def test_dyrate_keeps_accuracy_at_its_budget(shipped, unpruned, budget):
 
 def test_held_out_set_sees_pruning_that_loses_the_image(shipped, unpruned):
     """The control for the test above: dropping every image token (VTW) from layer 2 on loses most answers here."""
-    accuracy = S.evaluate_answers(*shipped, unpruned[0], method="vtw")[0]
+    accuracy = experiment.evaluate_answers(*shipped, unpruned[0], method="vtw")[0]
     assert accuracy < unpruned[1] - 0.4
 
 
 def test_experiment_command_end_to_end(tmp_path):
-    S.write_dataset(str(tmp_path), 6, 99, "test")
-    table = S.experiment(SHIPPED, str(tmp_path / "test.jsonl"), [os.path.join(SHIPPED, "predictor-0.55")],
+    data.write_dataset(str(tmp_path), 6, 99, "test")
+    table = experiment.experiment(SHIPPED, str(tmp_path / "test.jsonl"), [os.path.join(SHIPPED, "predictor-0.55")],
                          str(tmp_path / "out"), n_timed=1, log=lambda msg: None)
     assert set(table) == {"none", "vtw", "predictor-0.55"}
     assert set(table["predictor-0.55"]) == {"learned", "fastv", "ramp"}
-    assert table["vtw"]["flops_ratio"] < table["predictor-0.55"]["learned"]["flops_ratio"] < 1 == table["none"]["flops_ratio"]
-    assert abs(table["predictor-0.55"]["fastv"]["flops_ratio"] - table["predictor-0.55"]["learned"]["flops_ratio"]) < 0.05
+    learned, fastv = table["predictor-0.55"]["learned"]["flops_ratio"], table["predictor-0.55"]["fastv"]["flops_ratio"]
+    assert table["vtw"]["flops_ratio"] < learned < 1 == table["none"]["flops_ratio"]
+    assert abs(fastv - learned) < 0.05
     assert (tmp_path / "out" / "experiment.json").exists() and list((tmp_path / "out").glob("example0*.gif"))

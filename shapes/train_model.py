@@ -1,10 +1,14 @@
 """
-The shapes model's network and its training from scratch (shapes.py's `model` command): model.py's classes at a tiny
-size, a llava-hf checkpoint folder out. Stage 1 trains the vision tower alone on patch labels; stage 2 trains everything
-on packed rows (every question about a scene in one row, the image encoded once) with two training-only heads, dropping
-image tokens from layer 2 on, physically: most of the background in the first steps (cheap ones), any share in the
-last, pruning-aware ones, so that FastV / DyRate can drop image tokens from layers >= 2 without losing answers.
+The shapes model's training from scratch: model.py's classes at a tiny size, a llava-hf checkpoint folder out.
+
+    python -m shapes.train_model --out models/shapes     # ~15 minutes on 2 CPU cores; docs/shapes.md says how
+
+Stage 1 trains the vision tower alone on patch labels; stage 2 trains everything on packed rows (every question about
+a scene in one row, the image encoded once) with two training-only heads, dropping image tokens from layer 2 on,
+physically: most of the background in the first steps (cheap ones), any share in the last, pruning-aware ones, so
+that FastV / DyRate can drop image tokens from layers >= 2 without losing answers.
 """
+import argparse
 import json
 import os
 import random
@@ -16,10 +20,22 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-import model as M
-import processing as P
-from shapes import (CELLS, COLOURS, COVERED, IMAGE_SIZE, SHAPES, accuracy_line, corpus, coverage, draw,
-                    evaluate_answers, item_label, make_scene, named, patch_labels, questions, sample, task)
+import dyrate
+import model
+import processing
+from shapes.data import (CELLS, COLOURS, COVERED, IMAGE_SIZE, SHAPES, coverage, draw, item_label, make_scene, named,
+                         patch_labels, questions, sample, task)
+from shapes.experiment import accuracy_line, evaluate_answers
+
+
+def corpus():
+    """Every text the model will see, for the tokenizer."""
+    rng, lines = random.Random(0), [processing.SYSTEM_PROMPT, *processing.TEMPLATES.values()]
+    for _ in range(3000):
+        scene = make_scene(rng)
+        lines += [f"USER: \n{q} ASSISTANT: {a}" for q, a in questions(scene)]
+    return lines
+
 
 
 def factor_loss(logits, labels, sizes):
@@ -32,10 +48,10 @@ def factor_loss(logits, labels, sizes):
 def model_config(vocab_size, image_token_index, pad_token_id):
     """Tiny LLaVA whose FLOPs sit mostly in a deep, narrow decoder (so pruning image tokens from layers >= 2 matters):
     CLIP 64 wide x 2 blocks (feature = last block), decoder 128 wide x 12 layers, 256 image tokens."""
-    return M.LlavaConfig(
-        vision=M.VisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+    return model.LlavaConfig(
+        vision=model.VisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                               image_size=IMAGE_SIZE, patch_size=14),
-        text=M.TextConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=352, num_hidden_layers=12,
+        text=model.TextConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=352, num_hidden_layers=12,
                           num_attention_heads=8, num_key_value_heads=8, head_dim=16, max_position_embeddings=512,
                           rope_theta=1e6),  # NOTE: 16-dim heads keep few slowly turning RoPE pairs at 1e4
         image_token_index=image_token_index, pad_token_id=pad_token_id, vision_feature_layer=-1)
@@ -53,21 +69,21 @@ def save_config(cfg, folder):
         json.dump(dict(image_processor_type="CLIPImageProcessor", size={"shortest_edge": IMAGE_SIZE}, resample=3,
                        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_center_crop=True, do_resize=True,
                        do_rescale=True, do_normalize=True, do_convert_rgb=True, rescale_factor=1 / 255,
-                       image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711]), f)
+                       image_mean=list(processing.CLIP_MEAN), image_std=list(processing.CLIP_STD)), f)
 
 
-def save_model(model, folder):
+def save_model(llava, folder):
     """model.safetensors in fp16, the hub's key layout (our module names), written atomically."""
-    path = os.path.join(folder, "model.safetensors")
-    save_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, path + ".tmp", metadata={"format": "pt"})
-    os.replace(path + ".tmp", path)
+    tensors = {k: v.half().contiguous() for k, v in llava.state_dict().items()}
+    processing.atomic_write(os.path.join(folder, "model.safetensors"),
+                            lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
 
-def init_weights(model):
+def init_weights(llava):
     """GPT-2-style initialisation (model.py builds modules with PyTorch's defaults, meant to be overwritten by a load):
     N(0, 0.02), the projections into the residual stream scaled by 1/sqrt(2 * layers)."""
-    layers = model.config.text.num_hidden_layers
-    for name, p in model.named_parameters():
+    layers = llava.config.text.num_hidden_layers
+    for name, p in llava.named_parameters():
         if name.endswith("norm.weight") or "layer_norm" in name or "layrnorm" in name:
             torch.nn.init.ones_(p) if name.endswith("weight") else torch.nn.init.zeros_(p)
         elif name.endswith("bias"):
@@ -76,11 +92,11 @@ def init_weights(model):
             residual = name.endswith(("o_proj.weight", "down_proj.weight", "out_proj.weight", "fc2.weight"))
             torch.nn.init.normal_(p, std=0.02 / (2 * layers) ** 0.5 if residual else 0.02)
     with torch.no_grad():  # CLIP's position embeddings start as 2-D sine-cosine (as in MAE), then train
-        grid, dim = model.config.vision.image_size // model.config.vision.patch_size, model.config.vision.hidden_size
+        grid, dim = llava.config.vision.image_size // llava.config.vision.patch_size, llava.config.vision.hidden_size
         freqs = 1.0 / 100 ** (torch.arange(dim // 4) / (dim // 4))  # (dim/4,)
         rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
         angles = torch.cat([rows.reshape(-1, 1) * freqs, cols.reshape(-1, 1) * freqs], dim=1)  # (grid^2, dim/2)
-        table = model.vision_tower.vision_model.embeddings.position_embedding.weight
+        table = llava.vision_tower.vision_model.embeddings.position_embedding.weight
         table[1:] = torch.cat([angles.sin(), angles.cos()], dim=1) * 0.5
 
 
@@ -127,15 +143,15 @@ def packed(tok, cfg, scene):
     return ids, positions, segment, rows, targets, about
 
 
-def packed_batch(model, tok, scenes):
+def packed_batch(llava, tok, scenes):
     """Packed rows for scenes, padded at the end: ids, positions, segments (B, T), pixel values, then, indexing the
     rows after the shared prefix (what packed_forward returns): the flat indices and targets of the loss rows, for the
     reading loss the loss rows about a shape (B, R), that shape's item_label (B, R, 3) and which of the R are real
     (B, R), and for the ranking loss the loss rows (B, L) and which are real."""
-    rows = [packed(tok, model.config, s) for s in scenes]
+    rows = [packed(tok, llava.config, s) for s in scenes]
     B, T = len(rows), max(len(r[0]) for r in rows)
     prefix = rows[0][2].count(0)  # the prefix, the same in every row: BOS ... last image token
-    ids = torch.full((B, T), model.config.pad_token_id)
+    ids = torch.full((B, T), llava.config.pad_token_id)
     positions, segment = torch.zeros(B, T, dtype=torch.long), torch.full((B, T), -1)
     flat, targets, reads, per_row = [], [], [], []
     for b, (seq, pos, seg, loss_rows, tgt, about) in enumerate(rows):
@@ -157,7 +173,7 @@ def packed_batch(model, tok, scenes):
     loss_rows, loss_valid = torch.zeros(B, L, dtype=torch.long), torch.zeros(B, L)
     for b, r in enumerate(per_row):
         loss_rows[b, :len(r)], loss_valid[b, :len(r)] = torch.tensor(r), 1
-    px = torch.stack([P.preprocess(draw(s), IMAGE_SIZE) for s in scenes])
+    px = torch.stack([processing.preprocess(draw(s), IMAGE_SIZE) for s in scenes])
     return (ids, positions, segment, px, torch.tensor(flat), torch.tensor(targets), (read_rows, read_label, read_valid),
             (loss_rows, loss_valid))
 
@@ -166,7 +182,7 @@ READ_LAYERS = 4  # the reading loss looks at the hidden states after this many d
 PRUNE_LAYER = 2  # K: pruning-aware training hides image tokens from layers >= K, ranks them at layer K-1
 
 
-def packed_forward(model, ids, positions, segment, px, kept=None, rank_rows=None):
+def packed_forward(llava, ids, positions, segment, px, kept=None, rank_rows=None):
     """Packed rows through the model in two passes over per-layer KV caches, as generation runs: the shared prefix
     alone (causal), then all the segments at once (each sees the cached prefix and itself). kept (B, n): the image
     tokens (indices into the N) each row keeps from layer PRUNE_LAYER on, the same number in every row; the others are
@@ -174,21 +190,20 @@ def packed_forward(model, ids, positions, segment, px, kept=None, rank_rows=None
     features (B, N, Cv) and, for the segment tokens only (B, Ts = T - prefix): the hidden states after READ_LAYERS
     decoder layers (B, Ts, C), the attention probabilities of rank_rows (B, R) at layer PRUNE_LAYER - 1 over the
     whole prefix and the segments (B, nh, R, prefix + Ts) or None, and the logits (B, Ts, vocab)."""
-    cfg, lm = model.config, model.language_model.model
+    cfg, lm = llava.config, llava.language_model.model
     K, L, N = PRUNE_LAYER, cfg.text.num_hidden_layers, cfg.n_image_tokens
-    vision = model.vision_tower.vision_model(px, cfg.n_vision_layers_used)[:, 1:]  # (B, N, Cv), no CLS
-    x = lm.embed_tokens(ids)
-    x = x.masked_scatter((ids == cfg.image_token_index)[..., None], model.multi_modal_projector(vision).to(x.dtype))
+    vision = llava.vision_features(px)  # (B, N, Cv)
+    x = llava.embed(ids, vision=vision)  # (B, T, C)
     B, T, C = x.shape
     prefix = int((segment[0] == 0).sum())  # BOS ... last image token, in every row
     full = lambda n: torch.full((B,), n)  # noqa: E731 (every token of a chunk is real: padding is masked by segment)
-    caches = model.new_caches(B, T - prefix)
+    caches = llava.new_caches(B, T - prefix)
     h, _ = lm.run(0, K, x[:, :prefix], positions[:, :prefix], full(prefix), caches)  # (B, prefix, C)
     keys, pos = prefix, positions[:, :prefix]
     if kept is not None:  # layers >= K hold only the text and the kept image tokens of the prefix
-        start = prefix - N
-        idx = torch.cat([torch.arange(start).expand(B, start), start + kept], 1)  # (B, start + n), in order
-        h, pos, keys = h.gather(1, idx[..., None].expand(-1, -1, C)), positions.gather(1, idx), idx.shape[1]
+        drop = torch.ones(B, N, dtype=torch.bool).scatter(1, kept, False)  # (B, N)
+        h, pos, _ = dyrate.drop_tokens(h, pos, full(prefix), drop, full(prefix - N), N)  # (B, prefix - N + n, C)
+        keys = h.shape[1]
     lm.run(K, L, h, pos, full(keys), caches)  # fills the caches of layers K.. (the prefix's own output is not needed)
     seg = segment[:, prefix:]  # (B, Ts), -1 = padding
     same = seg[:, None, :] == seg[:, :, None]  # (B, Ts, Ts): a segment sees itself (the causal mask does the rest)
@@ -197,7 +212,7 @@ def packed_forward(model, ids, positions, segment, px, kept=None, rank_rows=None
     xs, probs = lm.run(0, K, xs, pos, full(T - prefix), caches, probe_rows=rank_rows, key_weight=sees(prefix))
     mid, _ = lm.run(K, READ_LAYERS, xs, pos, full(T - prefix), caches, key_weight=sees(keys))
     xs, _ = lm.run(READ_LAYERS, L, mid, pos, full(T - prefix), caches, key_weight=sees(keys))
-    return vision, mid, probs, model.language_model.lm_head(lm.norm(xs))
+    return vision, mid, probs, llava.language_model.lm_head(lm.norm(xs))
 
 
 # NOTE: every stage-2 step drops image tokens from layer PRUNE_LAYER on (physically: cheaper), the way FastV does,
@@ -244,19 +259,19 @@ def train_model(out, iters, vision_iters, batch, lr, seed, eval_every, prune_ite
     from that saved shapes model instead of random weights (the training-only heads then stay off)."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    image_id, pad_id = P.build_tokenizer(out, corpus(), vocab_size=220)
+    image_id, pad_id = processing.build_tokenizer(out, corpus(), vocab_size=220)
     vocab = (pad_id + 1 + 63) // 64 * 64  # like llava-hf: the embedding padded to a multiple of 64
     cfg = model_config(vocab, image_id, pad_id)
     save_config(cfg, out)
     if init is None:
-        model = M.Llava(cfg)
-        init_weights(model)
+        llava = model.Llava(cfg)
+        init_weights(llava)
     else:  # go on from a saved shapes model (e.g. only the pruning-aware steps)
-        model = M.Llava.from_pretrained(init).requires_grad_(True)  # (loaded for inference: frozen)
-        if model.config != cfg:
-            raise ValueError(f"{init} is not a shapes model of this script's size ({model.config} != {cfg}).")
-    tok = P.Tokenizer(out, cfg)
-    log(f"shapes model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {cfg.n_image_tokens} image "
+        llava = model.Llava.from_pretrained(init).requires_grad_(True)  # (loaded for inference: frozen)
+        if llava.config != cfg:
+            raise ValueError(f"{init} is not a shapes model of this script's size ({llava.config} != {cfg}).")
+    tok = processing.Tokenizer(out, cfg)
+    log(f"shapes model: {sum(p.numel() for p in llava.parameters()) / 1e6:.2f}M parameters, {cfg.n_image_tokens} image "
         f"tokens, training the vision tower {vision_iters} steps, then everything {iters} steps of {batch} scenes (the "
         f"last {prune_iters} pruning-aware), on {torch.get_num_threads()} threads")
     val_rng = random.Random(seed + 1)
@@ -275,10 +290,11 @@ def train_model(out, iters, vision_iters, batch, lr, seed, eval_every, prune_ite
     # steps. Both are training-only heads; the saved model is a plain LLaVA.
     kinds = 1 + len(SHAPES) * len(COLOURS)
     aux = torch.nn.Linear(cfg.vision.hidden_size, kinds + 4 + 4)  # kind, row, column (+ background)
-    tower = model.vision_tower.vision_model
+    tower = llava.vision_tower.vision_model
 
     def patch_loss(vision, scenes):
-        labels = torch.tensor(np.stack([patch_labels(s) for s in scenes]), dtype=torch.long).transpose(1, 2)  # (B, N, 3)
+        labels = torch.tensor(np.stack([patch_labels(s) for s in scenes]), dtype=torch.long).transpose(1,
+                                                                                                       2)  # (B, N, 3)
         weight = torch.where(labels[..., 0] == 0, 0.05, 1.0)  # background: most patches, and easy
         return (factor_loss(aux(vision), labels, (kinds, 4, 4)) * weight).sum() / weight.sum()
 
@@ -289,7 +305,7 @@ def train_model(out, iters, vision_iters, batch, lr, seed, eval_every, prune_ite
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (it + 1) / 50)
         scenes = [make_scene(rng) for _ in range(32)]
-        px = torch.stack([P.preprocess(draw(s), IMAGE_SIZE) for s in scenes])
+        px = torch.stack([processing.preprocess(draw(s), IMAGE_SIZE) for s in scenes])
         loss = patch_loss(tower(px, cfg.n_vision_layers_used)[:, 1:], scenes)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -297,7 +313,7 @@ def train_model(out, iters, vision_iters, batch, lr, seed, eval_every, prune_ite
         if it % 50 == 0 or it == vision_iters - 1:
             log(f"vision step {it}/{vision_iters}: patch labels {loss.item():.4f} | {time.perf_counter() - t0:.0f} s")
     read = torch.nn.Linear(cfg.text.hidden_size, kinds + 3 + 3)  # kind, row, column of the shape a row is about
-    opt = torch.optim.AdamW([*model.parameters(), *aux.parameters(), *read.parameters()], lr=lr, betas=(0.9, 0.98),
+    opt = torch.optim.AdamW([*llava.parameters(), *aux.parameters(), *read.parameters()], lr=lr, betas=(0.9, 0.98),
                             weight_decay=0.01, fused=True)
     heads = 1.0 if init is None else 0.0  # the training-only heads start untrained when going on from a model
     for it in range(iters):  # stage 2
@@ -305,7 +321,7 @@ def train_model(out, iters, vision_iters, batch, lr, seed, eval_every, prune_ite
             g["lr"] = lr * min(1.0, (it + 1) / 50) * (0.55 + 0.45 * np.cos(np.pi * it / iters))
         scenes = [make_scene(rng) for _ in range(batch)]
         ids, positions, segment, px, flat, targets, (read_rows, read_label, read_valid), (loss_rows, loss_valid) = \
-            packed_batch(model, tok, scenes)
+            packed_batch(llava, tok, scenes)
         # NOTE: the last prune_iters steps are pruning-aware: trained only on whole images, the model leaned on every
         # image token (FastV dropping just the 10% least attended cost 4 points of accuracy), and the ranking layer's
         # attention favoured background patches. There the kept share varies over the whole range (see pruned_keys),
@@ -314,26 +330,54 @@ def train_model(out, iters, vision_iters, batch, lr, seed, eval_every, prune_ite
         start = int((ids[0] == cfg.image_token_index).nonzero()[0])  # the first image token (all rows alike)
         covers = [coverage(s) for s in scenes]  # (items, N) each
         kept = pruned_keys(covers, rng, PRUNE_KEEP, PRUNE_WHOLE) if prune else pruned_keys(covers, rng, CHEAP_KEEP)
-        model.train()
-        vision, mid, probs, logits = packed_forward(model, ids, positions, segment, px, kept, loss_rows if prune else None)
+        llava.train()
+        vision, mid, probs, logits = packed_forward(llava, ids, positions, segment, px, kept,
+                                                    loss_rows if prune else None)
         lm_loss, aux_loss = F.cross_entropy(logits.flatten(0, 1)[flat], targets), patch_loss(vision, scenes)
         guess = read(mid.gather(1, read_rows[..., None].expand(-1, -1, mid.shape[-1])))  # (B, R, 19 + 3 + 3)
         read_loss = (factor_loss(guess, read_label, (kinds, 3, 3)) * read_valid).sum() / read_valid.sum()
         rank_loss = ranking_loss(probs, loss_valid, covers, start) if prune else torch.zeros(())
         opt.zero_grad(set_to_none=True)
         (lm_loss + heads * (aux_loss + read_loss) + 0.2 * rank_loss).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(llava.parameters(), 1.0)
         opt.step()
         if it % 25 == 0 or it == iters - 1:
             log(f"step {it}/{iters}: loss {lm_loss.item():.4f} (patch labels {aux_loss.item():.4f}, reading "
                 f"{read_loss.item():.3f}, ranking {rank_loss.item():.3f}) | {time.perf_counter() - t0:.0f} s")
         if (it + 1) % eval_every == 0 or it == iters - 1:
-            model.eval()
-            acc, rows = evaluate_answers(model, tok, val)
+            llava.eval()
+            acc, rows = evaluate_answers(llava, tok, val)
             log(f"held-out exact match {acc:.3f} on {len(val)} single-turn questions ({accuracy_line(val, rows)}) | "
                 f"{time.perf_counter() - t0:.0f} s")
             if prune_iters:
-                acc, rows = evaluate_answers(model, tok, val, method="fastv", ratio=0.75)
+                acc, rows = evaluate_answers(llava, tok, val, method="fastv", ratio=0.75)
                 log(f"  with FastV K=2 R=0.75: {acc:.3f} ({accuracy_line(val, rows)})")
-            save_model(model, out)
-    return model, tok, cfg
+            save_model(llava, out)
+    return llava, tok, cfg
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Train the shapes model (a tiny LLaVA) from scratch and save it as a "
+                                            "llava-hf checkpoint.")
+    p.add_argument("--out", required=True, help="checkpoint folder (the shipped one is models/shapes)")
+    p.add_argument("--iters", type=int, default=1500, help="stage-2 training steps; 0 saves the untrained model")
+    p.add_argument("--vision-iters", type=int, default=200, help="stage 1: vision tower steps on patch labels")
+    p.add_argument("--batch-size", type=int, default=8, help="scenes per step (each packs all its questions)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    p.add_argument("--seed", type=int, default=0, help="data stream and initialisation")
+    p.add_argument("--eval-every", type=int, default=500, help="steps between held-out evaluations (and saves)")
+    p.add_argument("--prune-iters", type=int, default=600, help="the last steps are pruning-aware: any share of the "
+                   "image tokens dropped from layer 2 on, layer 1 taught to rank the shapes first (the steps before "
+                   "keep only 12-30%%: the shapes and some background)")
+    p.add_argument("--init", help="start from this saved shapes model instead of random weights")
+    args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    llava = train_model(args.out, args.iters, args.vision_iters, args.batch_size, args.lr, args.seed,
+                        args.eval_every, args.prune_iters, args.init)[0]
+    save_model(llava, args.out)
+    print(f"saved {args.out} ({sum(p.numel() for p in llava.parameters()) / 1e6:.2f}M parameters, fp16"
+          + (", untrained: random weights" if args.iters == 0 else "") + f"), torch {torch.__version__}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""
+Tests of generate.py: greedy generation token for token against transformers' generate, batched rows against each row
+alone, sampling, streaming, the CLI (plain, --json, pruning output and --viz).
+"""
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import dyrate
+import generate
+import model
+from conftest import assert_close, prompt_inputs, random_image
+from test_dyrate import random_predictor
+
+
+def test_greedy_generation_matches_transformers_generate(ckpt, ours):
+    llava, tok = ours
+    image = random_image(5)
+    out = generate.generate(llava, tok, [image], ["Describe the picture."], max_new_tokens=24)
+    ids, _, px = prompt_inputs(ours, ["Describe the picture."], [5])
+    with torch.no_grad():
+        ref = ckpt[1].generate(input_ids=ids, pixel_values=px, attention_mask=torch.ones_like(ids), max_new_tokens=24,
+                               do_sample=False)[0, ids.shape[1]:].tolist()
+    assert len(ref) >= 20
+    assert out.rows[0]["token_ids"] == ref
+    assert out.rows[0]["text"] == tok.decode(ref)
+
+
+def test_batch_rows_equal_each_row_alone(ours):
+    llava, tok = ours
+    images, prompts = [random_image(8), random_image(9, (90, 200))], ["Describe the picture.",
+                                                                      "How many shapes are there? Answer in detail."]
+    batch = generate.generate(llava, tok, images, prompts, max_new_tokens=20)
+    for b in range(2):
+        alone = generate.generate(llava, tok, [images[b]], [prompts[b]], max_new_tokens=20).rows[0]
+        assert_close(torch.tensor(batch.rows[b].pop("type_shares")), torch.tensor(alone.pop("type_shares")), 1e-5)
+        assert batch.rows[b] == alone
+    assert batch.rows[0]["prompt_tokens"] != batch.rows[1]["prompt_tokens"]  # the rows really were ragged
+
+
+def test_sampling_is_seeded_and_respects_top_k():
+    logits = torch.randn(3, 50)
+    a = generate.sample_next_token(logits, 1.0, 5, 0.9, torch.Generator().manual_seed(0))
+    assert torch.equal(a, generate.sample_next_token(logits, 1.0, 5, 0.9, torch.Generator().manual_seed(0)))
+    top5 = logits.topk(5).indices
+    for _ in range(20):
+        tok = generate.sample_next_token(logits, 2.0, 5, 1.0, torch.Generator().manual_seed(_))
+        assert all(tok[b] in top5[b] for b in range(3))
+    peaked = torch.full((1, 50), -10.0)
+    peaked[0, 7] = 10.0
+    assert int(generate.sample_next_token(peaked, 1.0, 0, 0.5,
+                                          torch.Generator().manual_seed(0))) == 7  # top-p keeps only the peak
+    assert torch.equal(generate.sample_next_token(logits), logits.argmax(-1))
+
+
+def test_stream_decoder_multibyte(ours):
+    _, tok = ours
+    text = "A café, 日本語 and 🙂 emoji."
+    ids = tok.tok.encode(text, add_special_tokens=False).ids
+    assert len(ids) > len(text) // 2  # byte-fallback pieces: a character spans several ids
+    stream = generate.StreamDecoder(tok)
+    pieces = [stream.push(i) for i in ids]
+    assert "".join(pieces) == text == tok.decode(ids)
+    assert not any("\ufffd" in p for p in pieces)
+    assert stream.push(tok.tok.token_to_id("<0xF0>")) == ""  # the first of 🙂's four bytes: held back
+    assert stream.flush() == "\ufffd"
+
+
+def test_cli_json(ckpt, ours, tmp_path, capsys):
+    path = tmp_path / "x.png"
+    random_image(10).save(path)
+    out = generate.main(["--image", str(path), "--model", ckpt[0], "--json", "--max-new-tokens", "6", "--device",
+                         "cpu"])
+    got = json.loads(capsys.readouterr().out)
+    assert got["token_ids"] == out.rows[0]["token_ids"] and len(got["token_ids"]) <= 6
+    for key in ("text", "prompt_tokens", "image_token_start", "prefill_ms", "decode_ms_per_token"):
+        assert key in got
+    assert got["image_token_start"] == len(ours[1].tok.encode("USER: ").ids)  # BOS + the text before <image>
+    generate.main(["--image", str(path), "--model", ckpt[0], "--max-new-tokens", "6", "--device", "cpu"])
+    assert capsys.readouterr().out == out.rows[0]["text"] + "\n"  # streamed text, then the summary on stderr
+    with pytest.raises(SystemExit, match="error: No LLaVA checkpoint"):
+        generate.main(["--image", str(path), "--model", str(tmp_path / "none")])
+
+
+def test_cli_pruning_json_and_viz(ckpt, ours, tmp_path, capsys):
+    path = tmp_path / "x.png"
+    random_image(17).save(path)
+    generate.main(["--image", str(path), "--model", ckpt[0], "--json", "--max-new-tokens", "5", "--method", "fastv",
+            "--ratio", "0.75", "--viz", str(tmp_path / "new" / "v")])  # the folder is made
+    got = json.loads(capsys.readouterr().out)
+    assert got["kept_visual"] == [16] * len(got["token_ids"]) and len(got["dropped_at_step"][0]) == 48
+    assert got["rates"][0] == 0.75 and len(got["type_shares"][0]) == 4 and abs(sum(got["type_shares"][0]) - 1) < 1e-5
+    assert 0 < got["flops"] and 0 < got["flops_ratio"] < 1 and got["kv_cache_bytes"] < got["kv_cache_bytes_none"]
+    for name in ("v.gif", "v_strip.png", "v_shares.png"):
+        assert Image.open(tmp_path / "new" / name).size[0] > 300
+    assert Image.open(tmp_path / "new" / "v.gif").n_frames == len(got["token_ids"])
+    predictor = random_predictor()
+    other = model.LlavaConfig(text=model.TextConfig(num_attention_heads=8, num_key_value_heads=8))
+    predictor.save(tmp_path / "wrong.safetensors", dyrate.fingerprint(other))
+    with pytest.raises(SystemExit, match="error: .*trained for a different model"):
+        generate.main(["--image", str(path), "--model", ckpt[0], "--method", "dyrate", "--predictor",
+                       str(tmp_path / "wrong.safetensors")])
+    with pytest.raises(SystemExit):
+        generate.main(["--image", str(path), "--model", ckpt[0], "--method", "dyrate"])
+    assert "needs --predictor" in capsys.readouterr().err

@@ -36,23 +36,31 @@ GEOMETRIES = {  # (vision: hidden, layers, heads, intermediate), (text: hidden, 
 }
 
 
+def geometry_config(geometry):
+    """Our LlavaConfig of a named geometry (LLaVA-1.5's vocabulary, 336 px images)."""
+    (vh, vl, vn, vi), (th, tl, tn, ti) = GEOMETRIES[geometry]
+    return model.LlavaConfig(
+        vision=model.VisionConfig(hidden_size=vh, num_hidden_layers=vl, num_attention_heads=vn, intermediate_size=vi),
+        text=model.TextConfig(hidden_size=th, num_hidden_layers=tl, num_attention_heads=tn, num_key_value_heads=tn,
+                              head_dim=th // tn, intermediate_size=ti))
+
+
 def random_models(geometry, device, dtype, seed=0):
     """A random-weight HF LLaVA of the geometry, and our Llava sharing the very same weight tensors."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-    (vh, vl, vn, vi), (th, tl, tn, ti) = GEOMETRIES[geometry]
-    vision = CLIPVisionConfig(hidden_size=vh, num_hidden_layers=vl, num_attention_heads=vn, intermediate_size=vi,
+    cfg = geometry_config(geometry)
+    v, t = cfg.vision, cfg.text
+    vision = CLIPVisionConfig(hidden_size=v.hidden_size, num_hidden_layers=v.num_hidden_layers,
+                              num_attention_heads=v.num_attention_heads, intermediate_size=v.intermediate_size,
                               image_size=336, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5)
-    text = LlamaConfig(hidden_size=th, num_hidden_layers=tl, num_attention_heads=tn, intermediate_size=ti,
+    text = LlamaConfig(hidden_size=t.hidden_size, num_hidden_layers=t.num_hidden_layers,
+                       num_attention_heads=t.num_attention_heads, intermediate_size=t.intermediate_size,
                        vocab_size=32064, rms_norm_eps=1e-5, max_position_embeddings=4096, tie_word_embeddings=False)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000, pad_token_id=32001)
+    hf_cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000, pad_token_id=32001)
     torch.manual_seed(seed)
     with torch.device(device):
-        hf = LlavaForConditionalGeneration(cfg).to(dtype).eval()
-    ours = model.Llava(model.LlavaConfig(
-        vision=model.VisionConfig(hidden_size=vh, num_hidden_layers=vl, num_attention_heads=vn, intermediate_size=vi),
-        text=model.TextConfig(hidden_size=th, num_hidden_layers=tl, num_attention_heads=tn, num_key_value_heads=tn,
-                          head_dim=th // tn, intermediate_size=ti)))
-    return hf, share_weights(ours, {model.canonical_key(k): v for k, v in hf.state_dict().items()}, device)
+        hf = LlavaForConditionalGeneration(hf_cfg).to(dtype).eval()
+    return hf, share_weights(model.Llava(cfg), {model.canonical_key(k): v for k, v in hf.state_dict().items()}, device)
 
 
 def share_weights(llava, state, device):
@@ -135,17 +143,52 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+METHODS = ("none", "fastv", "vtw", "dyrate", "dyrate-ramp", "transformers")
+
+
+def check_args(args):
+    """Every argument checked before any model is built or timed; returns the methods and batch sizes."""
+    methods = args.methods.split(",")
+    for m in methods:
+        if m.removesuffix("+compile") not in METHODS or m == "transformers+compile" or not m:
+            raise ValueError(f"unknown method {m!r} in --methods; choose from {', '.join(METHODS)}, with +compile "
+                             f"for ours")
+    try:
+        batches = [int(b) for b in args.batch_sizes.split(",")]
+    except ValueError:
+        batches = []
+    if not batches or min(batches) < 1:
+        raise ValueError(f"--batch-sizes {args.batch_sizes!r}: give whole numbers >= 1, e.g. 1,8,32")
+    for name, value, low in (("--new-tokens", args.new_tokens, 2), ("--prompt-tokens", args.prompt_tokens, 5),
+                             ("--repeats", args.repeats, 1), ("--threads", args.threads, 0)):
+        if value < low:
+            raise ValueError(f"{name} must be at least {low}, got {value}" + (
+                " (decode is timed over the tokens after the first)" if name == "--new-tokens" else ""))
+    if args.memory_gib is not None and not args.memory_gib > 0:
+        raise ValueError(f"--memory-gib must be positive, got {args.memory_gib}")
+    if not 0 <= args.ratio <= 1:
+        raise ValueError(f"--ratio must lie in [0, 1], got {args.ratio}")
+    cfg = model.read_config(args.model) if args.model else geometry_config(args.geometry)
+    layers = cfg.text.num_hidden_layers
+    if not 1 <= args.k <= max(1, layers - 1):
+        raise ValueError(f"--k must lie in [1, {max(1, layers - 1)}] for this {layers}-layer model, got {args.k}")
+    if args.predictor:
+        dyrate.RatePredictor.load(args.predictor, cfg)
+    generate.check_device(args.device)
+    generate.check_writable_folder(args.out, "--out")
+    return methods, batches
+
+
 def main(argv=None):
     args = parse_args(argv)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    try:
+        methods, batches = check_args(args)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype, dev = getattr(torch, args.dtype), args.device
-    methods, batches = args.methods.split(","), [int(b) for b in args.batch_sizes.split(",")]
-    for m in methods:
-        if m.removesuffix("+compile") not in ("none", "fastv", "vtw", "dyrate", "dyrate-ramp", "transformers") \
-                or m == "transformers+compile":
-            raise SystemExit(f"error: unknown method {m!r} in --methods")
     log(f"building {args.model or args.geometry} on {dev} in {args.dtype} ...")
     hf, ours = checkpoint_models(args.model, dev, dtype, "transformers" in methods) if args.model else \
         random_models(args.geometry, dev, dtype)
@@ -176,16 +219,16 @@ def main(argv=None):
     def run(method, B):
         ids = torch.tensor([prompt] * B, device=dev)
         S = cfg.vision.image_size
-        px = torch.randn(1, 3, S, S, device=dev, generator=torch.Generator(dev).manual_seed(0)).to(dtype).expand(B, -1,
-                                                                                                                 -1, -1)
+        px = torch.randn(1, 3, S, S, device=dev, generator=torch.Generator(dev).manual_seed(0)).to(dtype)
+        px = px.expand(B, -1, -1, -1)  # (B, 3, S, S)
         mark = memory_mark(dev)
         if method == "transformers":  # time a 1-token generation, then the rest is decode
             times = []
-            for count in (1, n):
+            for count in (1, n):  # NOTE: eos_token_id=None: exactly `count` tokens, EOS never masked (as ours here)
                 generate.sync(dev)
                 t0 = time.perf_counter()
                 out = hf.generate(input_ids=ids, pixel_values=px, attention_mask=torch.ones_like(ids), do_sample=False,
-                                  max_new_tokens=count, min_new_tokens=count, pad_token_id=cfg.pad_token_id,
+                                  max_new_tokens=count, eos_token_id=None, pad_token_id=cfg.pad_token_id,
                                   return_dict_in_generate=True)
                 generate.sync(dev)
                 times.append(time.perf_counter() - t0)

@@ -164,6 +164,7 @@ class StepRecord:
     dropped_mask: torch.Tensor  # (B, N) bool: the image tokens dropped at this step
     rate: torch.Tensor  # (B,) the drop rate chosen
     shares: torch.Tensor | None  # (B, H, 4) type shares of the current query at layer k-1, None if not computed
+    ranked: bool  # the method itself read layer k-1 this step (statistics computed only for reporting do not count)
 
 
 class Pruner:
@@ -191,8 +192,11 @@ class Pruner:
         self.step = 0  # the next step: 0 = the prefill
         self.history: list[StepRecord] = []
 
-    def needs_probe(self):  # dyrate ranks at every step, fastv at prefill only, vtw and none never
-        return self.stats or self.method == "dyrate" or self.method == "fastv" and self.step == 0
+    def ranks(self):  # dyrate ranks at every step, fastv at prefill only, vtw and none never
+        return self.method == "dyrate" or self.method == "fastv" and self.step == 0
+
+    def needs_probe(self):
+        return self.stats or self.ranks()
 
     def probe_rows(self, n_valid, T):
         """The query rows whose layer K-1 attention this step needs: each row's last real token, or none."""
@@ -228,7 +232,7 @@ class Pruner:
         else:  # keep the `keep` best-ranked of the still kept image tokens
             kept_mask = rank_of(scores.masked_fill(~self.kept_mask, float("-inf"))) < keep[:, None]
         drop = self.kept_mask & ~kept_mask  # (B, N)
-        self.history.append(StepRecord(keep, drop, rate, shares))
+        self.history.append(StepRecord(keep, drop, rate, shares, self.ranks()))
         prefill, self.kept_mask, self.step = self.step == 0, kept_mask, self.step + 1
         if not bool(drop.any()):
             return x, positions, n_valid, None
@@ -248,7 +252,7 @@ class Pruner:
         """Row b's first n_steps steps as plain lists, with their costs next to none's (costs()), for --json."""
         steps = self.history[:n_steps]
         kept = [int(h.kept_count[b]) for h in steps]
-        probes = sum(h.shares is not None for h in steps)
+        probes = sum(h.ranked for h in steps)
         learned = self.method == "dyrate" and self.schedule is None
         return dict(kept_visual=kept, dropped_at_step=[h.dropped_mask[b].nonzero()[:, 0].tolist() for h in steps],
                     rates=[round(float(h.rate[b]), 6) for h in steps],

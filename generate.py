@@ -11,6 +11,7 @@ one summary line (prompt tokens, new tokens, prefill ms, decode tokens/s, peak m
 """
 import argparse
 import json
+import math
 import os
 import resource
 import sys
@@ -20,8 +21,8 @@ from dataclasses import dataclass, field
 import torch
 
 import dyrate
-from model import Llava
-from processing import Tokenizer, preprocess
+from model import Llava, read_config
+from processing import Tokenizer, load_image, preprocess
 
 
 @dataclass
@@ -90,6 +91,65 @@ def decode(model, input_ids, lengths, pixel_values, caches, n_new, pruner=None, 
         logits = model.decode_step(token, lengths + t, caches, pruner)
 
 
+def check_options(cfg, method="none", k=None, ratio=0.5, predictor=None, schedule=None, max_new_tokens=64,
+                  temperature=0.0, top_k=0, top_p=1.0):
+    """Every generation option checked against the model's config (no weights needed). Returns K."""
+    if method not in dyrate.METHODS:
+        raise ValueError(f"Unknown method {method!r}; choose one of {dyrate.METHODS}.")
+    if predictor is not None and method != "dyrate":
+        raise ValueError(f"A rate predictor is used by --method dyrate only, not by {method!r}: drop --predictor.")
+    if predictor is not None and k is not None and k != predictor.k:
+        raise ValueError(f"The predictor was trained for K={predictor.k}; drop --k or pass --k {predictor.k}.")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}.")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}.")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"--top-p must lie in (0, 1], got {top_p!r}.")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"--top-k must be a whole number >= 0 (0 = all tokens), got {top_k!r}.")
+    if method == "fastv" and not (isinstance(ratio, (int, float)) and 0 <= ratio <= 1):
+        raise ValueError(f"FastV's drop ratio R must lie in [0, 1], got {ratio!r}.")
+    layers = cfg.text.num_hidden_layers
+    k = (predictor.k if predictor is not None else min(2, max(1, layers - 1))) if k is None else k
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= max(1, layers - 1):
+        raise ValueError(f"K must lie in [1, {max(1, layers - 1)}] for this {layers}-layer model: layer K-1 ranks the "
+                         f"image tokens and layers K.. see the kept ones; got {k!r}.")
+    return k
+
+
+def check_device(device):
+    """A clear error for a device this machine does not have."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"--device {device!r} is not a device torch knows ({e}); use cpu, cuda or cuda:N.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this machine has no CUDA GPU that torch can use; use --device cpu.")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA devices.")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device}: only cpu and cuda are supported.")
+    return dev
+
+
+def check_writable_folder(path, what, make=False):
+    """The folder a file will be written to must exist (make=True: is made) and be writable; checked before any long
+    work, so that no result is lost at the end."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if make:
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"{what} {path!r}: cannot make the folder {folder!r} ({e.strerror}).") from None
+    if not os.path.isdir(folder):
+        raise ValueError(f"{what} {path!r}: the folder {folder!r} does not exist; create it first.")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{what} {path!r}: the folder {folder!r} is not writable.")
+    if os.path.isdir(path):
+        raise ValueError(f"{what} {path!r} is a folder; give a file name.")
+
+
 def sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
@@ -104,19 +164,12 @@ def generate(model: Llava, tokenizer: Tokenizer, images, prompts, max_new_tokens
     shares at every step. Each row reports its pruning history, FLOPs and KV-cache bytes next to those of `none`."""
     if len(images) != len(prompts) or not images:
         raise ValueError(f"Give one prompt per image: got {len(images)} images and {len(prompts)} prompts.")
-    if max_new_tokens < 1:
-        raise ValueError("max_new_tokens must be at least 1.")
     cfg, device = model.config, model.language_model.lm_head.weight.device
-    if predictor is not None and k is not None and k != predictor.k:
-        raise ValueError(f"The predictor was trained for K={predictor.k}; drop --k or pass --k {predictor.k}.")
-    k = (predictor.k if predictor is not None else 2) if k is None else k
-    if not 1 <= k < cfg.text.num_hidden_layers:
-        raise ValueError(f"K must lie in [1, {cfg.text.num_hidden_layers - 1}]: layer K-1 ranks the image tokens "
-                         f"and layers K.. see the kept ones.")
+    k = check_options(cfg, method, k, ratio, predictor, schedule, max_new_tokens, temperature, top_k, top_p)
     encoded = [tokenizer.encode_prompt(p, conv) for p in prompts]
     lengths = torch.tensor([len(ids) for ids, _ in encoded], device=device)  # (B,)
     B, T = len(encoded), int(lengths.max())
-    model.check_length(T + max_new_tokens)
+    cfg.check_length(T + max_new_tokens)
     input_ids = torch.full((B, T), cfg.pad_token_id, dtype=torch.long, device=device)  # rows padded at their end
     for b, (ids, _) in enumerate(encoded):
         input_ids[b, :len(ids)] = torch.tensor(ids)
@@ -215,23 +268,32 @@ def main(argv=None):
     if args.method == "dyrate" and args.predictor is None:
         p.error("--method dyrate needs --predictor FILE (train one with train.py)")
 
-    dtype = getattr(torch, args.dtype or default_dtype(args.device))
-    try:
-        print(f"loading {args.model} on {args.device} in {dtype} ...", file=sys.stderr)
-        model = Llava.from_pretrained(args.model, device=args.device, dtype=dtype)
+    try:  # everything that can be checked before the weights load (minutes for 7B)
+        device = check_device(args.device)
+        cfg = read_config(args.model)
+        tokenizer = Tokenizer(args.model, cfg)
+        image = load_image(args.image)
+        predictor = args.predictor and dyrate.RatePredictor.load(args.predictor, cfg, device)
+        check_options(cfg, args.method, args.k, args.ratio, predictor or None, None, args.max_new_tokens,
+                      args.temperature, args.top_k, args.top_p)
+        ids = tokenizer.encode_prompt(args.prompt, args.conv)[0]
+        cfg.check_length(len(ids) + args.max_new_tokens)
+        if args.viz:
+            check_writable_folder(args.viz + ".gif", "--viz", make=True)
+        dtype = getattr(torch, args.dtype or default_dtype(device))
+        print(f"loading {args.model} on {device} in {dtype} ...", file=sys.stderr)
+        model = Llava.from_pretrained(args.model, device=device, dtype=dtype)
         if args.compile:
             model.compile_decode()
-        tokenizer = Tokenizer(args.model, model.config)
-        predictor = args.predictor and dyrate.RatePredictor.load(args.predictor, model.config, args.device)
         if predictor:
             print(predictor.describe(model.config), file=sys.stderr)
         stream = None if args.json else (lambda b, piece: print(piece, end="", flush=True))
-        out = generate(model, tokenizer, [args.image], [args.prompt], args.max_new_tokens, args.temperature,
-                       args.top_k, args.top_p, args.seed, args.conv, args.pad, stream, args.method, args.k,
-                       args.ratio, predictor)
+        out = generate(model, tokenizer, [image], [args.prompt], args.max_new_tokens, args.temperature, args.top_k,
+                       args.top_p, args.seed, args.conv, args.pad, stream, args.method, args.k, args.ratio,
+                       predictor or None, stats=bool(args.json or args.viz))
         if args.viz:
             import viz
-            for path in viz.save(args.viz, args.image, out.rows[0], tokenizer, model.config, args.pad):
+            for path in viz.save(args.viz, image, out.rows[0], tokenizer, model.config, args.pad):
                 print(f"wrote {path}", file=sys.stderr)
     except (ValueError, FileNotFoundError) as e:  # a user mistake: the message says what to do
         sys.exit(f"error: {e}")
@@ -243,8 +305,9 @@ def main(argv=None):
         return out
     print()
     n_new = len(row["token_ids"])
+    decode = f"{1e3 / out.decode_ms_per_token:.1f} tok/s" if n_new > 1 else "n/a (one new token)"
     print(f"prompt tokens {row['prompt_tokens']} | new tokens {n_new} | prefill {out.prefill_ms:.1f} ms | decode "
-          f"{1e3 / out.decode_ms_per_token if n_new > 1 else float('nan'):.1f} tok/s | peak memory "
+          f"{decode} | peak memory "
           f"{out.peak_memory_bytes / 2**30:.2f} GiB | {row['method']}: image tokens kept {row['kept_visual'][0]} -> "
           f"{row['kept_visual'][-1]} of {model.config.n_image_tokens}, {row['flops'] / 1e12:.3f} TFLOPs "
           f"({row['flops_ratio']:.2f} of none), KV cache {row['kv_cache_bytes'] / 2**20:.1f} MiB "

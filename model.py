@@ -13,12 +13,12 @@ LlamaModel.forward; LlamaAttention hands a float training key mask to dyrate.mas
 """
 import json
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 import dyrate
 import processing
@@ -81,17 +81,41 @@ class LlavaConfig:
         f = self.vision_feature_layer
         return f if f >= 0 else self.vision.num_hidden_layers + 1 + f
 
+    def check_length(self, n_tokens):
+        limit = self.text.max_position_embeddings
+        if n_tokens > limit:
+            raise ValueError(f"{n_tokens} tokens (prompt with its {self.n_image_tokens} image tokens, plus new "
+                             f"tokens) exceed the model's context of {limit}: shorten the prompt or ask for fewer "
+                             f"tokens.")
+
     @classmethod
     def from_json(cls, path):
-        with open(path) as f:
-            d = json.load(f)
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); the download may be incomplete.") from None
+        for what, v in (("the file", d), ("text_config", d.get("text_config") if isinstance(d, dict) else None),
+                        ("vision_config", d.get("vision_config") if isinstance(d, dict) else None)):
+            if not isinstance(v, dict) and (what == "the file" or v is not None):
+                raise ValueError(f"{path}: {what} must be a JSON object, got {type(v).__name__}; is this a "
+                                 f"LLaVA-1.5 config.json?")
         tc = d.get("text_config") or {}
         rope = tc.get("rope_parameters") or tc.get("rope_scaling") or {}  # newer files keep theta in rope_parameters
         if rope.get("rope_type", rope.get("type", "default")) != "default":
             raise ValueError(f"{path}: RoPE scaling {rope} is not supported; LLaVA-1.5 uses plain RoPE.")
 
         def pick(dc, src):  # the keys the file gives; absent or null ones keep our (LLaVA-1.5-7B) defaults
-            return dc(**{f.name: src[f.name] for f in fields(dc) if src.get(f.name) is not None})
+            given = {f.name: src[f.name] for f in fields(dc) if src.get(f.name) is not None}
+            for f in fields(dc):
+                want = type(f.default) if f.default is not MISSING else None
+                value = given.get(f.name)
+                if f.name in given and want in (int, float, str) and not (
+                        isinstance(value, want) and not isinstance(value, bool)
+                        or want is float and isinstance(value, int) and not isinstance(value, bool)
+                        or f.name in ("eos_token_id", "vision_feature_layer") and isinstance(value, list)):
+                    raise ValueError(f"{path}: {f.name} = {value!r} is not of type {want.__name__}.")
+            return dc(**given)
         text = pick(TextConfig, {"rope_theta": rope.get("rope_theta"), **tc})
         text.num_key_value_heads = tc.get("num_key_value_heads") or text.num_attention_heads
         text.head_dim = tc.get("head_dim") or text.hidden_size // text.num_attention_heads
@@ -445,6 +469,15 @@ class LlamaForCausalLM(nn.Module):
 # Checkpoint files: which safetensors files hold the weights, in which key layout (Llava.from_pretrained reads them)
 
 
+def read_config(model_dir):
+    """The LlavaConfig of a checkpoint folder, from its config.json alone (no weights read)."""
+    config_path = os.path.join(os.fspath(model_dir), "config.json")
+    if not os.path.isdir(model_dir) or not os.path.isfile(config_path):
+        raise FileNotFoundError(f"No LLaVA checkpoint at {os.fspath(model_dir)!r} (no config.json). "
+                                f"{processing.GET_WEIGHTS}")
+    return LlavaConfig.from_json(config_path)
+
+
 def checkpoint_files(model_dir):
     index = os.path.join(model_dir, "model.safetensors.index.json")
     if os.path.isfile(index):  # sharded: shard names come from the index, never hard-coded
@@ -527,18 +560,11 @@ class Llava(nn.Module):
             x = x.masked_scatter(is_image[..., None], self.multi_modal_projector(vision).to(x.dtype))
         return x
 
-    def check_length(self, n_tokens):
-        limit = self.config.text.max_position_embeddings
-        if n_tokens > limit:
-            raise ValueError(f"{n_tokens} tokens (prompt with its {self.config.n_image_tokens} image tokens, plus new "
-                             f"tokens) exceed the model's context of {limit}: shorten the prompt or ask for fewer "
-                             f"tokens.")
-
     def forward(self, input_ids, pixel_values=None, pruner=None):
         """The full sequence without a cache: logits (B, T, vocab). With a training pruner (dyrate.py), layers >= K
         see its key mask; a pruner that drops tokens returns logits for the kept positions only."""
         B, T = input_ids.shape
-        self.check_length(T)
+        self.config.check_length(T)
         positions = torch.arange(T, device=input_ids.device).expand(B, T)
         h, _ = self.language_model.model(self.embed(input_ids, pixel_values), positions, pruner=pruner)
         return self.language_model.lm_head(h)
@@ -585,15 +611,17 @@ class Llava(nn.Module):
         """Load a llava-hf checkpoint folder (config.json + model.safetensors or a sharded index). Tensors go from the
         memory-mapped files straight to `device` in `dtype`, one at a time, into a model built on the meta device."""
         model_dir = os.fspath(model_dir)
-        config_path = os.path.join(model_dir, "config.json")
-        if not os.path.isdir(model_dir) or not os.path.isfile(config_path):
-            raise FileNotFoundError(f"No LLaVA checkpoint at {model_dir!r} (no config.json). {processing.GET_WEIGHTS}")
-        cfg = LlavaConfig.from_json(config_path)
+        cfg = read_config(model_dir)
         with torch.device("meta"):
             model = cls(cfg)
         expected, state = model.state_dict(), {}
         for path in checkpoint_files(model_dir):
-            with safe_open(path, framework="pt", device=str(device)) as f:
+            try:
+                f = safe_open(path, framework="pt", device=str(device))
+            except (SafetensorError, OSError) as e:
+                raise ValueError(f"{path} is not a readable safetensors file ({e}): the download is incomplete or "
+                                 f"corrupt. {processing.GET_WEIGHTS}") from None
+            with f:
                 for key in f.keys():
                     name = canonical_key(key)
                     if name is None:

@@ -26,6 +26,9 @@ def atomic_write(path, write):
     tmp = f"{path}.tmp"
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # NOTE: safetensors writes 0600; files here get the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -38,17 +41,29 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def check_image_file(path):
+    """The path as a string, if it names an image file that exists (what can be checked before loading a model)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"An image is a file path or a PIL image, got {type(path).__name__}.")
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"Image {path!r} is a folder, not an image file.")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Image {path!r} does not exist.")
+    return path
+
+
 def load_image(image):
     """A path or PIL image -> an RGB PIL image: EXIF orientation applied, transparency composited onto white (as HF
     does), 16-bit greyscale scaled to 8 bits, palette/CMYK/greyscale converted."""
     if not isinstance(image, Image.Image):
-        path = os.fspath(image)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"Image {path!r} does not exist.")
+        path = check_image_file(image)
         try:
             image = Image.open(path)
             image.load()
-        except (UnidentifiedImageError, OSError) as e:
+        except Image.DecompressionBombError as e:
+            raise ValueError(f"{path!r} is too large to decode safely ({e}); downscale it first.") from None
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
             raise ValueError(f"{path!r} is not an image Pillow can read ({e}); give a JPEG, PNG, WebP, ... file.")
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I", "F") or image.mode.startswith("I;16"):  # 16/32-bit greyscale: assume 16-bit range
@@ -57,6 +72,9 @@ def load_image(image):
         image = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
     return image.convert("RGB")
+
+
+MAX_ASPECT = 64  # longer images are centre-cropped to 64:1 first (llava-hf would take GBs of memory on them)
 
 
 def preprocess(image, size=336, pad=False):
@@ -70,6 +88,11 @@ def preprocess(image, size=336, pad=False):
         square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
         image = square
     w, h = image.size
+    if max(w, h) > MAX_ASPECT * min(w, h):  # NOTE: the resize would build a (size x size * aspect) image first
+        keep = min(w, h) * MAX_ASPECT
+        left, top = max(0, (w - keep) // 2), max(0, (h - keep) // 2)
+        image = image.crop((left, top, left + min(w, keep), top + min(h, keep)))
+        w, h = image.size
     short, long = min(w, h), max(w, h)
     new_long = int(size * long / short)
     image = image.resize((size, new_long) if w <= h else (new_long, size), Image.BICUBIC)
@@ -97,10 +120,20 @@ class Tokenizer:
         path = os.path.join(os.fspath(model_dir), "tokenizer.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"No tokenizer.json in {model_dir!r}. {GET_WEIGHTS}")
-        self.tok, self.cfg = HFTokenizer.from_file(path), cfg
-        if self.tok.token_to_id("<image>") != cfg.image_token_index:
-            raise ValueError(f"{path}: <image> has id {self.tok.token_to_id('<image>')} but config.json says "
-                             f"{cfg.image_token_index}; the tokenizer and the model do not belong together.")
+        try:
+            self.tok, self.cfg = HFTokenizer.from_file(path), cfg
+        except Exception as e:  # the tokenizers library raises its own exception type
+            raise ValueError(f"{path} is not a tokenizer.json the tokenizers library can read ({e}).") from None
+        size = self.tok.get_vocab_size(with_added_tokens=True)
+        if size > cfg.text.vocab_size:
+            raise ValueError(f"{path} has {size} tokens but the model's vocabulary holds {cfg.text.vocab_size}; the "
+                             f"tokenizer and the model do not belong together.")
+        for token, want, what in (("<image>", cfg.image_token_index, "image_token_index"),
+                                  ("<s>", cfg.bos_token_id, "bos_token_id"), ("</s>", cfg.eos_token_id, "eos_token_id"),
+                                  ("<pad>", cfg.pad_token_id, "pad_token_id")):
+            if self.tok.token_to_id(token) != want and not (token == "<pad>" and self.tok.token_to_id(token) is None):
+                raise ValueError(f"{path}: {token} has id {self.tok.token_to_id(token)} but config.json's {what} is "
+                                 f"{want}; the tokenizer and the model do not belong together.")
 
     def encode_prompt(self, question, conv="llava-hf"):
         """Prompt ids with the one <image> expanded to n_image_tokens ids, and the index of the first image id."""

@@ -3,13 +3,15 @@ bench.py end to end on a tiny checkpoint (no timing asserted: benchmarks print f
 """
 import json
 
+import pytest
+
+import bench
 from test_dyrate import N_IMAGE
 
 
 def test_bench_runs_every_method_on_a_checkpoint(ckpt, tmp_path, capsys):
     """bench.py end to end on a checkpoint folder (no timing asserted: benchmarks print figures): ours and
     transformers produce the same tokens, each method keeps what it should, memory and FLOPs are reported."""
-    import bench
     rows = bench.main(["--model", ckpt[0], "--methods", "none,fastv,vtw,dyrate,dyrate-ramp,transformers",
                        "--new-tokens", "5", "--repeats", "1", "--batch-sizes", "1,2", "--memory-gib", "1",
                        "--out", str(tmp_path / "b.json")])
@@ -25,3 +27,40 @@ def test_bench_runs_every_method_on_a_checkpoint(ckpt, tmp_path, capsys):
     assert by[("fastv", 2)]["kv_cache_bytes"] < by[("none", 2)]["kv_cache_bytes"] == 2 * by[("none",
                                                                                              1)]["kv_cache_bytes"]
     assert "same tokens True" in out and "DyRate per-step overhead" in out and "largest batch in 1 GiB" in out
+
+
+def test_bench_compares_like_with_like_on_a_checkpoint_that_emits_eos(ckpt, tmp_path, capsys):
+    """With EOS = the token the model emits, ours and transformers both generate every token (neither stops at EOS
+    nor masks it), so they produce the same tokens."""
+    import shutil
+    folder = tmp_path / "eos"
+    shutil.copytree(ckpt[0], folder)
+    first = bench.main(["--model", str(folder), "--methods", "none", "--new-tokens", "3", "--repeats", "1",
+                        "--out", str(tmp_path / "a.json")])[0]["tokens"]
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["eos_token_id"] = config["eos_token_id"] = first[1]
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "generation_config.json").unlink(missing_ok=True)
+    capsys.readouterr()
+    rows = bench.main(["--model", str(folder), "--methods", "none,transformers", "--new-tokens", "5", "--repeats", "1",
+                       "--out", str(tmp_path / "b.json")])
+    assert rows[0]["tokens"] == rows[1]["tokens"] and len(rows[1]["tokens"]) == 5
+    assert "same tokens True" in capsys.readouterr().out
+
+
+def test_bench_checks_its_arguments_before_building_anything(ckpt, tmp_path, monkeypatch):
+    def no_build(*a, **kw):
+        raise AssertionError("a model was built before the arguments were checked")
+    monkeypatch.setattr(bench, "random_models", no_build)
+    monkeypatch.setattr(bench, "checkpoint_models", no_build)
+    for extra, message in ((["--methods", "none,fast"], "unknown method 'fast'"),
+                           (["--batch-sizes", "1,x"], "--batch-sizes"), (["--batch-sizes", "0"], "--batch-sizes"),
+                           (["--new-tokens", "1"], "--new-tokens must be at least 2"),
+                           (["--repeats", "0"], "--repeats"), (["--ratio", "2"], "--ratio"),
+                           (["--k", "40"], r"--k must lie in \[1, 7\]"), (["--memory-gib", "-1"], "--memory-gib"),
+                           (["--out", str(tmp_path / "no" / "b.json")], "does not exist"),
+                           (["--device", "cuda:5"], "--device"), (["--predictor", str(tmp_path / "none")], "not a")):
+        with pytest.raises(SystemExit, match=f"error: .*{message}"):
+            bench.main(extra)
+    with pytest.raises(SystemExit, match="No LLaVA checkpoint"):
+        bench.main(["--model", str(tmp_path)])

@@ -219,10 +219,13 @@ def test_flops_match_flop_counter(method, kw, ours):
     real key count, LM head, probe, type shares, predictor) equals torch's FlopCounterMode on the real forwards."""
     from torch.utils.flop_counter import FlopCounterMode
     llava, tok = ours
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter:  # stats=False: no statistics computed only for reporting
         row = generate.generate(llava, tok, [random_image(15)], ["Describe the picture."], max_new_tokens=6,
-                                method=method, **kw).rows[0]
+                                method=method, stats=False, **kw).rows[0]
     assert row["flops"] == counter.get_total_flops()
+    reported = generate.generate(llava, tok, [random_image(15)], ["Describe the picture."], max_new_tokens=6,
+                                 method=method, **kw).rows[0]  # the --json statistics are not the method's cost
+    assert reported["flops"] == row["flops"] and (method != "none" or reported["flops_ratio"] == 1.0)
     assert (row["flops_ratio"] < 1) == (method != "none") and len(row["kept_visual"]) == len(row["token_ids"])
 
 

@@ -11,6 +11,7 @@ from PIL import Image
 import dyrate
 import generate
 import model
+import processing
 from conftest import assert_close, prompt_inputs, random_image
 from test_dyrate import random_predictor
 
@@ -105,3 +106,51 @@ def test_cli_pruning_json_and_viz(ckpt, ours, tmp_path, capsys):
     with pytest.raises(SystemExit):
         generate.main(["--image", str(path), "--model", ckpt[0], "--method", "dyrate"])
     assert "needs --predictor" in capsys.readouterr().err
+
+
+def test_bad_options_fail_before_the_model_loads(ckpt, ours, tmp_path, monkeypatch, capsys):
+    """Each bad option or input of the CLI: one line naming it, exit non-zero, and the weights never loaded."""
+    path = tmp_path / "x.png"
+    random_image(18).save(path)
+    predictor = random_predictor()
+    predictor.save(tmp_path / "p", dyrate.fingerprint(ours[0].config))
+
+    def no_load(*a, **kw):
+        raise AssertionError("the model was loaded before the options were checked")
+    monkeypatch.setattr(generate.Llava, "from_pretrained", no_load)
+    base = ["--image", str(path), "--model", ckpt[0]]
+    for extra, message in ((["--temperature", "-1"], "--temperature must be a finite number >= 0"),
+                           (["--temperature", "nan"], "--temperature"),
+                           (["--top-p", "0"], r"--top-p must lie in \(0, 1\]"),
+                           (["--top-p", "1.5"], "--top-p"), (["--top-k", "-2"], "--top-k must be a whole number >= 0"),
+                           (["--max-new-tokens", "0"], "max_new_tokens must be"),
+                           (["--max-new-tokens", "600"], "exceed the model's context of 512"),
+                           (["--method", "none", "--predictor", str(tmp_path / "p")], "used by --method dyrate only"),
+                           (["--method", "fastv", "--ratio", "1.5"], r"R must lie in \[0, 1\]"),
+                           (["--k", "9"], r"K must lie in \[1, 3\]"), (["--device", "cuda:3"], "--device cuda:3"),
+                           (["--device", "tpu"], "--device 'tpu'"), (["--image", str(tmp_path)], "is a folder"),
+                           (["--image", str(tmp_path / "none.png")], "does not exist"),
+                           (["--viz", "/proc/nope/v"], "--viz")):
+        with pytest.raises(SystemExit, match=f"error: .*{message}"):
+            generate.main(base + extra)
+
+
+def test_small_models_and_odd_requests(ours, tmp_path, capsys):
+    """none/fastv on a 2-layer model take K=1 by default; one new token reports no decode speed; rates outside
+    [0, 1] are refused."""
+    from conftest import build_tokenizer, make_hf, save_checkpoint
+    folder = str(tmp_path / "two")
+    image_id, pad_id = build_tokenizer(folder)
+    save_checkpoint(make_hf(image_id, pad_id, layers=2), folder, "transformers5")
+    small = model.Llava.from_pretrained(folder)
+    tok = processing.Tokenizer(folder, small.config)
+    for method in ("none", "fastv"):
+        row = generate.generate(small, tok, [random_image(19)], ["Hi"], max_new_tokens=3, method=method).rows[0]
+        assert row["k"] == 1
+    with pytest.raises(ValueError, match="drop rates in"):
+        generate.generate(*ours, [random_image(19)], ["Hi"], max_new_tokens=2, method="dyrate", schedule=[2.0])
+    path = tmp_path / "x.png"
+    random_image(20).save(path)
+    capsys.readouterr()
+    generate.main(["--image", str(path), "--model", folder, "--max-new-tokens", "1"])
+    assert "decode n/a (one new token)" in capsys.readouterr().err

@@ -224,3 +224,21 @@ def test_input_errors(ckpt, ours, tmp_path):
         llava(ids, px[:, :, :56])
     with pytest.raises(ValueError, match="context of 512"):
         generate.generate(llava, tok, [random_image(0)], ["What is in the image?"], max_new_tokens=500)
+
+
+def test_corrupt_files_are_clear_errors(ckpt, tmp_path):
+    import shutil
+    folder = tmp_path / "c"
+    shutil.copytree(ckpt[0], folder)
+    shard = folder / "model-00001-of-00003.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])  # a truncated download
+    with pytest.raises(ValueError, match="model-00001-of-00003.safetensors is not a readable safetensors file"):
+        model.Llava.from_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    for text, message in (("{broken", "config.json is not valid JSON"), ("[1, 2]", "the file must be a JSON object"),
+                          (json.dumps(dict(config, text_config=[1])), "text_config must be a JSON object"),
+                          (json.dumps(dict(config, text_config=dict(config["text_config"], hidden_size="big"))),
+                           "hidden_size = 'big' is not of type int")):
+        (folder / "config.json").write_text(text)
+        with pytest.raises(ValueError, match=message):
+            model.read_config(folder)

@@ -90,3 +90,69 @@ def test_bad_images_and_prompts(ckpt, ours, tmp_path):
     wrong = model.LlavaConfig(image_token_index=5)
     with pytest.raises(ValueError, match="do not belong together"):
         processing.Tokenizer(ckpt[0], wrong)
+
+
+def test_images_of_absurd_shape_or_size(tmp_path, monkeypatch):
+    """Up to 64:1 the preprocessing stays bit-exact with transformers; a 20000 x 1 image is centre-cropped to 64:1
+    first (llava-hf would build a 6.7M x 336 image for it) and preprocesses in bounded memory; a decompression bomb, a
+    folder and a non-path are clear errors."""
+    import resource
+    import subprocess
+    import sys
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    hf = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    for size in ((640, 10), (10, 640), (3, 192)):  # exactly 64:1
+        image = random_image(1, size)
+        assert torch.equal(processing.preprocess(image), hf(image, return_tensors="pt").pixel_values[0]), size
+    Image.new("RGB", (20000, 1), (200, 10, 10)).save(tmp_path / "long.png")
+    script = ("import resource, sys, processing\n"
+              "x = processing.preprocess(sys.argv[1])\n"
+              "print(tuple(x.shape), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n")
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "long.png")], capture_output=True, text=True,
+                         check=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.split()
+    assert out[:3] == ["(3,", "336,", "336)"] and int(out[3]) < 1.5e9, f"peak RSS {int(out[3]) / 1e9:.2f} GB"
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss > 0
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    random_image(2, (100, 100)).save(tmp_path / "bomb.png")
+    with pytest.raises(ValueError, match="too large to decode safely"):
+        processing.preprocess(tmp_path / "bomb.png")
+    with pytest.raises(ValueError, match="is a folder, not an image file"):
+        processing.preprocess(tmp_path)
+    with pytest.raises(ValueError, match="file path or a PIL image"):
+        processing.preprocess(3)
+
+
+def test_tokenizer_from_another_model_is_refused(ckpt, ours, tmp_path):
+    """A tokenizer.json whose <image> id matches but whose vocabulary or special ids do not."""
+    import json
+    llava, _ = ours
+    cfg = llava.config
+    d = json.loads(open(os.path.join(ckpt[0], "tokenizer.json")).read())
+    for change, message in (("bos", "<s> has id"), ("size", "tokens but the model's vocabulary holds")):
+        bad = json.loads(json.dumps(d))
+        if change == "bos":  # <s> and the piece with id 5 trade places
+            vocab = bad["model"]["vocab"]
+            other = next(p for p, i in vocab.items() if i == 5)
+            vocab["<s>"], vocab[other] = 5, 1
+            bad["added_tokens"] = [dict(t, id=5) if t["content"] == "<s>" else t for t in bad["added_tokens"]]
+        else:  # more special tokens after <pad> than the model's embedding has rows
+            template = bad["added_tokens"][-1]
+            bad["added_tokens"] += [dict(template, id=template["id"] + 1 + i, content=f"<extra{i}>")
+                                    for i in range(cfg.text.vocab_size)]
+        (tmp_path / change).mkdir()
+        (tmp_path / change / "tokenizer.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=message):
+            processing.Tokenizer(tmp_path / change, cfg)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a tokenizer.json"):
+        processing.Tokenizer(tmp_path / "junk", cfg)
+
+
+def test_atomic_write_gives_the_usual_permissions(tmp_path):
+    from safetensors.torch import save_file
+    processing.atomic_write(tmp_path / "t.safetensors", lambda tmp: save_file({"a": torch.zeros(1)}, tmp))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(tmp_path / "t.safetensors").st_mode & 0o777 == 0o666 & ~umask
+    assert not os.path.exists(tmp_path / "t.safetensors.tmp")

@@ -5,6 +5,8 @@ generate.py, and a two-process torchrun. CPU, about 20 s.
 """
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 
@@ -22,7 +24,7 @@ N_TRAIN = 24
 
 @pytest.fixture(scope="session")
 def data(tmp_path_factory):
-    """24 usable records (every third with an answer, the rest to self-distil) and five bad ones."""
+    """24 usable records (every third with an answer, the rest to self-distil) and eight bad ones."""
     folder = tmp_path_factory.mktemp("data")
     rows = []
     for i in range(N_TRAIN):
@@ -34,7 +36,9 @@ def data(tmp_path_factory):
     (folder / "notes.png").write_text("not an image")
     rows += [json.dumps({"image": "gone.png", "prompt": "Hi"}), json.dumps({"image": "img0.png", "prompt": "  "}),
              json.dumps({"image": "notes.png", "prompt": "Hi"}), "{broken",
-             json.dumps({"image": "img1.png", "prompt": "word " * 600})]
+             json.dumps({"image": "img1.png", "prompt": "word " * 600}), json.dumps({"image": None, "prompt": "Hi"}),
+             json.dumps({"image": "img2.png", "prompt": "Hi", "answer": 7}), json.dumps({"image": "img3.png",
+                                                                                         "prompt": ["Hi"]})]
     (folder / "train.jsonl").write_text("\n".join(rows) + "\n")
     return folder
 
@@ -51,7 +55,7 @@ def test_records_are_read_skipped_and_distilled_once(ckpt, ours, data, capsys):
     samples, skipped = train.load_samples(str(data / "train.jsonl"), llava, tok, args, print)
     assert len(samples) == N_TRAIN
     assert skipped == {"image not found": 1, "empty prompt": 1, "bad JSON line": 1, "longer than the context (512)": 1,
-                       "unreadable image": 1}
+                       "unreadable image": 1, "no image path": 1, "answer is not text": 1, "prompt is not text": 1}
     assert all(s.answer and (i % 3 == 0 or len(s.answer) <= 8) for i, s in enumerate(samples))
     answered = samples[0]  # img0 carries its own answer: tokenised, EOS appended
     assert answered.answer == tok.tok.encode("A red circle and a blue square.", add_special_tokens=False).ids + [2]
@@ -106,23 +110,76 @@ def test_state_round_trip(tmp_path):
     assert torch.equal(torch.rand(3, generator=generator), torch.rand(3, generator=g2))
 
 
-def test_ctrl_c_saves_and_resume_is_exact(ckpt, data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("when,signal_name", [("before", None), ("after", None), ("after", "SIGTERM")])
+def test_interrupt_saves_and_resume_is_exact(ckpt, data, tmp_path, monkeypatch, when, signal_name):
+    """Ctrl-C (or SIGTERM, what cluster schedulers send) before a step's loss or after it drew the step's Gumbel
+    noise: the state of the last step boundary is saved, and --resume gives the uninterrupted run's predictor."""
     straight, _ = train.main(argv(ckpt, data, tmp_path / "a", "--max-iters", "6"))
     real, calls = train.train_loss, []
 
     def interrupted(*a, **kw):
         calls.append(1)
-        if len(calls) == 4:
+        if len(calls) == 4 and when == "before":
             raise KeyboardInterrupt
-        return real(*a, **kw)
+        out = real(*a, **kw)
+        if len(calls) == 4:  # the noise of step 4 is drawn
+            if signal_name:
+                os.kill(os.getpid(), getattr(signal, signal_name))
+            else:
+                raise KeyboardInterrupt
+        return out
     monkeypatch.setattr(train, "train_loss", interrupted)
     with pytest.raises(SystemExit) as stop:
         train.main(argv(ckpt, data, tmp_path / "b", "--max-iters", "6"))
-    assert stop.value.code == 130 and os.path.isfile(tmp_path / "b.state") and os.path.isfile(tmp_path / "b")
+    assert stop.value.code == (143 if signal_name else 130)
+    assert os.path.isfile(tmp_path / "b.state") and os.path.isfile(tmp_path / "b")
     monkeypatch.setattr(train, "train_loss", real)
     resumed, _ = train.main(argv(ckpt, data, tmp_path / "b", "--max-iters", "6", "--resume"))
-    assert torch.equal(straight.linear.weight, resumed.linear.weight) and torch.equal(straight.linear.bias,
-                                                                                      resumed.linear.bias)
+    assert torch.equal(straight.linear.weight, resumed.linear.weight)
+    assert torch.equal(straight.linear.bias, resumed.linear.bias)
+
+
+def test_resume_refuses_other_options_and_nothing_to_train(ckpt, data, tmp_path, capsys):
+    train.main(argv(ckpt, data, tmp_path / "p", "--max-iters", "2"))
+    for extra, named in ((["--k", "3"], "--k 3"), (["--rates", "0,0.5,1"], "--rates '0,0.5,1'"),
+                         (["--target-flops", "0.9"], "--target-flops 0.9")):
+        with pytest.raises(SystemExit, match=f"error: --resume with other options.*{re.escape(named)}"):
+            train.main(argv(ckpt, data, tmp_path / "p", "--max-iters", "2", "--resume", *extra))
+    capsys.readouterr()
+    train.main(argv(ckpt, data, tmp_path / "p", "--max-iters", "2", "--resume"))
+    out = capsys.readouterr().out
+    assert "already at step 2 of 2: nothing to train" in out and "predictor written" not in out
+
+
+def test_bad_options_fail_before_the_model_loads(ckpt, data, tmp_path, monkeypatch):
+    def no_load(*a, **kw):
+        raise AssertionError("the model was loaded before the options were checked")
+    monkeypatch.setattr(train.Llava, "from_pretrained", no_load)
+    for extra, message in ((["--max-iters", "0"], "--max-iters must be at least 1.*--eval-only"),
+                           (["--rates", "1:0"], "--rates '1:0'"), (["--rates", "0,1,0.5"], "increasing"),
+                           (["--target-flops", "0"], "--target-flops"), (["--lr", "nan"], "--lr"),
+                           (["--device", "cuda:7"], "--device cuda:7"), (["--resume"], "no training state"),
+                           (["--eval-only"], "does not exist")):
+        with pytest.raises(SystemExit, match=message):
+            train.main(argv(ckpt, data, tmp_path / "p", *extra))
+    for out, message in ((tmp_path / "missing" / "p", "does not exist; create it first"), (tmp_path, "is a folder")):
+        with pytest.raises(SystemExit, match=message):
+            train.main(argv(ckpt, data, out))
+    with pytest.raises(SystemExit, match="--data .* does not exist"):
+        train.main(["--model", ckpt[0], "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "p")])
+    assert not os.path.exists(tmp_path / "p")
+
+
+def test_small_data_gets_a_proportional_held_out_split(ckpt, data, tmp_path, capsys):
+    lines = (data / "train.jsonl").read_text().splitlines()[:6]
+    (data / "six.jsonl").write_text("\n".join(lines) + "\n")
+    args = ["--model", ckpt[0], "--data", str(data / "six.jsonl"), "--out", str(tmp_path / "p"), "--max-iters", "1",
+            "--batch-size", "2", "--distill-max-new-tokens", "8", "--eval-max-new-tokens", "4", "--target-flops", "0.9"]
+    train.main(args)
+    assert "only 6 samples: holding out 1 of them" in capsys.readouterr().out
+    (data / "one.jsonl").write_text(lines[0] + "\n")
+    with pytest.raises(SystemExit, match="1 usable sample"):
+        train.main([a if a != str(data / "six.jsonl") else str(data / "one.jsonl") for a in args])
 
 
 def test_predictor_file_works_in_generate_and_mismatch_is_refused(ckpt, data, tmp_path, capsys):

@@ -18,10 +18,13 @@ decisions: achieved FLOPs ratio, agreement of the greedy tokens with the unprune
 saved atomically (safetensors + JSON, never a pickle) to OUT.state, --resume continues exactly, Ctrl-C saves first.
 """
 import argparse
+import copy
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -29,12 +32,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import dyrate
-from generate import decode, default_dtype
-from model import Llava
+from generate import check_device, check_writable_folder, decode, default_dtype
+from model import Llava, read_config
 from processing import Tokenizer, atomic_write, preprocess
 
 
@@ -71,19 +74,23 @@ def read_records(path, image_folder=None):
     for row in rows:
         if row is None:
             continue
-        if not isinstance(row, dict) or "image" not in row:
-            skipped[row if isinstance(row, str) else "no image field"] += 1
+        if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not row["image"]:
+            skipped[row if isinstance(row, str) else "no image path"] += 1
             continue
         prompt, answer = row.get("prompt"), row.get("answer")
         if "conversations" in row:  # LLaVA format: the first human/gpt exchange
-            turns = row["conversations"]
-            prompt = next((t["value"] for t in turns if t.get("from") == "human"), None)
-            answer = next((t["value"] for t in turns if t.get("from") == "gpt"), None)
-            prompt = prompt and prompt.replace("<image>", "").strip()
-        if not prompt or not str(prompt).strip():
-            skipped["empty prompt"] += 1
+            turns = row["conversations"] if isinstance(row["conversations"], list) else []
+            turns = [t for t in turns if isinstance(t, dict)]
+            prompt = next((t.get("value") for t in turns if t.get("from") == "human"), None)
+            answer = next((t.get("value") for t in turns if t.get("from") == "gpt"), None)
+            prompt = prompt.replace("<image>", "").strip() if isinstance(prompt, str) else prompt
+        if not isinstance(prompt, str) or not prompt.strip():
+            skipped["empty prompt" if not prompt or isinstance(prompt, str) else "prompt is not text"] += 1
             continue
-        records.append((os.path.join(folder, row["image"]), str(prompt).strip(), answer or None))
+        if answer is not None and not isinstance(answer, str):
+            skipped["answer is not text"] += 1
+            continue
+        records.append((os.path.join(folder, row["image"]), prompt.strip(), answer or None))
     return records, skipped
 
 
@@ -368,14 +375,105 @@ def parse_args(argv=None):
 
 
 def parse_rates(text):
-    if ":" in text:
-        a, b, n = text.split(":")
-        return [float(a) + (float(b) - float(a)) * i / (int(n) - 1) for i in range(int(n))]
-    return [float(r) for r in text.split(",")]
+    """'start:stop:count' or a comma list -> increasing drop rates in [0, 1]."""
+    try:
+        if ":" in text:
+            a, b, n = text.split(":")
+            if int(n) < 2:
+                raise ValueError
+            rates = [float(a) + (float(b) - float(a)) * i / (int(n) - 1) for i in range(int(n))]
+        else:
+            rates = [float(r) for r in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--rates {text!r}: give 'start:stop:count' (count >= 2, e.g. 0:1:9) or a comma list of "
+                         f"drop rates (e.g. 0,0.5,0.75,1).") from None
+    if any(not 0 <= r <= 1 for r in rates) or sorted(set(rates)) != rates:
+        raise ValueError(f"--rates {text!r}: the candidate rates must be distinct, increasing and in [0, 1].")
+    return rates
+
+
+# the options that decide what is trained: a resumed run must keep them
+SAME_ON_RESUME = ("model", "data", "val_data", "val_size", "image_folder", "conv", "pad", "distill_max_new_tokens",
+                  "dtype", "k", "rates", "target_flops", "flops_weight", "loss", "tau_start", "tau_end", "max_iters",
+                  "batch_size", "lr", "min_lr", "warmup_iters", "weight_decay", "seed")
+
+
+def check_args(args):
+    """Every check that needs no model weights, before they load (minutes for a 7B model)."""
+    for name, path in (("--data", args.data), ("--val-data", args.val_data)):
+        if path is not None and not os.path.isfile(path):
+            raise FileNotFoundError(f"{name} {path!r} does not exist" + (" (it is a folder)" if os.path.isdir(path)
+                                                                        else "") + ".")
+    if args.image_folder is not None and not os.path.isdir(args.image_folder):
+        raise FileNotFoundError(f"--image-folder {args.image_folder!r} is not a folder.")
+    check_writable_folder(args.out, "--out")
+    if args.eval_only:
+        if not os.path.isfile(args.out):
+            raise FileNotFoundError(f"--eval-only evaluates the predictor at --out, but {args.out!r} does not exist.")
+        return
+    for name, value, low in (("--max-iters", args.max_iters, 1), ("--batch-size", args.batch_size, 1),
+                             ("--warmup-iters", args.warmup_iters, 0), ("--log-interval", args.log_interval, 1),
+                             ("--eval-interval", args.eval_interval, 1), ("--val-size", args.val_size, 1),
+                             ("--eval-max-new-tokens", args.eval_max_new_tokens, 1),
+                             ("--distill-max-new-tokens", args.distill_max_new_tokens, 1)):
+        if value < low:
+            raise ValueError(f"{name} must be at least {low}, got {value}" + (
+                " (to evaluate an existing predictor use --eval-only)" if name == "--max-iters" else "") + ".")
+    for name, value in (("--lr", args.lr), ("--tau-start", args.tau_start), ("--tau-end", args.tau_end)):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a positive number, got {value}.")
+    for name, value in (("--min-lr", args.min_lr), ("--flops-weight", args.flops_weight),
+                        ("--weight-decay", args.weight_decay)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a number >= 0, got {value}.")
+    if not 0 < args.target_flops <= 1:
+        raise ValueError(f"--target-flops is a fraction of none's FLOPs in (0, 1], got {args.target_flops}.")
+    parse_rates(args.rates)
+    if args.resume and not os.path.isfile(args.out + ".state"):
+        raise FileNotFoundError(f"--resume but no training state at {args.out + '.state'}; drop --resume to start "
+                                f"afresh.")
+
+
+def check_resume(meta, args):
+    """Refuse a resume whose options change what is being trained, naming them."""
+    saved = meta["args"]
+    changed = [f"--{k.replace('_', '-')} {getattr(args, k)!r} (the state has {saved.get(k)!r})"
+               for k in SAME_ON_RESUME if saved.get(k) != getattr(args, k)]
+    if changed:
+        raise ValueError(f"--resume with other options than the run in {args.out}.state: {'; '.join(changed)}. "
+                         f"Resume with the same options, or train afresh to another --out.")
+
+
+def hold_out(samples, args, log):
+    """A seeded random subset of the training samples for evaluation: --val-size of them, or a fifth of a small set."""
+    n = len(samples)
+    if n < 2:
+        raise ValueError(f"{args.data} has {n} usable sample(s): at least 2 are needed (one to train on, one held "
+                         f"out), or give --val-data.")
+    size = args.val_size
+    if size >= n:
+        size = max(1, n // 5)
+        log(f"only {n} samples: holding out {size} of them for evaluation (--val-size {args.val_size} would hold out "
+            f"all; give --val-data for a separate held-out set)")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed)).tolist()
+    return [samples[i] for i in order[size:]], [samples[i] for i in order[:size]]
+
+
+class Stop(Exception):
+    """SIGTERM (what cluster schedulers send before they kill a job), handled like Ctrl-C."""
+
+
+def on_sigterm(signum, frame):
+    raise Stop
 
 
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        check_args(args)
+        check_device(args.device)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     if world > 1:  # torchrun: every rank holds a frozen model copy; only the predictor's gradients are all-reduced
         cuda = torch.cuda.is_available() and args.device.startswith("cuda")
@@ -386,32 +484,39 @@ def main(argv=None):
     log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
     state_path = args.out + ".state"
     try:
+        cfg = read_config(args.model)
+        layers = cfg.text.num_hidden_layers
+        if not args.eval_only and not 1 <= args.k <= max(1, layers - 1):
+            raise ValueError(f"--k must lie in [1, {max(1, layers - 1)}] for this {layers}-layer model.")
+        meta = None
+        if args.resume:
+            meta = json.loads(safe_open(state_path, framework="pt").metadata()["train_state"])
+            check_resume(meta, args)
         torch.manual_seed(args.seed)
         model = Llava.from_pretrained(args.model, args.device, getattr(torch, args.dtype or default_dtype(args.device)))
-        tok, cfg = Tokenizer(args.model, model.config), model.config
+        tok = Tokenizer(args.model, model.config)
         if rank != 0:
             dist.barrier()  # rank 0 distils the missing answers first; the others then read its cache
         samples, _ = load_samples(args.data, model, tok, args, log)
         val = load_samples(args.val_data, model, tok, args, log)[0] if args.val_data else None
         if rank == 0 and world > 1:
             dist.barrier()
-        if val is None:  # hold out a seeded random subset
-            order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(args.seed)).tolist()
-            val, samples = [samples[i] for i in order[:args.val_size]], [samples[i] for i in order[args.val_size:]]
+        if val is None:
+            samples, val = hold_out(samples, args, log)
         if not samples or not val:
-            raise ValueError(f"need training and held-out samples: got {len(samples)} and {len(val)}")
+            raise ValueError(f"need training and held-out samples: got {len(samples)} and {len(val)} usable ones")
         if args.eval_only:
             predictor = dyrate.RatePredictor.load(args.out, cfg, args.device)
         else:
-            predictor = dyrate.RatePredictor(cfg.text.num_attention_heads, parse_rates(args.rates),
-                                             args.k).to(args.device)
+            predictor = dyrate.RatePredictor(cfg.text.num_attention_heads, parse_rates(args.rates), args.k)
+            predictor = predictor.to(args.device)
             floor = dyrate.flops_ratio([dyrate.costs(cfg, len(s.ids), [0] * len(s.answer), args.k) for s in samples])
             if not floor < args.target_flops <= 1:
                 raise ValueError(f"--target-flops {args.target_flops} is out of reach: dropping every image token "
                                  f"gives {floor:.3f} of none's FLOPs on this data; choose a target in "
                                  f"({floor:.3f}, 1].")
         log(predictor.describe(cfg))
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, SafetensorError) as e:
         sys.exit(f"error: {e}")
     log(f"unpruned references for {len(val)} held-out samples ...")
     refs = reference(model, val, args) if rank == 0 else None
@@ -421,18 +526,34 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(predictor.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     generator = torch.Generator(args.device).manual_seed(args.seed * 1000 + rank)
     it, best = 0, None
-    if args.resume:
-        if not os.path.isfile(state_path):
-            sys.exit(f"error: --resume but no training state at {state_path}")
-        it = load_state(state_path, predictor, optimizer, generator)["iter"]
+    if meta is not None:
+        it, best = load_state(state_path, predictor, optimizer, generator)["iter"], meta.get("best")
         log(f"resumed from {state_path} at step {it}")
 
-    def checkpoint(evaluation=None):
-        if rank == 0:
-            predictor.save(args.out, dyrate.fingerprint(cfg), dict(trained_iters=it, target_flops=args.target_flops,
-                                                                 held_out=evaluation))
-            save_state(state_path, predictor, optimizer, generator, it, args, evaluation)
+    def snapshot():  # the whole training state at a step boundary (the predictor is tiny: a copy costs nothing)
+        return (it, {k: v.clone() for k, v in predictor.state_dict().items()}, copy.deepcopy(optimizer.state_dict()),
+                generator.get_state(), best)
 
+    def checkpoint(state):
+        if rank == 0:
+            step, weights, opt_state, rng, evaluation = state
+            live = (predictor.state_dict(), optimizer.state_dict(), generator.get_state())
+            predictor.load_state_dict(weights)
+            optimizer.load_state_dict(opt_state)
+            generator.set_state(rng)
+            predictor.save(args.out, dyrate.fingerprint(cfg), dict(trained_iters=step, target_flops=args.target_flops,
+                                                                     held_out=evaluation))
+            save_state(state_path, predictor, optimizer, generator, step, args, evaluation)
+            predictor.load_state_dict(live[0])
+            optimizer.load_state_dict(live[1])
+            generator.set_state(live[2])
+
+    if it >= args.max_iters:
+        log(f"the state at {state_path} is already at step {it} of {args.max_iters}: nothing to train")
+        return predictor, best
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if threading.current_thread() is threading.main_thread() \
+        else None
+    boundary = snapshot()
     try:
         while it < args.max_iters:
             t0 = time.perf_counter()
@@ -458,17 +579,22 @@ def main(argv=None):
                     f"{(time.perf_counter() - t0) * 1e3:.0f} ms")
             if it % args.eval_interval == 0 or it == args.max_iters:
                 if rank == 0:
-                    best = evaluate(model, val, refs, pruner_factory(model, "dyrate", args.k, predictor=predictor),
-                                    args)
+                    learned = pruner_factory(model, "dyrate", args.k, predictor=predictor)
+                    best = evaluate(model, val, refs, learned, args)
                     log(f"held-out, hard decisions: FLOPs ratio {best['flops_ratio']:.3f} (target {args.target_flops})"
                         f" | agreement with unpruned {best['agreement']:.3f} | KL/token {best['kl']:.4f}")
-                checkpoint(best)
+                boundary = snapshot()
+                checkpoint(boundary)
                 if world > 1:
                     dist.barrier()
-    except KeyboardInterrupt:
-        checkpoint(best)
-        log(f"\ninterrupted at step {it}: state saved to {state_path}; rerun with --resume to continue")
-        sys.exit(130)
+            boundary = snapshot()
+    except (KeyboardInterrupt, Stop) as e:  # the state of the last step boundary: a resume redoes the step exactly
+        checkpoint(boundary)
+        log(f"\ninterrupted at step {boundary[0]}: state saved to {state_path}; rerun with --resume to continue")
+        sys.exit(143 if isinstance(e, Stop) else 130)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     log(f"predictor written to {args.out}")
     if args.compare and rank == 0:
         compare(model, predictor, val, refs, args, log)

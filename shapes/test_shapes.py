@@ -235,3 +235,14 @@ def test_experiment_command_end_to_end(tmp_path):
     assert table["vtw"]["flops_ratio"] < learned < 1 == table["none"]["flops_ratio"]
     assert abs(fastv - learned) < 0.05
     assert (tmp_path / "out" / "experiment.json").exists() and list((tmp_path / "out").glob("example0*.gif"))
+
+
+def test_data_command_writes_only_where_told(tmp_path):
+    """The data command writes its --out folder; the shipped example images only with --examples."""
+    before = {p: os.stat(os.path.join(EXAMPLES, p)).st_mtime_ns for p in os.listdir(EXAMPLES)}
+    data.main(["--out", str(tmp_path / "d"), "--train", "2", "--val", "1", "--test", "1"])
+    assert sorted(os.listdir(tmp_path / "d")) == ["test", "test.jsonl", "train", "train.jsonl", "val", "val.jsonl"]
+    assert {p: os.stat(os.path.join(EXAMPLES, p)).st_mtime_ns for p in os.listdir(EXAMPLES)} == before
+    data.main(["--out", str(tmp_path / "d"), "--train", "1", "--val", "1", "--test", "1", "--examples",
+               str(tmp_path / "ex")])
+    assert (tmp_path / "ex" / "examples.json").read_text() == open(os.path.join(EXAMPLES, "examples.json")).read()

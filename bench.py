@@ -169,6 +169,7 @@ def check_args(args):
     if not 0 <= args.ratio <= 1:
         raise ValueError(f"--ratio must lie in [0, 1], got {args.ratio}")
     cfg = model.read_config(args.model) if args.model else geometry_config(args.geometry)
+    cfg.check_length(1 + args.prompt_tokens + cfg.n_image_tokens + args.new_tokens)
     layers = cfg.text.num_hidden_layers
     if not 1 <= args.k <= max(1, layers - 1):
         raise ValueError(f"--k must lie in [1, {max(1, layers - 1)}] for this {layers}-layer model, got {args.k}")

@@ -162,6 +162,8 @@ def generate(model: Llava, tokenizer: Tokenizer, images, prompts, max_new_tokens
     """Generate for a batch of image/prompt pairs. on_text(row, piece) receives the text as it is produced.
     method/k/ratio/predictor/schedule choose the visual-token pruning (dyrate.Pruner); stats records the type
     shares at every step. Each row reports its pruning history, FLOPs and KV-cache bytes next to those of `none`."""
+    if isinstance(images, (str, os.PathLike)) or isinstance(prompts, str):
+        raise ValueError("Give a list of images and a list of prompts, one prompt per image.")
     if len(images) != len(prompts) or not images:
         raise ValueError(f"Give one prompt per image: got {len(images)} images and {len(prompts)} prompts.")
     cfg, device = model.config, model.language_model.lm_head.weight.device

@@ -472,6 +472,9 @@ class LlamaForCausalLM(nn.Module):
 def read_config(model_dir):
     """The LlavaConfig of a checkpoint folder, from its config.json alone (no weights read)."""
     config_path = os.path.join(os.fspath(model_dir), "config.json")
+    if os.path.isfile(model_dir):
+        raise ValueError(f"{os.fspath(model_dir)!r} is a file: pass the checkpoint folder (with config.json and the "
+                         f"safetensors files).")
     if not os.path.isdir(model_dir) or not os.path.isfile(config_path):
         raise FileNotFoundError(f"No LLaVA checkpoint at {os.fspath(model_dir)!r} (no config.json). "
                                 f"{processing.GET_WEIGHTS}")
@@ -611,6 +614,14 @@ class Llava(nn.Module):
         """Load a llava-hf checkpoint folder (config.json + model.safetensors or a sharded index). Tensors go from the
         memory-mapped files straight to `device` in `dtype`, one at a time, into a model built on the meta device."""
         model_dir = os.fspath(model_dir)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"dtype must be a torch dtype such as torch.float16, got {dtype!r}.")
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device {device!r} is not a device torch knows ({e}).") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device}: this machine has no CUDA GPU that torch can use; use cpu.")
         cfg = read_config(model_dir)
         with torch.device("meta"):
             model = cls(cfg)

@@ -139,6 +139,8 @@ class Tokenizer:
         """Prompt ids with the one <image> expanded to n_image_tokens ids, and the index of the first image id."""
         if conv not in TEMPLATES:
             raise ValueError(f"Unknown conversation template {conv!r}; choose one of {sorted(TEMPLATES)}.")
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError(f"The question must be non-empty text, got {question!r}.")
         if "<image>" in question:
             raise ValueError("The question must not contain '<image>': the template places the image.")
         ids = self.tok.encode(TEMPLATES[conv].format(question)).ids  # BOS added by the post-processor

@@ -59,7 +59,8 @@ def test_bench_checks_its_arguments_before_building_anything(ckpt, tmp_path, mon
                            (["--repeats", "0"], "--repeats"), (["--ratio", "2"], "--ratio"),
                            (["--k", "40"], r"--k must lie in \[1, 7\]"), (["--memory-gib", "-1"], "--memory-gib"),
                            (["--out", str(tmp_path / "no" / "b.json")], "does not exist"),
-                           (["--device", "cuda:5"], "--device"), (["--predictor", str(tmp_path / "none")], "not a")):
+                           (["--device", "cuda:5"], "--device"), (["--predictor", str(tmp_path / "none")], "not a"),
+                           (["--new-tokens", "4000"], "exceed the model's context of 4096")):
         with pytest.raises(SystemExit, match=f"error: .*{message}"):
             bench.main(extra)
     with pytest.raises(SystemExit, match="No LLaVA checkpoint"):

@@ -147,6 +147,9 @@ def test_small_models_and_odd_requests(ours, tmp_path, capsys):
     for method in ("none", "fastv"):
         row = generate.generate(small, tok, [random_image(19)], ["Hi"], max_new_tokens=3, method=method).rows[0]
         assert row["k"] == 1
+    for images, prompts in ((["x.png"], [""]), (["x.png"], [5]), ("x.png", ["Hi"])):
+        with pytest.raises(ValueError, match="non-empty text|a list of images"):
+            generate.generate(*ours, images, prompts, max_new_tokens=2)
     with pytest.raises(ValueError, match="drop rates in"):
         generate.generate(*ours, [random_image(19)], ["Hi"], max_new_tokens=2, method="dyrate", schedule=[2.0])
     path = tmp_path / "x.png"

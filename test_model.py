@@ -186,6 +186,12 @@ def test_checkpoint_errors(ckpt, tmp_path):
     folder, hf = ckpt
     with pytest.raises(FileNotFoundError, match="llava-hf/llava-1.5-7b-hf"):
         model.Llava.from_pretrained(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="is a file: pass the checkpoint folder"):
+        model.Llava.from_pretrained(os.path.join(folder, "config.json"))
+    with pytest.raises(ValueError, match="dtype must be a torch dtype"):
+        model.Llava.from_pretrained(folder, "cpu", "float16")
+    with pytest.raises(ValueError, match="not a device torch knows"):
+        model.Llava.from_pretrained(folder, "gpu")
     partial = tmp_path / "partial"
     shutil.copytree(folder, partial)
     os.remove(partial / "model-00002-of-00003.safetensors")

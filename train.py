@@ -387,6 +387,8 @@ def parse_rates(text):
     except ValueError:
         raise ValueError(f"--rates {text!r}: give 'start:stop:count' (count >= 2, e.g. 0:1:9) or a comma list of "
                          f"drop rates (e.g. 0,0.5,0.75,1).") from None
+    if len(rates) < 2:
+        raise ValueError(f"--rates {text!r}: give at least two candidate rates for the predictor to choose from.")
     if any(not 0 <= r <= 1 for r in rates) or sorted(set(rates)) != rates:
         raise ValueError(f"--rates {text!r}: the candidate rates must be distinct, increasing and in [0, 1].")
     return rates

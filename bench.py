@@ -233,8 +233,8 @@ def main(argv=None):
                                   return_dict_in_generate=True)
                 generate.sync(dev)
                 times.append(time.perf_counter() - t0)
-            kv = sum(t.numel() * t.element_size() for layer in out.past_key_values.layers for t in (layer.keys,
-                                                                                                    layer.values))
+            layers = out.past_key_values.layers
+            kv = sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values))
             return dict(prefill_s=times[0], decode_s=times[1] - times[0], tokens=out.sequences[0, T:].tolist(),
                         hook=None, memory=weights + memory_added(dev, mark, kv))
         llava = compiled if method.endswith("+compile") else ours
@@ -262,14 +262,16 @@ def main(argv=None):
         hook = r["hook"]
 
         def summary(steps):  # the first `steps` steps of row 0 (all rows are alike): kept counts, FLOPs, KV bytes
-            return hook.row_summary(0, steps, cfg, T, dtype) if hook else dyrate.costs(cfg, T, [N] * steps, args.k,
-                                                                                        dtype=dtype)
+            if hook:
+                return hook.row_summary(0, steps, cfg, T, dtype)
+            return dyrate.costs(cfg, T, [N] * steps, args.k, dtype=dtype)
         whole, first = summary(n), summary(1)
         total_s = r["prefill_s"] + r["decode_s"]
         rows.append(dict(method=m, batch=B, prefill_ms=r["prefill_s"] * 1e3,
                          decode_ms_per_token=r["decode_s"] * 1e3 / (n - 1), total_ms=total_s * 1e3,
                          tokens_per_s=B * n / total_s, prefill_tflops=B * first["flops"] / 1e12,
                          tflops=B * whole["flops"] / 1e12, kept_visual=whole.get("kept_visual", [N] * n),
+                         nocache_tflops=B * whole["nocache_flops"] / 1e12, mean_kv_bytes=B * whole["mean_kv_bytes"],
                          peak_memory_bytes=r["memory"], kv_cache_bytes=B * whole["kv_cache_bytes"], tokens=r["tokens"]))
     report(rows, args, cfg, T, weights, log)
     result = dict(vars(args), prompt_tokens_total=T, weights_bytes=weights, device_name=device_name(dev), results=rows)
@@ -295,15 +297,17 @@ def report(rows, args, cfg, T, weights, log):
           f"prompt {T} tokens ({cfg.n_image_tokens} image), {args.new_tokens} greedy new tokens, K={args.k}, "
           f"R={args.ratio}, median of {args.repeats} interleaved rounds; (x) = ratio to none at the same batch")
     print(f"{'method':20}{'batch':>6}{'prefill ms':>11}{'(x)':>6}{'prefill TF':>11}{'(x)':>6}{'decode ms/tok':>14}"
-          f"{'(x)':>6}"
-          f"{'total ms':>10}{'tok/s':>8}{'TFLOPs':>8}{'(x)':>6}{mem:>10}{'KV MiB':>8}{'kept':>9}")
+          f"{'(x)':>6}{'total ms':>10}{'tok/s':>8}{'TFLOPs':>8}{'(x)':>6}{'no-cache':>9}{mem:>10}{'KV MiB':>8}"
+          f"{'mean KV':>8}{'(x)':>6}{'kept':>9}")
     for r in rows:
         base = next((b for b in rows if b["method"] == "none" and b["batch"] == r["batch"]), r)
         print(f"{r['method']:20}{r['batch']:6d}{r['prefill_ms']:11.1f}{r['prefill_ms'] / base['prefill_ms']:6.2f}"
               f"{r['prefill_tflops']:11.4f}{r['prefill_tflops'] / base['prefill_tflops']:6.2f}"
               f"{r['decode_ms_per_token']:14.2f}{r['decode_ms_per_token'] / base['decode_ms_per_token']:6.2f}"
               f"{r['total_ms']:10.1f}{r['tokens_per_s']:8.1f}{r['tflops']:8.3f}{r['tflops'] / base['tflops']:6.2f}"
-              f"{r['peak_memory_bytes'] / 2**20:10.0f}{r['kv_cache_bytes'] / 2**20:8.1f}"
+              f"{r['nocache_tflops'] / base['nocache_tflops']:9.2f}{r['peak_memory_bytes'] / 2**20:10.0f}"
+              f"{r['kv_cache_bytes'] / 2**20:8.1f}{r['mean_kv_bytes'] / 2**20:8.1f}"
+              f"{r['mean_kv_bytes'] / base['mean_kv_bytes']:6.2f}"
               f"{str(r['kept_visual'][0]) + '->' + str(r['kept_visual'][-1]):>9}")
     by = {(r["method"], r["batch"]): r for r in rows}
     for (m, B), r in by.items():

@@ -339,11 +339,12 @@ def layer_flops(t, T, S):
     return proj + 2 * 3 * T * t.hidden_size * t.intermediate_size + 2 * 2 * t.num_attention_heads * T * S * t.head_dim
 
 
-def generation_flops(cfg, prompt_len, kept, k=2, probes=0, predictor_flops=0, n_images=1):
+def generation_flops(cfg, prompt_len, kept, k=2, probes=0, predictor_flops=0, n_images=1, cache=True):
     """Matmul FLOPs of generating len(kept) tokens for one row, from what was processed: kept[t] image tokens remain
     in layers >= k at step t (kept[0] at prefill). Ints give ints; tensors (training) give a differentiable tensor.
-    `probes` steps computed the layer k-1 statistics (probe + type shares) and ran the predictor.
-    Returns a dict: vision, projector, prefill, decode, overhead, total."""
+    `probes` steps computed the layer k-1 statistics (probe + type shares) and ran the predictor. cache=False: the
+    no-cache convention, in which every step recomputes the whole kept sequence so far (FastV's original code); the
+    image features are computed once. Returns a dict: vision, projector, prefill, decode, overhead, total."""
     t, v, N = cfg.text, cfg.vision, cfg.n_image_tokens
     Tv = (v.image_size // v.patch_size) ** 2 + 1  # CLIP runs on the patches + CLS
     vision = n_images * (2 * (Tv - 1) * v.num_channels * v.patch_size ** 2 * v.hidden_size + cfg.n_vision_layers_used
@@ -351,12 +352,14 @@ def generation_flops(cfg, prompt_len, kept, k=2, probes=0, predictor_flops=0, n_
                             + 2 * 2 * Tv * Tv * v.hidden_size))
     projector = n_images * 2 * N * (v.hidden_size * t.hidden_size + t.hidden_size ** 2)
     lm_head, late = 2 * t.hidden_size * t.vocab_size, t.num_hidden_layers - k
-    short = prompt_len - (N - kept[0])  # tokens in layers >= k after the prefill drop
-    prefill = k * layer_flops(t, prompt_len, prompt_len) + late * layer_flops(t, short, short) + lm_head
-    decode = 0
-    for step in range(1, len(kept)):
-        decode = decode + k * layer_flops(t, 1, prompt_len + step) + \
-            late * layer_flops(t, 1, prompt_len - (N - kept[step]) + step) + lm_head
+    steps = []
+    for step in range(len(kept)):
+        full, short = prompt_len + step, prompt_len - (N - kept[step]) + step  # tokens in layers < k and >= k
+        if cache and step > 0:  # one new token attending to the cached keys
+            steps.append(k * layer_flops(t, 1, full) + late * layer_flops(t, 1, short) + lm_head)
+        else:  # the whole (kept) sequence so far
+            steps.append(k * layer_flops(t, full, full) + late * layer_flops(t, short, short) + lm_head)
+    prefill, decode = steps[0], sum(steps[1:])
     keys_at_probe = sum(prompt_len + s for s in range(probes))  # layer k-1 holds every token
     overhead = 2 * t.num_attention_heads * t.head_dim * keys_at_probe + 2 * t.num_attention_heads * 4 * keys_at_probe \
         + probes * predictor_flops  # probe scores, type shares, predictor
@@ -384,20 +387,38 @@ def fastv_flops(cfg, n_tokens, n_kept_image, k=2):
 
 
 def costs(cfg, prompt_len, kept, k, probes=0, predictor_flops=0, dtype=torch.float16):
-    """The one cost summary of a row's generation, from its kept image tokens per step (kept[0] at prefill), next to
-    none's (every image token kept, no statistics): matmul FLOPs with a KV cache, and KV-cache bytes at the end. Ints
-    give ints; tensors (training) give differentiable tensors."""
+    """The one cost summary of a row's generation, from its kept image tokens per step (kept[0] at prefill), each next
+    to none's (every image token kept, no statistics): `flops` (with a KV cache), `nocache_flops` (every step
+    recomputes the kept sequence), `kv_byte_steps` (the KV cache held after each step, summed over the steps: what
+    bounds a batch and the bytes decode steps read; `mean_kv_bytes` is its mean), `kv_cache_bytes` at the end, and
+    FastV's prefill-only count.
+    Ints give ints; tensors (training) give differentiable tensors."""
     N, n = cfg.n_image_tokens, len(kept)
-    flops = generation_flops(cfg, prompt_len, kept, k, probes, predictor_flops)["total"]
-    none = generation_flops(cfg, prompt_len, [N] * n, k)["total"]
-    return dict(flops=flops, flops_none=none, flops_ratio=flops / none,
-                kv_cache_bytes=kv_cache_bytes(cfg, prompt_len, n, kept[-1], k, dtype),
-                kv_cache_bytes_none=kv_cache_bytes(cfg, prompt_len, n, N, k, dtype))
+    out = {}
+    for name, value, none in (
+            ("flops", generation_flops(cfg, prompt_len, kept, k, probes, predictor_flops)["total"],
+             generation_flops(cfg, prompt_len, [N] * n, k)["total"]),
+            ("nocache_flops", generation_flops(cfg, prompt_len, kept, k, probes, predictor_flops, cache=False)["total"],
+             generation_flops(cfg, prompt_len, [N] * n, k, cache=False)["total"]),
+            ("kv_byte_steps", sum(kv_cache_bytes(cfg, prompt_len, s + 1, kept[s], k, dtype) for s in range(n)),
+             sum(kv_cache_bytes(cfg, prompt_len, s + 1, N, k, dtype) for s in range(n))),
+            ("kv_cache_bytes", kv_cache_bytes(cfg, prompt_len, n, kept[-1], k, dtype),
+             kv_cache_bytes(cfg, prompt_len, n, N, k, dtype)),
+            ("fastv_prefill_flops", *fastv_flops(cfg, prompt_len, kept[0], k))):
+        out.update({name: value, f"{name}_none": none})
+    out.update(flops_ratio=out["flops"] / out["flops_none"], mean_kv_bytes=out["kv_byte_steps"] / n,
+               mean_kv_bytes_none=out["kv_byte_steps_none"] / n)
+    return out
 
 
-def flops_ratio(rows):
-    """Sum of FLOPs over rows (costs() dicts, or generate() rows) / the same sum for none."""
-    return sum(r["flops"] for r in rows) / sum(r["flops_none"] for r in rows)
+# a budget's name -> its costs() key. NOTE: the KV budget is on byte-steps (the cache held after each step, summed),
+# so over many rows its ratio is the mean KV-cache size over every step of every row, long answers weighing more
+COSTS = {"flops": "flops", "kv": "kv_byte_steps", "nocache": "nocache_flops"}
+
+
+def cost_ratio(rows, cost="flops"):
+    """Sum of a cost over rows (costs() dicts, or generate() rows) / the same sum for none."""
+    return sum(r[cost] for r in rows) / sum(r[f"{cost}_none"] for r in rows)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -409,10 +430,10 @@ def ramp_rates(r0, n):
     return [r0 + (1 - r0) * t / max(n - 1, 1) for t in range(n)]
 
 
-def matched_keep(cfg, lengths, target, k, ramp=False):
-    """FastV's kept count (or, ramp=True, the kept count at the start of a hand-set ramp) whose FLOPs ratio over
-    generations of the given (prompt tokens, new tokens) is closest to `target`. FLOPs depend only on the kept
-    counts: no forward needed."""
+def matched_keep(cfg, lengths, target, k, ramp=False, cost="flops"):
+    """FastV's kept count (or, ramp=True, the kept count at the start of a hand-set ramp) whose cost ratio (a costs()
+    key) over generations of the given (prompt tokens, new tokens) is closest to `target`. Costs depend only on the
+    kept counts: no forward needed."""
     N = cfg.n_image_tokens
 
     def ratio(keep):
@@ -420,5 +441,9 @@ def matched_keep(cfg, lengths, target, k, ramp=False):
         for prompt_len, n in lengths:
             kept = [min(keep, keep_count(r, N)) for r in ramp_rates(1 - keep / N, n)] if ramp else [keep] * n
             rows.append(costs(cfg, prompt_len, kept, k, n if ramp else 1))
-        return flops_ratio(rows)
-    return min(range(N + 1), key=lambda keep: abs(ratio(keep) - target))
+        return cost_ratio(rows, cost)
+    lo, hi = 0, N  # the ratio grows with the kept count: bisect for the first keep whose ratio reaches the target
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if ratio(mid) < target else (lo, mid)
+    return min({max(lo - 1, 0), lo}, key=lambda keep: (abs(ratio(keep) - target), keep))

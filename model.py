@@ -154,8 +154,8 @@ class CLIPAttention(nn.Module):
     def forward(self, x):
         B, T, C = x.shape
         hs = C // self.n_head
-        q, k, v = (proj(x).view(B, T, self.n_head, hs).transpose(1, 2) for proj in (self.q_proj, self.k_proj,
-                                                                                    self.v_proj))
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = (proj(x).view(B, T, self.n_head, hs).transpose(1, 2) for proj in projections)  # (B, nh, T, hs)
         y = F.scaled_dot_product_attention(q, k, v, scale=hs ** -0.5)  # (B, nh, T, hs), bidirectional
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
 

@@ -188,6 +188,68 @@ def test_straight_through_gradient_reaches_predictor(ours):
         dyrate.generation_flops(llava.config, L, [N_IMAGE] * len(answer), K)["total"]
     ratio.backward()
     assert predictor.linear.weight.grad.abs().sum() > 0
+    for cost in ("kv_byte_steps", "nocache_flops"):  # the KV and no-cache budgets reach it the same way
+        predictor.zero_grad()
+        pruner = dyrate.TrainMask(predictor, N_IMAGE, torch.tensor([start]), torch.tensor([L]))
+        llava(seq, px, pruner=pruner)
+        row = dyrate.costs(llava.config, L, pruner.kept_count[0, L - 1:], K)
+        dyrate.cost_ratio([row], cost).backward()
+        assert torch.isfinite(predictor.linear.weight.grad).all() and predictor.linear.weight.grad.abs().sum() > 0
+
+
+def test_mean_kv_bytes_equal_the_measured_caches(ours):
+    """costs()'s mean KV-cache size is the mean, over the steps, of the bytes the caches really hold after each step
+    (ragged rows, drops at several steps)."""
+    llava, _ = ours
+    ids, lengths, px, starts = two_rows(ours)
+    pruner = dyrate.Pruner("dyrate", N_IMAGE, starts, lengths, K, schedule=[0.25, 0.25, 0.5, 0.75, 0.75, 1.0])
+    caches, held = llava.new_caches(2, 6), []
+    with torch.no_grad():
+        for _ in generate.decode(llava, ids, lengths, px, caches, 6, pruner):
+            held.append(sum(c.nbytes() for c in caches))  # (B,) after this step's forward
+    for b in range(2):
+        row = pruner.row_summary(b, 6, llava.config, int(lengths[b]), torch.float32)
+        assert row["mean_kv_bytes"] == sum(int(h[b]) for h in held) / 6
+        assert row["kv_cache_bytes"] == int(held[-1][b]) and row["mean_kv_bytes"] < row["mean_kv_bytes_none"]
+
+
+class DropFixed:
+    """A hook that drops a fixed set of image tokens before layer K, at any sequence length: the no-cache step."""
+    k = K
+
+    def __init__(self, drop, start):
+        self.drop, self.start = drop, start
+
+    def probe_rows(self, n_valid, T):
+        return None
+
+    def __call__(self, probs, x, positions, n_valid, caches):
+        return (*dyrate.drop_tokens(x, positions, n_valid, self.drop, self.start, N_IMAGE), None)
+
+
+def test_nocache_flops_match_flop_counter(ours):
+    """The no-cache convention: each step recomputes the whole sequence so far, layers >= K without the image tokens
+    dropped by then; the image features are computed once. Equals FlopCounterMode on those forwards."""
+    from torch.utils.flop_counter import FlopCounterMode
+    llava, tok = ours
+    ids, lengths, px, starts = two_rows(ours)
+    ids, px, starts, L = ids[:1, :int(lengths[0])], px[:1], starts[:1], int(lengths[0])
+    pruner = dyrate.Pruner("dyrate", N_IMAGE, starts, lengths[:1], K, schedule=[0.25, 0.5, 0.5, 0.875, 1.0],
+                           stats=False)
+    with torch.no_grad():
+        tokens = torch.stack([t for t, _ in generate.decode(llava, ids, lengths[:1], px, llava.new_caches(1, 5), 5,
+                                                             pruner)], 1)  # (1, 5)
+        seq = torch.cat([ids, tokens[:, :-1]], 1)  # the prompt and every token fed back
+        dropped = torch.cumsum(torch.stack([h.dropped_mask for h in pruner.history]), 0).bool()  # (steps, 1, N)
+        with FlopCounterMode(display=False) as counter:
+            x = llava.embed(seq, px)  # vision tower and projector, once
+            for t in range(5):
+                T = L + t
+                llava.last_logits(x[:, :T], torch.arange(T)[None], None, None, DropFixed(dropped[t], starts))
+    kept = [int(h.kept_count[0]) for h in pruner.history]
+    assert dyrate.generation_flops(llava.config, L, kept, K, cache=False)["total"] == counter.get_total_flops()
+    row = dyrate.costs(llava.config, L, kept, K)
+    assert row["nocache_flops"] / row["nocache_flops_none"] < row["flops"] / row["flops_none"]  # late drops count
 
 
 def test_masked_attention_value_exact_gradient_bounded():

@@ -46,7 +46,7 @@ def data(tmp_path_factory):
 def argv(ckpt, data, out, *extra):
     return ["--model", ckpt[0], "--data", str(data / "train.jsonl"), "--out", str(out), "--batch-size", "4",
             "--val-size", "6", "--distill-max-new-tokens", "8", "--eval-max-new-tokens", "8", "--log-interval", "1",
-            "--eval-interval", "1000", "--device", "cpu", "--target-flops", "0.78", *extra]
+            "--eval-interval", "1000", "--device", "cpu", "--target", "0.78", *extra]
 
 
 def test_records_are_read_skipped_and_distilled_once(ckpt, ours, data, capsys):
@@ -142,7 +142,7 @@ def test_interrupt_saves_and_resume_is_exact(ckpt, data, tmp_path, monkeypatch, 
 def test_resume_refuses_other_options_and_nothing_to_train(ckpt, data, tmp_path, capsys):
     train.main(argv(ckpt, data, tmp_path / "p", "--max-iters", "2"))
     for extra, named in ((["--k", "3"], "--k 3"), (["--rates", "0,0.5,1"], "--rates '0,0.5,1'"),
-                         (["--target-flops", "0.9"], "--target-flops 0.9")):
+                         (["--target", "0.9"], "--target 0.9")):
         with pytest.raises(SystemExit, match=f"error: --resume with other options.*{re.escape(named)}"):
             train.main(argv(ckpt, data, tmp_path / "p", "--max-iters", "2", "--resume", *extra))
     capsys.readouterr()
@@ -157,7 +157,7 @@ def test_bad_options_fail_before_the_model_loads(ckpt, data, tmp_path, monkeypat
     monkeypatch.setattr(train.Llava, "from_pretrained", no_load)
     for extra, message in ((["--max-iters", "0"], "--max-iters must be at least 1.*--eval-only"),
                            (["--rates", "1:0"], "--rates '1:0'"), (["--rates", "0,1,0.5"], "increasing"),
-                           (["--target-flops", "0"], "--target-flops"), (["--lr", "nan"], "--lr"),
+                           (["--target", "0"], "--target"), (["--lr", "nan"], "--lr"),
                            (["--device", "cuda:7"], "--device cuda:7"), (["--resume"], "no training state"),
                            (["--eval-only"], "does not exist")):
         with pytest.raises(SystemExit, match=message):
@@ -174,7 +174,7 @@ def test_small_data_gets_a_proportional_held_out_split(ckpt, data, tmp_path, cap
     lines = (data / "train.jsonl").read_text().splitlines()[:6]
     (data / "six.jsonl").write_text("\n".join(lines) + "\n")
     args = ["--model", ckpt[0], "--data", str(data / "six.jsonl"), "--out", str(tmp_path / "p"), "--max-iters", "1",
-            "--batch-size", "2", "--distill-max-new-tokens", "8", "--eval-max-new-tokens", "4", "--target-flops", "0.9"]
+            "--batch-size", "2", "--distill-max-new-tokens", "8", "--eval-max-new-tokens", "4", "--target", "0.9"]
     train.main(args)
     assert "only 6 samples: holding out 1 of them" in capsys.readouterr().out
     (data / "one.jsonl").write_text(lines[0] + "\n")
@@ -195,7 +195,7 @@ def test_predictor_file_works_in_generate_and_mismatch_is_refused(ckpt, data, tm
     with pytest.raises(ValueError, match="trained for a different model"):
         dyrate.RatePredictor.load(tmp_path / "p", model.LlavaConfig())
     with pytest.raises(SystemExit, match="out of reach"):
-        train.main(argv(ckpt, data, tmp_path / "q", "--max-iters", "1", "--target-flops", "0.3"))
+        train.main(argv(ckpt, data, tmp_path / "q", "--max-iters", "1", "--target", "0.3"))
 
 
 def test_torchrun_two_processes(ckpt, data, tmp_path):

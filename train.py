@@ -1,8 +1,9 @@
 """
 Train the DyRate rate predictor end to end under a FLOPs budget; the VLM stays frozen.
 
-    python train.py --model DIR --data train.jsonl --out predictor --target-flops 0.5
-    torchrun --nproc_per_node=8 train.py --model DIR --data train.jsonl --out predictor --target-flops 0.5
+    python train.py --model DIR --data train.jsonl --out predictor --target 0.5                # a FLOPs budget
+    python train.py --model DIR --data train.jsonl --out predictor --budget kv --target 0.4    # a mean KV-cache budget
+    torchrun --nproc_per_node=8 train.py --model DIR --data train.jsonl --out predictor --target 0.5
     python train.py --model DIR --data train.jsonl --out predictor --compare     # the evaluation table only
 
 Data: JSONL records {"image": path, "prompt": text, "answer": text (optional)} (paths relative to the file's folder),
@@ -11,10 +12,11 @@ or LLaVA's conversation JSON (a list of {"image", "conversations": [{"from": "hu
 self-distillation), once: the answers are cached next to the data. Bad records are skipped and counted.
 
 Loss per batch: KL(unpruned || pruned) over the response tokens (or --loss ce: cross-entropy to the answer), plus
---flops-weight * (FLOPs ratio - target)^2, the FLOPs ratio counted by dyrate.costs from the rates sampled
-by the straight-through Gumbel-Softmax (so its gradient reaches the predictor). The Gumbel temperature anneals from
+--budget-weight * (cost ratio - target)^2, the cost ratio (--budget: FLOPs with a KV cache, mean KV-cache size, or
+no-cache FLOPs, each / none's) counted by dyrate.costs from the kept counts sampled by the straight-through
+Gumbel-Softmax (so its gradient reaches the predictor). The Gumbel temperature anneals from
 --tau-start to --tau-end. Every --eval-interval steps the held-out set runs through the real inference path with hard
-decisions: achieved FLOPs ratio, agreement of the greedy tokens with the unpruned model, KL. The training state is
+decisions: achieved cost ratios, agreement of the greedy tokens with the unpruned model, KL. The training state is
 saved atomically (safetensors + JSON, never a pickle) to OUT.state, --resume continues exactly, Ctrl-C saves first.
 """
 import argparse
@@ -199,8 +201,8 @@ def train_loss(model, predictor, samples, args, tau, generator):
     for b in range(len(samples)):
         L, n = int(lengths[b]), int(n_answer[b])
         rows.append(dyrate.costs(cfg, L, pruner.kept_count[b, L - 1:L - 1 + n], predictor.k, n, predictor.flops()))
-    ratio = dyrate.flops_ratio(rows)
-    return fit + args.flops_weight * (ratio - args.target_flops) ** 2, fit, ratio
+    ratio = dyrate.cost_ratio(rows, dyrate.COSTS[args.budget])
+    return fit + args.budget_weight * (ratio - args.target) ** 2, fit, ratio
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -237,7 +239,8 @@ def evaluate(model, samples, refs, make_pruner, args):
         agree += (logits.argmax(-1).cpu() == torch.tensor(ref_tokens)).sum().item()
         kl += F.kl_div(logits.log_softmax(-1), ref_logits.log_softmax(-1), log_target=True, reduction="sum").item()
         count += len(ref_tokens)
-    return dict(flops_ratio=dyrate.flops_ratio(rows), agreement=agree / count, kl=kl / count)
+    return dict(flops_ratio=dyrate.cost_ratio(rows, "flops"), kv_ratio=dyrate.cost_ratio(rows, dyrate.COSTS["kv"]),
+                nocache_ratio=dyrate.cost_ratio(rows, "nocache_flops"), agreement=agree / count, kl=kl / count)
 
 
 def pruner_factory(model, method, k, ramp_from=None, **kw):
@@ -249,24 +252,31 @@ def pruner_factory(model, method, k, ramp_from=None, **kw):
     return lambda start, length, n: dyrate.Pruner(method, N, start, length, k, stats=False, **kw)
 
 
-def compare(model, predictor, samples, refs, args, log):
-    """The README table: the learned predictor against FastV and a hand-set ramp at the same FLOPs, VTW, none."""
+RATIO_KEYS = {"flops": "flops_ratio", "kv": "kv_ratio", "nocache": "nocache_ratio"}  # budget -> evaluate()'s key
+
+
+def compare(model, predictor, samples, refs, args, log, budget=None):
+    """The README table: the learned predictor against FastV and a hand-set ramp at the same cost (the predictor's
+    budget), VTW, none; every row with all three cost ratios."""
     N, k = model.config.n_image_tokens, predictor.k
+    budget = budget or getattr(predictor, "meta", {}).get("budget", args.budget)
     rows = {"none": evaluate(model, samples, refs, pruner_factory(model, "none", k), args)}
     rows["dyrate (learned)"] = evaluate(model, samples, refs, pruner_factory(model, "dyrate", k, predictor=predictor),
                                         args)
-    target = rows["dyrate (learned)"]["flops_ratio"]
+    target = rows["dyrate (learned)"][RATIO_KEYS[budget]]
     lengths = [(len(s.ids), len(tokens)) for s, (_, tokens) in zip(samples, refs)]
-    keep = dyrate.matched_keep(model.config, lengths, target, k)
+    keep = dyrate.matched_keep(model.config, lengths, target, k, cost=dyrate.COSTS[budget])
     rows[f"fastv R={1 - keep / N:.3f} (= constant-rate dyrate)"] = evaluate(
         model, samples, refs, pruner_factory(model, "fastv", k, ratio=1 - keep / N), args)
-    start = dyrate.matched_keep(model.config, lengths, target, k, ramp=True)
+    start = dyrate.matched_keep(model.config, lengths, target, k, ramp=True, cost=dyrate.COSTS[budget])
     rows[f"dyrate hand-set ramp {1 - start / N:.3f} -> 1"] = evaluate(
         model, samples, refs, pruner_factory(model, "dyrate", k, ramp_from=1 - start / N), args)
     rows["vtw"] = evaluate(model, samples, refs, pruner_factory(model, "vtw", k), args)
-    log(f"{'method':42}{'FLOPs ratio':>12}{'agreement':>11}{'KL/token':>10}   ({len(samples)} held-out samples)")
+    log(f"matched on the {budget} budget; ratios to none ({len(samples)} held-out samples)")
+    log(f"{'method':42}{'FLOPs':>8}{'mean KV':>9}{'no-cache':>9}{'agreement':>11}{'KL/token':>10}")
     for name, r in rows.items():
-        log(f"{name:42}{r['flops_ratio']:12.3f}{r['agreement']:11.3f}{r['kl']:10.4f}")
+        log(f"{name:42}{r['flops_ratio']:8.3f}{r['kv_ratio']:9.3f}{r['nocache_ratio']:9.3f}{r['agreement']:11.3f}"
+            f"{r['kl']:10.4f}")
     return rows
 
 
@@ -350,8 +360,13 @@ def parse_args(argv=None):
     g.add_argument("--out", required=True, help="predictor file to write (generate.py --predictor reads it)")
     g.add_argument("--k", type=int, default=2, help="pruning layer K")
     g.add_argument("--rates", default="0:1:9", help="candidate drop rates: 'start:stop:count' or a comma list")
-    g.add_argument("--target-flops", type=float, default=0.5, help="FLOPs budget as a fraction of none's")
-    g.add_argument("--flops-weight", type=float, default=20.0, help="weight of (FLOPs ratio - target)^2")
+    g.add_argument("--budget", choices=sorted(dyrate.COSTS), default="flops", help="the cost the budget is on: "
+                   "flops (with a KV cache), kv (mean KV-cache size over the steps) or nocache (FLOPs when every "
+                   "step recomputes the kept sequence)")
+    g.add_argument("--target", "--target-flops", type=float, default=0.5, dest="target",
+                   help="the budget as a fraction of none's cost")
+    g.add_argument("--budget-weight", "--flops-weight", type=float, default=20.0, dest="budget_weight",
+                   help="weight of (cost ratio - target)^2")
     g.add_argument("--loss", choices=["kl", "ce"], default="kl", help="KL to the unpruned model, or CE to the answer")
     g.add_argument("--tau-start", type=float, default=1.0, help="Gumbel temperature at the start")
     g.add_argument("--tau-end", type=float, default=0.1, help="Gumbel temperature at the end")
@@ -396,8 +411,8 @@ def parse_rates(text):
 
 # the options that decide what is trained: a resumed run must keep them
 SAME_ON_RESUME = ("model", "data", "val_data", "val_size", "image_folder", "conv", "pad", "distill_max_new_tokens",
-                  "dtype", "k", "rates", "target_flops", "flops_weight", "loss", "tau_start", "tau_end", "max_iters",
-                  "batch_size", "lr", "min_lr", "warmup_iters", "weight_decay", "seed")
+                  "dtype", "k", "rates", "budget", "target", "budget_weight", "loss", "tau_start", "tau_end",
+                  "max_iters", "batch_size", "lr", "min_lr", "warmup_iters", "weight_decay", "seed")
 
 
 def check_args(args):
@@ -424,12 +439,12 @@ def check_args(args):
     for name, value in (("--lr", args.lr), ("--tau-start", args.tau_start), ("--tau-end", args.tau_end)):
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"{name} must be a positive number, got {value}.")
-    for name, value in (("--min-lr", args.min_lr), ("--flops-weight", args.flops_weight),
+    for name, value in (("--min-lr", args.min_lr), ("--budget-weight", args.budget_weight),
                         ("--weight-decay", args.weight_decay)):
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"{name} must be a number >= 0, got {value}.")
-    if not 0 < args.target_flops <= 1:
-        raise ValueError(f"--target-flops is a fraction of none's FLOPs in (0, 1], got {args.target_flops}.")
+    if not 0 < args.target <= 1:
+        raise ValueError(f"--target is a fraction of none's cost in (0, 1], got {args.target}.")
     parse_rates(args.rates)
     if args.resume and not os.path.isfile(args.out + ".state"):
         raise FileNotFoundError(f"--resume but no training state at {args.out + '.state'}; drop --resume to start "
@@ -512,10 +527,11 @@ def main(argv=None):
         else:
             predictor = dyrate.RatePredictor(cfg.text.num_attention_heads, parse_rates(args.rates), args.k)
             predictor = predictor.to(args.device)
-            floor = dyrate.flops_ratio([dyrate.costs(cfg, len(s.ids), [0] * len(s.answer), args.k) for s in samples])
-            if not floor < args.target_flops <= 1:
-                raise ValueError(f"--target-flops {args.target_flops} is out of reach: dropping every image token "
-                                 f"gives {floor:.3f} of none's FLOPs on this data; choose a target in "
+            floor = dyrate.cost_ratio([dyrate.costs(cfg, len(s.ids), [0] * len(s.answer), args.k) for s in samples],
+                                      dyrate.COSTS[args.budget])
+            if not floor < args.target <= 1:
+                raise ValueError(f"--target {args.target} is out of reach: dropping every image token gives "
+                                 f"{floor:.3f} of none's cost ({args.budget} budget) on this data; choose a target in "
                                  f"({floor:.3f}, 1].")
         log(predictor.describe(cfg))
     except (ValueError, FileNotFoundError, SafetensorError) as e:
@@ -543,8 +559,8 @@ def main(argv=None):
             predictor.load_state_dict(weights)
             optimizer.load_state_dict(opt_state)
             generator.set_state(rng)
-            predictor.save(args.out, dyrate.fingerprint(cfg), dict(trained_iters=step, target_flops=args.target_flops,
-                                                                     held_out=evaluation))
+            predictor.save(args.out, dyrate.fingerprint(cfg), dict(trained_iters=step, budget=args.budget,
+                                                                     target=args.target, held_out=evaluation))
             save_state(state_path, predictor, optimizer, generator, step, args, evaluation)
             predictor.load_state_dict(live[0])
             optimizer.load_state_dict(live[1])
@@ -553,6 +569,7 @@ def main(argv=None):
     if it >= args.max_iters:
         log(f"the state at {state_path} is already at step {it} of {args.max_iters}: nothing to train")
         return predictor, best
+    cost_name = {"flops": "FLOPs", "kv": "mean KV", "nocache": "no-cache FLOPs"}[args.budget]
     previous = signal.signal(signal.SIGTERM, on_sigterm) if threading.current_thread() is threading.main_thread() \
         else None
     boundary = snapshot()
@@ -576,15 +593,17 @@ def main(argv=None):
             optimizer.step()
             it += 1
             if it % args.log_interval == 0 or it == 1:
-                log(f"step {it}/{args.max_iters}: loss {stats[0]:.4f} | {args.loss} {stats[1]:.4f} | FLOPs ratio "
-                    f"{stats[2]:.3f} (target {args.target_flops}) | tau {tau:.3f} | lr {get_lr(it - 1, args):.2e} | "
+                log(f"step {it}/{args.max_iters}: loss {stats[0]:.4f} | {args.loss} {stats[1]:.4f} | {cost_name} ratio "
+                    f"{stats[2]:.3f} (target {args.target}) | tau {tau:.3f} | lr {get_lr(it - 1, args):.2e} | "
                     f"{(time.perf_counter() - t0) * 1e3:.0f} ms")
             if it % args.eval_interval == 0 or it == args.max_iters:
                 if rank == 0:
                     learned = pruner_factory(model, "dyrate", args.k, predictor=predictor)
                     best = evaluate(model, val, refs, learned, args)
-                    log(f"held-out, hard decisions: FLOPs ratio {best['flops_ratio']:.3f} (target {args.target_flops})"
-                        f" | agreement with unpruned {best['agreement']:.3f} | KL/token {best['kl']:.4f}")
+                    log(f"held-out, hard decisions: {cost_name} ratio {best[RATIO_KEYS[args.budget]]:.3f} (target "
+                        f"{args.target}) | FLOPs {best['flops_ratio']:.3f}, mean KV {best['kv_ratio']:.3f}, no-cache "
+                        f"FLOPs {best['nocache_ratio']:.3f} | agreement with unpruned {best['agreement']:.3f} | "
+                        f"KL/token {best['kl']:.4f}")
                 boundary = snapshot()
                 checkpoint(boundary)
                 if world > 1:

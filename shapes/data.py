@@ -26,6 +26,7 @@ CELLS = ("top left", "top center", "top right", "middle left", "middle center", 
 NUMBERS = ("zero", "one", "two", "three")
 BACKGROUNDS = ((255, 255, 255), (235, 235, 235), (245, 240, 225), (225, 235, 245))
 CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."  # generate.py's default prompt
+DETAIL_PROMPT = "Describe the image in detail."  # the long answer: the caption, then facts read off the caption
 IMAGE_SIZE, PATCH = 224, 14  # 16 x 16 = 256 image tokens
 SIZES = {"small": 13, "large": 20}  # radius in pixels: 26 px wide on 2 x 2 patches, 40 px wide on 3 x 3 patches
 
@@ -127,6 +128,51 @@ def caption(scene):
     return text[0].upper() + text[1:] + "."
 
 
+def caption_items(text):
+    """The caption's facts, read back from its text alone: [(colour, shape, cell index)] in the caption's order."""
+    body = text[:-1]  # no final "."
+    parts = body.replace(" and ", ", ").split(", ")
+    items = []
+    for part in parts:
+        words = part.split(" ")  # a(n) colour shape at the row column
+        items.append((words[1].lower(), words[2], CELLS.index(" ".join(words[5:]))))
+    return items
+
+
+def plural(shape, n):
+    return f"{NUMBERS[n]} {shape}s" if n > 1 else f"{'an' if shape[0] in 'aeiou' else 'a'} {shape}"
+
+
+def listed(words):
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def derived_sentences(text):
+    """What a detailed description adds to the caption `text`, computed from that text alone (no picture): how many
+    shapes of each kind, which colours, and where the first shape named lies relative to the last."""
+    items = caption_items(text)
+    kinds = {}
+    for _, shape, _ in items:
+        kinds[shape] = kinds.get(shape, 0) + 1
+    n = len(items)
+    out = [f"There is one shape: {plural(items[0][1], 1)}." if n == 1 else
+           f"There are {NUMBERS[n]} shapes: {listed([plural(k, c) for k, c in kinds.items()])}."]
+    colours = list(dict.fromkeys(c for c, _, _ in items))
+    out.append(f"It is {colours[0]}." if n == 1 else f"They are all {colours[0]}." if len(colours) == 1 else
+               f"The colors are {listed(colours)}.")
+    if n > 1:
+        (c0, s0, cell0), (c1, s1, cell1) = items[0], items[-1]
+        where = "above" if cell0 // 3 < cell1 // 3 else "left of"  # reading order: never below, never right of
+        out.append(f"The {c0} {s0} is {where} the {c1} {s1}.")
+    return out
+
+
+def detail(scene):
+    """The answer to DETAIL_PROMPT: the caption, then derived_sentences of it."""
+    text = caption(scene)
+    return " ".join([text, *derived_sentences(text)])
+
+
 def questions(scene):
     """The (question, answer) pairs of a scene: caption, how many shapes, the colour of each shape it holds once, what
     is at each occupied cell. NOTE: questions about empty cells ("nothing") are left out: softmax attention compares
@@ -139,25 +185,28 @@ def questions(scene):
             qa.append((f"What color is the {shape}?", found[0]["colour"]))
     at = {it["cell"]: named(it) for it in scene["items"]}
     qa += [(f"What is at the {CELLS[c]}?", at[c]) for c in sorted(at)]
-    return qa
+    return qa + [(DETAIL_PROMPT, detail(scene))]
 
 
 def task(prompt):
-    """caption / count / colour / position: the kind of a question."""
-    return {"P": "caption", "H": "count"}.get(prompt[0], "colour" if "color" in prompt else "position")
+    """caption / detail / count / colour / position: the kind of a question."""
+    return {"P": "caption", "D": "detail", "H": "count"}.get(prompt[0], "colour" if "color" in prompt else "position")
 
 
 def sample(rng):
-    """One training example: a scene and one of its questions (captions a third of the time)."""
+    """One example: a scene and one of its questions (captions and detailed descriptions a quarter of the time each,
+    the count an eighth, else a colour or position question)."""
     scene = make_scene(rng)
     qa = questions(scene)
     kind = rng.random()
-    if kind < 0.34:
+    if kind < 0.25:
         q, a = qa[0]
     elif kind < 0.5:
+        q, a = qa[-1]
+    elif kind < 0.625:
         q, a = qa[1]
     else:
-        q, a = rng.choice(qa[2:])
+        q, a = rng.choice(qa[2:-1])
     return scene, q, a
 
 
@@ -173,9 +222,25 @@ def write_dataset(out, n, seed, name):
             f.write(json.dumps(dict(image=path, prompt=q, answer=a, scene=scene)) + "\n")
 
 
+def write_eval_sets(out, name):
+    """The split's scenes as eval.py's inputs: every caption in COCO captions format (NAME_captions.json) and every
+    short-answer question (count, colour, position) as JSONL (NAME_questions.jsonl), image paths relative to out."""
+    with open(os.path.join(out, f"{name}.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    images = [dict(id=i, file_name=r["image"]) for i, r in enumerate(records)]
+    annotations = [dict(id=i, image_id=i, caption=caption(r["scene"])) for i, r in enumerate(records)]
+    with open(os.path.join(out, f"{name}_captions.json"), "w") as f:
+        json.dump(dict(images=images, annotations=annotations), f)
+    with open(os.path.join(out, f"{name}_questions.jsonl"), "w") as f:
+        for i, r in enumerate(records):
+            for q, a in questions(r["scene"])[1:-1]:  # neither the caption nor the detailed description
+                f.write(json.dumps(dict(id=f"{i}-{q}", image=r["image"], question=q, answers=[a])) + "\n")
+
+
 def write_examples(out, n, seed):
     """n scenes as out/0.png .. and examples.json: per scene its caption, count, one colour and one occupied position
-    question (the images shipped in the repo; test_shapes.py checks the shipped model's answers to them)."""
+    question and the detailed description (the images shipped in the repo; test_shapes.py checks the shipped model's
+    answers to them)."""
     rng = random.Random(seed)
     os.makedirs(out, exist_ok=True)
     examples = []
@@ -185,7 +250,7 @@ def write_examples(out, n, seed):
         qa = questions(scene)
         colour = [x for x in qa if "color" in x[0]]
         occupied = [x for x in qa if x[0].startswith("What is at")]
-        for q, a in qa[:2] + colour[:1] + [rng.choice(occupied)]:
+        for q, a in qa[:2] + colour[:1] + [rng.choice(occupied), qa[-1]]:
             examples.append(dict(image=f"{i}.png", prompt=q, answer=a))
     with open(os.path.join(out, "examples.json"), "w") as f:
         json.dump(examples, f, indent=1)
@@ -204,6 +269,8 @@ def main(argv=None):
     for name, n, offset in (("train", args.train, 0), ("val", args.val, 1), ("test", args.test, 2)):
         write_dataset(args.out, n, args.seed * 10 + offset, name)
         print(f"wrote {n} scenes to {os.path.join(args.out, name + '.jsonl')}")
+    write_eval_sets(args.out, "test")
+    print(f"wrote the test scenes' captions and questions for eval.py to {os.path.join(args.out, 'test_*')}")
     if args.examples:
         write_examples(args.examples, 4, args.seed * 10 + 3)
         print(f"wrote 4 example scenes to {args.examples}")

@@ -1,23 +1,30 @@
 """
-The shapes experiment: accuracy, FLOPs, time and memory of every method (none, VTW, and per shipped predictor the
-learned DyRate against FastV and a hand-set ramp matched to its FLOPs) on held-out questions, and the figures.
+The shapes experiment: does DyRate's per-step rate pay off? On held-out captions and detailed descriptions, none,
+VTW, and per cost (FLOPs with a KV cache, mean KV-cache size, no-cache FLOPs) and budget the learned DyRate against
+FastV and a hand-set ramp matched to its cost; the seed paper's Figure 2 measured; decode speed at batch 32; figures.
 
     python -m shapes.data --out data/shapes
-    python -m shapes.experiment --out out/shapes      # the README's table: out/shapes/experiment.json, figures
+    python -m shapes.experiment --out out/shapes      # the README's tables: out/shapes/experiment.json, figures
 """
 import argparse
 import json
 import os
+import statistics
+import time
 
 import numpy as np
-import torch
 
 import dyrate
 import generate
 import model
 import processing
 import viz
-from shapes.data import CAPTION_PROMPT, task
+from shapes.data import CAPTION_PROMPT, DETAIL_PROMPT, caption, detail, task
+
+MAX_NEW_TOKENS = 64  # the longest answer, a detailed description, is at most 57 tokens with </s>
+PREDICTORS = ["models/shapes/predictor-0.55", "models/shapes/predictor-0.33", "models/shapes/predictor-kv-0.36",
+              "models/shapes/predictor-kv-0.3"]
+COST_NAMES = {"flops": "FLOPs (KV cache)", "kv": "mean KV cache", "nocache": "no-cache FLOPs"}
 
 
 def evaluate_answers(llava, tok, records, batch=32, **kw):
@@ -26,7 +33,7 @@ def evaluate_answers(llava, tok, records, batch=32, **kw):
     for i in range(0, len(records), batch):
         chunk = records[i:i + batch]
         rows = generate.generate(llava, tok, [r["image"] for r in chunk], [r["prompt"] for r in chunk],
-                                 max_new_tokens=48, stats=False, **kw).rows
+                                 max_new_tokens=MAX_NEW_TOKENS, stats=False, **kw).rows
         for r, row in zip(chunk, rows):
             right += row["text"].strip() == r["answer"]
             out.append(row)
@@ -41,71 +48,155 @@ def accuracy_line(records, rows):
     return ", ".join(f"{k} {np.mean(v):.3f}" for k, v in sorted(kinds.items()))
 
 
-def experiment(model_dir, data, predictors, out, n_timed=16, log=print):
-    """The README table and figures: none, VTW, and per predictor (budget) the learned DyRate against FastV and a
-    hand-set ramp matched to its achieved FLOPs. Accuracy = exact match of the free-running greedy answers."""
-    llava = model.Llava.from_pretrained(model_dir)
-    tok, cfg, N = processing.Tokenizer(model_dir, llava.config), llava.config, llava.config.n_image_tokens
+def task_records(data):
+    """Every held-out scene of a shapes JSONL file, asked for its caption and for its detailed description."""
     folder = os.path.dirname(os.path.abspath(data))
     with open(data) as f:
-        records = [json.loads(line) for line in f]
-    for r in records:
-        r["image"] = os.path.join(folder, r["image"])
+        scenes = [(os.path.join(folder, r["image"]), r["scene"]) for r in map(json.loads, f)]
+    return {"detail": [dict(image=im, prompt=DETAIL_PROMPT, answer=detail(s), caption=caption(s)) for im, s in scenes],
+            "caption": [dict(image=im, prompt=CAPTION_PROMPT, answer=caption(s)) for im, s in scenes]}
 
-    def run(name, **kw):
-        acc, rows = evaluate_answers(llava, tok, records, **kw)
-        timed = []
-        for r in records[:n_timed]:  # batch 1, for milliseconds
-            g = generate.generate(llava, tok, [r["image"]], [r["prompt"]], max_new_tokens=48, stats=False, **kw)
-            timed.append((g.prefill_ms, g.decode_ms_per_token))
-        result = dict(accuracy=acc, flops_ratio=dyrate.flops_ratio(rows),
-                      prefill_ms=float(np.median([t[0] for t in timed])),
-                      decode_ms=float(np.median([t[1] for t in timed])),
-                      kv_bytes=float(np.mean([r["kv_cache_bytes"] for r in rows])),
-                      kept_prefill=float(np.mean([r["kept_visual"][0] for r in rows])),
-                      kept_last=float(np.mean([r["kept_visual"][-1] for r in rows])))
-        log(f"{name:34}{result['accuracy']:9.3f}{result['flops_ratio']:8.3f}{result['prefill_ms']:9.1f}"
-            f"{result['decode_ms']:9.2f}{result['kv_bytes'] / 1024:9.1f}{result['kept_prefill']:8.1f}"
-            f"{result['kept_last']:8.1f}")
-        return result, rows
 
-    log(f"{len(records)} held-out questions ({data}); ms: median of {n_timed} at batch 1 on "
-        f"{torch.get_num_threads()} CPU threads")
-    log(f"{'method':34}{'accuracy':>9}{'FLOPs':>8}{'prefill':>9}{'ms/tok':>9}{'KV KiB':>9}{'kept@0':>8}{'kept@end':>8}")
-    table = {"none": run("none")[0], "vtw": run("vtw", method="vtw")[0]}
+def figure2(llava, tok, records, out, log):
+    """The seed paper's Figure 2: layer K-1's attention of the current token on the four token types, averaged over
+    heads and over the held-out detailed descriptions, at each answer position; and the image share in the first and
+    the last third of each answer."""
+    rows = []
+    for i in range(0, len(records), 32):
+        chunk = records[i:i + 32]
+        rows += generate.generate(llava, tok, [r["image"] for r in chunk], [r["prompt"] for r in chunk],
+                                  max_new_tokens=MAX_NEW_TOKENS).rows
+    width = max(len(r["type_shares"]) for r in rows)
+    by_position = [np.mean([r["type_shares"][t] for r in rows if len(r["type_shares"]) > t], 0).tolist()
+                   for t in range(width)]
+    thirds = []
+    for r in rows:
+        image = [s[1] for s in r["type_shares"]]
+        n = len(image) // 3
+        thirds.append((np.mean(image[:max(n, 1)]), np.mean(image[-max(n, 1):])))
+    first, last = float(np.mean([a for a, _ in thirds])), float(np.mean([b for _, b in thirds]))
+    viz.shares_plot(by_position).save(os.path.join(out, "figure2.png"))
+    log(f"Figure 2 ({len(rows)} held-out detailed descriptions, layer K-1, none): image share {first:.3f} in the first "
+        f"third of the answer, {last:.3f} in the last third ({last / first:.2f}x); wrote {out}/figure2.png")
+    return dict(first_third=first, last_third=last, by_position=by_position, answers=len(rows))
+
+
+def run(llava, tok, records, name, log, **kw):
+    """One method on one task's records: accuracy (and, for detailed descriptions, of the first sentence), every cost
+    ratio, the kept counts and how often they fall during an answer."""
+    acc, rows = evaluate_answers(llava, tok, records, **kw)
+    result = dict(accuracy=acc, **{f"{b}_ratio": dyrate.cost_ratio(rows, dyrate.COSTS[b]) for b in COST_NAMES},
+                  kept_first=float(np.mean([r["kept_visual"][0] for r in rows])),
+                  kept_last=float(np.mean([r["kept_visual"][-1] for r in rows])),
+                  falls=float(np.mean([r["kept_visual"][-1] < r["kept_visual"][0] for r in rows])),
+                  mean_new_tokens=float(np.mean([len(r["token_ids"]) for r in rows])))
+    if "caption" in records[0]:
+        result["first_sentence"] = float(np.mean([row["text"].strip().startswith(r["caption"])
+                                                  for r, row in zip(records, rows)]))
+    log(f"{name:40}{result['accuracy']:9.3f}{result.get('first_sentence', float('nan')):9.3f}"
+        + "".join(f"{result[f'{b}_ratio']:9.3f}" for b in COST_NAMES)
+        + f"{result['kept_first']:8.1f}{result['kept_last']:8.1f}{result['falls']:7.2f}")
+    return result, rows
+
+
+def comparison(llava, tok, records, predictors, log):
+    """none, VTW, and per cost and predictor: the learned rate, FastV and a hand-set ramp matched on that cost."""
+    cfg, N = llava.config, llava.config.n_image_tokens
+    table = {"none": run(llava, tok, records, "none", log)[0], "vtw": run(llava, tok, records, "vtw", log,
+                                                                          method="vtw")[0]}
+    learned = {}
     for path in predictors:
         predictor = dyrate.RatePredictor.load(path, cfg)
-        learned, rows = run(f"dyrate learned ({os.path.basename(path)})", method="dyrate", predictor=predictor)
-        lengths = [(row["prompt_tokens"], len(row["token_ids"])) for row in rows]
-        keep = dyrate.matched_keep(cfg, lengths, learned["flops_ratio"], predictor.k)
-        start = dyrate.matched_keep(cfg, lengths, learned["flops_ratio"], predictor.k, ramp=True)
-        fastv = run(f"fastv R={1 - keep / N:.3f}", method="fastv", ratio=1 - keep / N)[0]
-        ramp = dyrate.ramp_rates(1 - start / N, 24)  # a hand-set schedule over a typical answer length
-        hand = run(f"dyrate ramp {1 - start / N:.2f}->1", method="dyrate", schedule=ramp)[0]
-        table[os.path.basename(path)] = dict(learned=learned, fastv=fastv, ramp=hand)
+        learned[path] = (predictor, *run(llava, tok, records, f"dyrate learned ({os.path.basename(path)})", log,
+                                         method="dyrate", predictor=predictor))
+    for cost in COST_NAMES:
+        for path, (predictor, result, rows) in learned.items():
+            budget = predictor.meta.get("budget", "flops")
+            if budget != cost and not (cost == "nocache" and budget == "kv"):
+                continue  # no-cache FLOPs, like the mean KV, reward late drops: the KV predictors stand in there
+            lengths = [(row["prompt_tokens"], len(row["token_ids"])) for row in rows]
+            target = result[f"{cost}_ratio"]
+            keep = dyrate.matched_keep(cfg, lengths, target, predictor.k, cost=dyrate.COSTS[cost])
+            start = dyrate.matched_keep(cfg, lengths, target, predictor.k, ramp=True, cost=dyrate.COSTS[cost])
+            steps = int(statistics.median(n for _, n in lengths))  # the ramp spans a typical answer
+            fastv = run(llava, tok, records, f"  fastv R={1 - keep / N:.3f}", log, method="fastv", ratio=1 - keep / N)
+            ramp = run(llava, tok, records, f"  ramp {1 - start / N:.2f}->1", log, method="dyrate",
+                       schedule=dyrate.ramp_rates(1 - start / N, steps))
+            table[f"{cost}: {os.path.basename(path)}"] = dict(cost=cost, target=target, learned=result,
+                                                               fastv=fastv[0], ramp=ramp[0])
+    return table
+
+
+def serving(llava, tok, records, predictor, log, batch=32, rounds=3):
+    """Decode ms/token at batch 32 on detailed descriptions: none, FastV matched to the learned rate's mean KV cache,
+    and the learned rate, in interleaved rounds (medians)."""
+    chunk = records[:batch]
+    images, prompts = [r["image"] for r in chunk], [r["prompt"] for r in chunk]
+    cfg, N = llava.config, llava.config.n_image_tokens
+    rows = generate.generate(llava, tok, images, prompts, MAX_NEW_TOKENS, method="dyrate", predictor=predictor,
+                             stats=False).rows
+    keep = dyrate.matched_keep(cfg, [(r["prompt_tokens"], len(r["token_ids"])) for r in rows],
+                               dyrate.cost_ratio(rows, dyrate.COSTS["kv"]), predictor.k, cost=dyrate.COSTS["kv"])
+    methods = {"none": {}, f"fastv R={1 - keep / N:.3f}": dict(method="fastv", ratio=1 - keep / N),
+               "dyrate learned": dict(method="dyrate", predictor=predictor)}
+    times = {m: [] for m in methods}
+    for _ in range(rounds + 1):  # the first round warms up
+        for m, kw in methods.items():
+            g = generate.generate(llava, tok, images, prompts, MAX_NEW_TOKENS, stats=False, **kw)
+            times[m].append((g.decode_ms_per_token, dyrate.cost_ratio(g.rows, dyrate.COSTS["kv"])))
+    out = {m: dict(decode_ms_per_token=statistics.median(t for t, _ in v[1:]), mean_kv_ratio=v[-1][1])
+           for m, v in times.items()}
+    for m, r in out.items():
+        log(f"batch {batch}: {m:20} decode {r['decode_ms_per_token']:7.2f} ms/token "
+            f"({r['decode_ms_per_token'] / out['none']['decode_ms_per_token']:.2f}x none), mean KV "
+            f"{r['mean_kv_ratio']:.3f} of none")
+    return out
+
+
+def pictures(llava, tok, records, predictor, out, name, log):
+    """The kept patches at each step and the type shares over the steps, for the first record."""
+    r = records[0]
+    row = generate.generate(llava, tok, [r["image"]], [r["prompt"]], max_new_tokens=MAX_NEW_TOKENS,
+                            method="dyrate", predictor=predictor).rows[0]
+    for p in viz.save(os.path.join(out, name), r["image"], row, tok, llava.config):
+        log(f"wrote {p}")
+
+
+def experiment(model_dir, data, predictors, out, log=print, serving_batch=32):
+    llava = model.Llava.from_pretrained(model_dir)
+    tok = processing.Tokenizer(model_dir, llava.config)
     os.makedirs(out, exist_ok=True)
+    tasks = task_records(data)
+    t0 = time.perf_counter()
+    result = dict(figure2=figure2(llava, tok, tasks["detail"], out, log))
+    for name, records in tasks.items():
+        log(f"\n{name}: {len(records)} held-out questions ({data}), exact match; cost ratios to none")
+        log(f"{'method':40}{'accuracy':>9}{'1st sent':>9}" + "".join(f"{b:>9}" for b in COST_NAMES)
+            + f"{'kept@0':>8}{'kept@end':>8}{'falls':>7}")
+        result[name] = comparison(llava, tok, records, predictors, log)
+    kv = [p for p in predictors if dyrate.RatePredictor.load(p, llava.config).meta.get("budget") == "kv"]
+    if kv and serving_batch:
+        result["serving"] = serving(llava, tok, tasks["detail"], dyrate.RatePredictor.load(kv[-1], llava.config), log,
+                                    serving_batch)
+    if kv:
+        pictures(llava, tok, tasks["detail"], dyrate.RatePredictor.load(kv[-1], llava.config), out, "detail0", log)
+    if predictors:
+        pictures(llava, tok, tasks["caption"], dyrate.RatePredictor.load(predictors[0], llava.config), out,
+                 "example0", log)
+    result["seconds"] = time.perf_counter() - t0
 
     def write(tmp):
         with open(tmp, "w") as f:
-            json.dump(table, f, indent=1)
+            json.dump(result, f, indent=1)
     processing.atomic_write(os.path.join(out, "experiment.json"), write)
-    if predictors:  # the figures: type shares over the steps and the kept patches, for a few captions
-        predictor = dyrate.RatePredictor.load(predictors[-1], cfg)
-        captions = [r for r in records if r["prompt"] == CAPTION_PROMPT][:3]
-        for i, r in enumerate(captions):
-            row = generate.generate(llava, tok, [r["image"]], [r["prompt"]], max_new_tokens=48, method="dyrate",
-                                    predictor=predictor).rows[0]
-            for p in viz.save(os.path.join(out, f"example{i}"), r["image"], row, tok, cfg):
-                log(f"wrote {p}")
-    return table
+    return result
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="The shapes experiment: every method on held-out questions, and figures.")
     p.add_argument("--model", default="models/shapes", help="checkpoint folder")
     p.add_argument("--data", default="data/shapes/test.jsonl", help="held-out JSONL (python -m shapes.data)")
-    p.add_argument("--predictors", nargs="*", default=["models/shapes/predictor-0.55", "models/shapes/predictor-0.33"],
-                   help="predictor files, one per budget")
+    p.add_argument("--predictors", nargs="*", default=PREDICTORS, help="predictor files (train.py), one per budget")
     p.add_argument("--out", default="out/shapes", help="folder for experiment.json and the figures (the README's "
                    "are in assets/: pass --out assets to rewrite them)")
     args = p.parse_args(argv)

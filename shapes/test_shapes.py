@@ -168,10 +168,11 @@ def test_shipped_model_answers_the_examples(shipped):
     llava, tok = shipped
     with open(os.path.join(EXAMPLES, "examples.json")) as f:
         examples = json.load(f)
-    assert len(examples) >= 8 and {data.task(e["prompt"]) for e in examples} == {"caption", "colour", "count",
-                                                                                        "position"}
+    kinds = {data.task(e["prompt"]) for e in examples}
+    assert len(examples) >= 8 and kinds == {"caption", "colour", "count", "position", "detail"}
     rows = generate.generate(llava, tok, [os.path.join(EXAMPLES, e["image"]) for e in examples],
-                      [e["prompt"] for e in examples], max_new_tokens=48, stats=False).rows
+                             [e["prompt"] for e in examples], max_new_tokens=experiment.MAX_NEW_TOKENS,
+                             stats=False).rows
     assert [r["text"] for r in rows] == [e["answer"] for e in examples]
 
 
@@ -185,10 +186,14 @@ def test_cli_runs_the_shipped_model_by_default(capsys):
 
 
 def held_out(n, seed=12345):
-    """A small fixed held-out set drawn by seed (not the training stream's seed)."""
-    rng = random.Random(seed)
-    return [dict(image=data.draw(scene), prompt=q, answer=a) for scene, q,
-            a in (data.sample(rng) for _ in range(n))]
+    """A small fixed held-out set drawn by seed (not the training stream's seed): captions and short answers (the
+    detailed descriptions are tested on their own)."""
+    rng, records = random.Random(seed), []
+    while len(records) < n:
+        scene, q, a = data.sample(rng)
+        if q != data.DETAIL_PROMPT:
+            records.append(dict(image=data.draw(scene), prompt=q, answer=a))
+    return records
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +208,7 @@ def dyrate_on_held_out(shipped, budget):
     cfg, records = llava.config, held_out(96)
     predictor = dyrate.RatePredictor.load(os.path.join(SHIPPED, f"predictor-{budget}"), cfg)
     accuracy, rows = experiment.evaluate_answers(llava, tok, records, method="dyrate", predictor=predictor)
-    return accuracy, dyrate.flops_ratio(rows)
+    return accuracy, dyrate.cost_ratio(rows)
 
 
 def test_unpruned_shipped_model_is_accurate(unpruned):
@@ -219,6 +224,21 @@ def test_dyrate_keeps_accuracy_at_its_budget(shipped, unpruned, budget):
     assert accuracy >= unpruned[1] - 0.02, f"dyrate at {budget}: {accuracy:.3f} vs unpruned {unpruned[1]:.3f}"
 
 
+def test_kv_predictor_drops_during_a_detailed_description(shipped):
+    """The per-step rate at work: on the shipped example's detailed description the KV-budget predictor keeps image
+    tokens for the caption, then drops them while the answer goes on, and the answer stays right."""
+    llava, tok = shipped
+    with open(os.path.join(EXAMPLES, "examples.json")) as f:
+        example = next(e for e in json.load(f) if e["prompt"] == data.DETAIL_PROMPT)
+    predictor = dyrate.RatePredictor.load(os.path.join(SHIPPED, "predictor-kv-0.3"), llava.config)
+    assert predictor.meta["budget"] == "kv" and predictor.meta["target"] == 0.3
+    row = generate.generate(llava, tok, [os.path.join(EXAMPLES, example["image"])], [example["prompt"]],
+                            max_new_tokens=experiment.MAX_NEW_TOKENS, method="dyrate", predictor=predictor).rows[0]
+    kept = row["kept_visual"]
+    assert kept[-1] < kept[0] and kept[len(kept) // 2] < kept[0], kept
+    assert row["text"] == example["answer"]
+
+
 def test_held_out_set_sees_pruning_that_loses_the_image(shipped, unpruned):
     """The control for the test above: dropping every image token (VTW) from layer 2 on loses most answers here."""
     accuracy = experiment.evaluate_answers(*shipped, unpruned[0], method="vtw")[0]
@@ -227,22 +247,61 @@ def test_held_out_set_sees_pruning_that_loses_the_image(shipped, unpruned):
 
 def test_experiment_command_end_to_end(tmp_path):
     data.write_dataset(str(tmp_path), 6, 99, "test")
-    table = experiment.experiment(SHIPPED, str(tmp_path / "test.jsonl"), [os.path.join(SHIPPED, "predictor-0.55")],
-                         str(tmp_path / "out"), n_timed=1, log=lambda msg: None)
-    assert set(table) == {"none", "vtw", "predictor-0.55"}
-    assert set(table["predictor-0.55"]) == {"learned", "fastv", "ramp"}
-    learned, fastv = table["predictor-0.55"]["learned"]["flops_ratio"], table["predictor-0.55"]["fastv"]["flops_ratio"]
-    assert table["vtw"]["flops_ratio"] < learned < 1 == table["none"]["flops_ratio"]
-    assert abs(fastv - learned) < 0.05
-    assert (tmp_path / "out" / "experiment.json").exists() and list((tmp_path / "out").glob("example0*.gif"))
+    predictors = [os.path.join(SHIPPED, "predictor-0.55"), os.path.join(SHIPPED, "predictor-kv-0.3")]
+    result = experiment.experiment(SHIPPED, str(tmp_path / "test.jsonl"), predictors, str(tmp_path / "out"),
+                                   log=lambda msg: None, serving_batch=3)
+    assert set(result) == {"figure2", "detail", "caption", "serving", "seconds"}
+    for name in ("detail", "caption"):
+        table = result[name]
+        assert set(table) == {"none", "vtw", "flops: predictor-0.55", "kv: predictor-kv-0.3",
+                              "nocache: predictor-kv-0.3"}
+        assert table["none"]["flops_ratio"] == table["none"]["kv_ratio"] == 1
+        for cost in ("flops", "kv", "nocache"):
+            row = next(v for k, v in table.items() if k.startswith(f"{cost}:"))
+            assert abs(row["fastv"][f"{cost}_ratio"] - row["learned"][f"{cost}_ratio"]) < 0.05
+    assert 0 <= result["figure2"]["last_third"] <= 1 and len(result["figure2"]["by_position"]) > 20
+    assert (tmp_path / "out" / "experiment.json").exists() and (tmp_path / "out" / "figure2.png").exists()
+    assert list((tmp_path / "out").glob("detail0*.gif")) and list((tmp_path / "out").glob("example0*.gif"))
 
 
 def test_data_command_writes_only_where_told(tmp_path):
     """The data command writes its --out folder; the shipped example images only with --examples."""
     before = {p: os.stat(os.path.join(EXAMPLES, p)).st_mtime_ns for p in os.listdir(EXAMPLES)}
     data.main(["--out", str(tmp_path / "d"), "--train", "2", "--val", "1", "--test", "1"])
-    assert sorted(os.listdir(tmp_path / "d")) == ["test", "test.jsonl", "train", "train.jsonl", "val", "val.jsonl"]
+    assert sorted(os.listdir(tmp_path / "d")) == ["test", "test.jsonl", "test_captions.json", "test_questions.jsonl",
+                                                  "train", "train.jsonl", "val", "val.jsonl"]
     assert {p: os.stat(os.path.join(EXAMPLES, p)).st_mtime_ns for p in os.listdir(EXAMPLES)} == before
     data.main(["--out", str(tmp_path / "d"), "--train", "1", "--val", "1", "--test", "1", "--examples",
                str(tmp_path / "ex")])
     assert (tmp_path / "ex" / "examples.json").read_text() == open(os.path.join(EXAMPLES, "examples.json")).read()
+
+
+def test_detail_answers_are_a_function_of_the_caption():
+    """A detailed description is the caption plus sentences read off the caption's text: they change when, and only
+    when, the caption's facts change (not with sizes, offsets or backgrounds, which the caption does not say)."""
+    scene = two_shapes()
+    text = data.detail(scene)
+    cap = data.caption(scene)
+    assert text == (f"{cap} There are two shapes: a circle and a square. The colors are orange and red. "
+                    f"The orange circle is above the red square.")
+    assert dict(data.questions(scene))[data.DETAIL_PROMPT] == text and data.task(data.DETAIL_PROMPT) == "detail"
+    rng = random.Random(4)
+    for _ in range(50):
+        s = data.make_scene(rng)
+        assert data.detail(s) == " ".join([data.caption(s), *data.derived_sentences(data.caption(s))])
+        assert data.caption_items(data.caption(s)) == [(it["colour"], it["shape"], it["cell"]) for it in s["items"]]
+    same = json.loads(json.dumps(scene))  # what the caption does not say
+    same["items"][0].update(size="large", dx=1)
+    same.update(background=2, texture=True)
+    assert data.detail(same) == text
+    for change, sentence in ((dict(colour="red"), "They are all red."), (dict(shape="square"), "two squares"),
+                             (dict(cell=4 + 1), "is left of")):
+        other = json.loads(json.dumps(scene))
+        if "cell" in change:
+            other["items"][0]["cell"] = 3  # middle left: the same row as the square at the middle center
+        else:
+            other["items"][0].update(change)
+        assert data.caption(other) != data.caption(scene) and sentence in data.detail(other)
+        assert data.detail(other)[len(data.caption(other)):] != text[len(cap):]
+    one = dict(items=scene["items"][:1], background=0, texture=False, seed=0)
+    assert data.derived_sentences(data.caption(one)) == ["There is one shape: a circle.", "It is orange."]

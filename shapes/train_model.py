@@ -23,8 +23,8 @@ from safetensors.torch import save_file
 import dyrate
 import model
 import processing
-from shapes.data import (CELLS, COLOURS, COVERED, IMAGE_SIZE, SHAPES, coverage, draw, item_label, make_scene, named,
-                         patch_labels, questions, sample, task)
+from shapes.data import (CELLS, COLOURS, COVERED, IMAGE_SIZE, SHAPES, caption, coverage, draw, item_label, make_scene,
+                         named, patch_labels, questions, sample, task)
 from shapes.experiment import accuracy_line, evaluate_answers
 
 
@@ -102,21 +102,26 @@ def init_weights(llava):
 
 def answer_items(tok, scene, question, answer):
     """Which shape each answer token (and the closing </s>) is about, -1 for none: the shape a colour or position
-    question names; in a caption, the shape whose phrase the token falls in."""
+    question names; in a caption (or the caption that opens a detailed description), the shape whose phrase the token
+    falls in. And which tokens come after that caption in a detailed description (the </s> too): the "late" ones."""
     enc = tok.tok.encode(answer, add_special_tokens=False)
     items = scene["items"]
+    late = [False] * (len(enc.ids) + 1)
+    if task(question) == "detail":
+        end = len(caption(scene))
+        late = [s >= end for s, _ in enc.offsets] + [True]
     if task(question) in ("colour", "position"):
         named_it = next(i for i, it in enumerate(items) if it["shape"] in question and "color" in question
                         or f"the {CELLS[it['cell']]}?" in question)
-        return enc.ids, [named_it] * len(enc.ids) + [-1]
+        return enc.ids, [named_it] * len(enc.ids) + [-1], late
     spans, at = [], 0
-    if task(question) == "caption":
+    if task(question) in ("caption", "detail"):
         for i, it in enumerate(items):
             phrase = f"{named(it)} at the {CELLS[it['cell']]}"
             at = answer.lower().index(phrase.lower(), at)
             spans.append((at, at + len(phrase), i))
     about = [next((i for lo, hi, i in spans if lo <= (s + e) // 2 < hi), -1) for s, e in enc.offsets]
-    return enc.ids, about + [-1]
+    return enc.ids, about + [-1], late
 
 
 def packed(tok, cfg, scene):
@@ -125,36 +130,37 @@ def packed(tok, cfg, scene):
     answer, </s>) whose RoPE positions restart where the prefix ends and which sees only the prefix and itself. So the
     image is encoded once for a dozen questions and no answer can leak into another. Returns ids, positions, segment
     ids (0 = prefix) and per loss row (the row before each answer token and </s>): its index, its target, the shape
-    its token is about (-1: none)."""
+    its token is about (-1: none), and whether it is late (answer_items)."""
     qa = questions(scene)
     first, start = tok.encode_prompt(qa[0][0])
     P = start + cfg.n_image_tokens  # the prefix: BOS ... last image token
-    ids, positions, segment, rows, targets, about = first[:P], list(range(P)), [0] * P, [], [], []
+    ids, positions, segment, rows, targets, about, late = first[:P], list(range(P)), [0] * P, [], [], [], []
     for s, (q, a) in enumerate(qa, 1):
         prompt = tok.encode_prompt(q)[0]
         assert prompt[:P] == first[:P], "every question shares the prefix"
-        answer, items = answer_items(tok, scene, q, a)
+        answer, items, after = answer_items(tok, scene, q, a)
         seg = prompt[P:] + answer + [cfg.eos_token_id]
         n = len(ids) + len(prompt) - P  # index of the first answer token
         rows += range(n - 1, len(ids) + len(seg) - 1)
         targets += seg[len(prompt) - P:]
         about += items
+        late += after
         ids, positions, segment = ids + seg, positions + list(range(P, P + len(seg))), segment + [s] * len(seg)
-    return ids, positions, segment, rows, targets, about
+    return ids, positions, segment, rows, targets, about, late
 
 
 def packed_batch(llava, tok, scenes):
     """Packed rows for scenes, padded at the end: ids, positions, segments (B, T), pixel values, then, indexing the
     rows after the shared prefix (what packed_forward returns): the flat indices and targets of the loss rows, for the
     reading loss the loss rows about a shape (B, R), that shape's item_label (B, R, 3) and which of the R are real
-    (B, R), and for the ranking loss the loss rows (B, L) and which are real."""
+    (B, R), and for the ranking and late-share losses the loss rows (B, L), which are real and which are late."""
     rows = [packed(tok, llava.config, s) for s in scenes]
     B, T = len(rows), max(len(r[0]) for r in rows)
     prefix = rows[0][2].count(0)  # the prefix, the same in every row: BOS ... last image token
     ids = torch.full((B, T), llava.config.pad_token_id)
     positions, segment = torch.zeros(B, T, dtype=torch.long), torch.full((B, T), -1)
     flat, targets, reads, per_row = [], [], [], []
-    for b, (seq, pos, seg, loss_rows, tgt, about) in enumerate(rows):
+    for b, (seq, pos, seg, loss_rows, tgt, about, _) in enumerate(rows):
         assert seg.count(0) == prefix and min(loss_rows) >= prefix, "every row shares the prefix; answers come after it"
         ids[b, :len(seq)], positions[b, :len(seq)], segment[b, :len(seq)] = (torch.tensor(v) for v in (seq, pos, seg))
         loss_rows = [i - prefix for i in loss_rows]
@@ -170,23 +176,26 @@ def packed_batch(llava, tok, scenes):
         for r, (i, label) in enumerate(pairs):
             read_rows[b, r], read_label[b, r], read_valid[b, r] = i, torch.tensor(label), 1
     L = max(map(len, per_row))
-    loss_rows, loss_valid = torch.zeros(B, L, dtype=torch.long), torch.zeros(B, L)
+    loss_rows, loss_valid, loss_late = torch.zeros(B, L, dtype=torch.long), torch.zeros(B, L), torch.zeros(B, L)
     for b, r in enumerate(per_row):
         loss_rows[b, :len(r)], loss_valid[b, :len(r)] = torch.tensor(r), 1
+        loss_late[b, :len(r)] = torch.tensor(rows[b][6], dtype=torch.float32)
     px = torch.stack([processing.preprocess(draw(s), IMAGE_SIZE) for s in scenes])
     return (ids, positions, segment, px, torch.tensor(flat), torch.tensor(targets), (read_rows, read_label, read_valid),
-            (loss_rows, loss_valid))
+            (loss_rows, loss_valid, loss_late))
 
 
 READ_LAYERS = 4  # the reading loss looks at the hidden states after this many decoder layers
 PRUNE_LAYER = 2  # K: pruning-aware training hides image tokens from layers >= K, ranks them at layer K-1
 
 
-def packed_forward(llava, ids, positions, segment, px, kept=None, rank_rows=None):
+def packed_forward(llava, ids, positions, segment, px, kept=None, rank_rows=None, blind=None):
     """Packed rows through the model in two passes over per-layer KV caches, as generation runs: the shared prefix
     alone (causal), then all the segments at once (each sees the cached prefix and itself). kept (B, n): the image
     tokens (indices into the N) each row keeps from layer PRUNE_LAYER on, the same number in every row; the others are
-    dropped physically, as FastV drops them, so a pruning-aware step is also a cheaper one. Returns the vision
+    dropped physically, as FastV drops them, so a pruning-aware step is also a cheaper one. blind (B, Ts) bool: the
+    segment tokens that see no image token at all in layers >= PRUNE_LAYER (as if DyRate had dropped all). Returns the
+    vision
     features (B, N, Cv) and, for the segment tokens only (B, Ts = T - prefix): the hidden states after READ_LAYERS
     decoder layers (B, Ts, C), the attention probabilities of rank_rows (B, R) at layer PRUNE_LAYER - 1 over the
     whole prefix and the segments (B, nh, R, prefix + Ts) or None, and the logits (B, Ts, vocab)."""
@@ -210,8 +219,11 @@ def packed_forward(llava, ids, positions, segment, px, kept=None, rank_rows=None
     sees = lambda n: torch.cat([same.new_ones(B, T - prefix, n), same], 2)  # noqa: E731 (B, Ts, n + Ts): and the prefix
     xs, pos = x[:, prefix:], positions[:, prefix:]
     xs, probs = lm.run(0, K, xs, pos, full(T - prefix), caches, probe_rows=rank_rows, key_weight=sees(prefix))
-    mid, _ = lm.run(K, READ_LAYERS, xs, pos, full(T - prefix), caches, key_weight=sees(keys))
-    xs, _ = lm.run(READ_LAYERS, L, mid, pos, full(T - prefix), caches, key_weight=sees(keys))
+    late = sees(keys)  # (B, Ts, keys + Ts)
+    if blind is not None:
+        late[..., prefix - N:keys] &= ~blind[..., None]  # the prefix's image tokens (all of it after prefix - N)
+    mid, _ = lm.run(K, READ_LAYERS, xs, pos, full(T - prefix), caches, key_weight=late)
+    xs, _ = lm.run(READ_LAYERS, L, mid, pos, full(T - prefix), caches, key_weight=late)
     return vision, mid, probs, llava.language_model.lm_head(lm.norm(xs))
 
 
@@ -223,6 +235,11 @@ def packed_forward(llava, ids, positions, segment, px, kept=None, rank_rows=None
 # ends up right on whole images and on any share FastV or DyRate leaves it.
 CHEAP_KEEP = (0.12, 0.3)  # the kept share of the image tokens, drawn per step
 PRUNE_KEEP, PRUNE_WHOLE = (0.15, 1.0), 1 / 3
+# NOTE: a detailed description restates the caption's facts; for those late tokens the picture is no longer needed, the
+# situation the seed paper describes for LLaVA's long answers. Half of the steps hide every image token from the late
+# rows in layers >= PRUNE_LAYER (they learn to read the response), and a loss on layer PRUNE_LAYER - 1's image share
+# of the late rows, where DyRate reads its statistics, lets that layer show it.
+BLIND_SHARE, LATE_WEIGHT = 0.5, 1.0
 
 
 def pruned_keys(covers, rng, keep, whole=0.0):
@@ -320,8 +337,8 @@ def train_model(out, iters, vision_iters, batch, lr, seed, eval_every, prune_ite
         for g in opt.param_groups:  # warmup then cosine to a tenth
             g["lr"] = lr * min(1.0, (it + 1) / 50) * (0.55 + 0.45 * np.cos(np.pi * it / iters))
         scenes = [make_scene(rng) for _ in range(batch)]
-        ids, positions, segment, px, flat, targets, (read_rows, read_label, read_valid), (loss_rows, loss_valid) = \
-            packed_batch(llava, tok, scenes)
+        ids, positions, segment, px, flat, targets, (read_rows, read_label, read_valid), \
+            (loss_rows, loss_valid, loss_late) = packed_batch(llava, tok, scenes)
         # NOTE: the last prune_iters steps are pruning-aware: trained only on whole images, the model leaned on every
         # image token (FastV dropping just the 10% least attended cost 4 points of accuracy), and the ranking layer's
         # attention favoured background patches. There the kept share varies over the whole range (see pruned_keys),
@@ -330,20 +347,26 @@ def train_model(out, iters, vision_iters, batch, lr, seed, eval_every, prune_ite
         start = int((ids[0] == cfg.image_token_index).nonzero()[0])  # the first image token (all rows alike)
         covers = [coverage(s) for s in scenes]  # (items, N) each
         kept = pruned_keys(covers, rng, PRUNE_KEEP, PRUNE_WHOLE) if prune else pruned_keys(covers, rng, CHEAP_KEEP)
+        blind = None
+        if rng.random() < BLIND_SHARE:  # the late rows of the detailed descriptions see no image in layers >= K
+            blind = torch.zeros(segment[:, start + cfg.n_image_tokens:].shape, dtype=torch.bool)
+            blind.scatter_(1, loss_rows, (loss_late * loss_valid).bool())
         llava.train()
-        vision, mid, probs, logits = packed_forward(llava, ids, positions, segment, px, kept,
-                                                    loss_rows if prune else None)
+        vision, mid, probs, logits = packed_forward(llava, ids, positions, segment, px, kept, loss_rows, blind)
         lm_loss, aux_loss = F.cross_entropy(logits.flatten(0, 1)[flat], targets), patch_loss(vision, scenes)
         guess = read(mid.gather(1, read_rows[..., None].expand(-1, -1, mid.shape[-1])))  # (B, R, 19 + 3 + 3)
         read_loss = (factor_loss(guess, read_label, (kinds, 3, 3)) * read_valid).sum() / read_valid.sum()
         rank_loss = ranking_loss(probs, loss_valid, covers, start) if prune else torch.zeros(())
+        share = probs.mean(1)[..., start:start + cfg.n_image_tokens].sum(-1)  # (B, L): layer K-1's image share
+        late_loss = (share * loss_late * loss_valid).sum() / (loss_late * loss_valid).sum().clamp_min(1)
         opt.zero_grad(set_to_none=True)
-        (lm_loss + heads * (aux_loss + read_loss) + 0.2 * rank_loss).backward()
+        (lm_loss + heads * (aux_loss + read_loss) + 0.2 * rank_loss + LATE_WEIGHT * late_loss).backward()
         torch.nn.utils.clip_grad_norm_(llava.parameters(), 1.0)
         opt.step()
         if it % 25 == 0 or it == iters - 1:
             log(f"step {it}/{iters}: loss {lm_loss.item():.4f} (patch labels {aux_loss.item():.4f}, reading "
-                f"{read_loss.item():.3f}, ranking {rank_loss.item():.3f}) | {time.perf_counter() - t0:.0f} s")
+                f"{read_loss.item():.3f}, ranking {rank_loss.item():.3f}, late image share {late_loss.item():.3f}) | "
+                f"{time.perf_counter() - t0:.0f} s")
         if (it + 1) % eval_every == 0 or it == iters - 1:
             llava.eval()
             acc, rows = evaluate_answers(llava, tok, val)

@@ -1,0 +1,440 @@
+"""
+The seed paper's benchmarks on local data, for every pruning method, with the field's scorers: captions (COCO-2017 val,
+Flickr30k, NoCaps: CIDEr-D and BLEU-4 by pycocoevalcap, as lmms-eval and the papers compute them) and question sets
+(GQA-style exact match, VQAv2/VizWiz-style soft accuracy, POPE yes/no, ScienceQA/MMBench-style multiple choice).
+
+    python eval.py --model llava-1.5-7b-hf --captions coco/annotations/captions_val2017.json --images coco/val2017 \\
+        --methods none,fastv,dyrate --predictor predictor --out runs/coco
+    python eval.py --model llava-1.5-7b-hf --questions pope.jsonl --task yesno --images coco/val2014 --out runs/pope
+    python eval.py --captions data/shapes/test_captions.json --images data/shapes --methods none,vtw --out runs/shapes
+
+Captions: COCO captions format, {"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]}, image
+paths relative to --images. Questions: JSONL, one {"image", "question", "answers": [...]} per line ("choices": [...]
+adds lettered options for --task choice; "id" optional). The prompts are LLaVA-1.5's evaluation prompts; greedy
+decoding; the llava-hf template, or with --original the vicuna_v1 template and pad-to-square the papers' numbers use.
+
+Long runs: predictions stream to OUT/predictions-METHOD.jsonl as they are made; --resume continues an interrupted run
+(Ctrl-C, SIGTERM, a crash) where it stopped; a bad record (missing or unreadable image, empty question) is counted and
+skipped with its reason; --limit N for a quick look. OUT/metrics-METHOD.json holds each run's scores and costs.
+"""
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+from collections import Counter
+
+import dyrate
+import generate
+import processing
+from model import Llava, read_config
+
+CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."  # lmms-eval's for LLaVA-1.5
+SHORT_SUFFIX = "\nAnswer the question using a single word or phrase."  # LLaVA-1.5's evaluation prompts
+CHOICE_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
+TASKS = ("caption", "short", "vqa", "yesno", "choice")
+LETTERS = "ABCDEFGHIJ"
+
+# ----------------------------------------------------------------------------------------------------------------------
+# data: records {id, image, prompt, refs}; what is wrong with a record is a reason to skip it, never a crash
+
+
+def load_captions(path, images):
+    """COCO captions JSON -> records with every reference caption of each image."""
+    with open(path) as f:
+        d = json.load(f)
+    if not isinstance(d, dict) or not isinstance(d.get("images"), list) or not isinstance(d.get("annotations"), list):
+        raise ValueError(f"{path} is not in COCO captions format ({{'images': [...], 'annotations': [...]}}).")
+    refs = {}
+    for a in d["annotations"]:
+        if isinstance(a, dict) and isinstance(a.get("caption"), str):
+            refs.setdefault(a.get("image_id"), []).append(a["caption"])
+    return [dict(id=im.get("id"), image=os.path.join(images, str(im.get("file_name"))), prompt=CAPTION_PROMPT,
+                 refs=refs.get(im.get("id"), [])) for im in d["images"] if isinstance(im, dict)]
+
+
+def load_questions(path, images, task, suffix=None):
+    """JSONL question records; a line that is not a JSON object becomes a record with the reason it is bad."""
+    records = []
+    with open(path) as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                r = None
+            if not isinstance(r, dict):
+                records.append(dict(id=i, bad="not a JSON object"))
+                continue
+            question, answers = r.get("question"), r.get("answers", r.get("answer"))
+            answers = [answers] if isinstance(answers, str) else answers
+            rec = dict(id=r.get("id", i), image=os.path.join(images, str(r.get("image"))), refs=answers)
+            if not isinstance(question, str) or not question.strip():
+                rec["bad"] = "empty question"
+            elif not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+                rec["bad"] = "no reference answers"
+            elif task == "choice":
+                choices = r.get("choices") or []
+                options = "".join(f"\n{LETTERS[j]}. {c}" for j, c in enumerate(choices[:len(LETTERS)]))
+                rec["prompt"] = question.strip() + options + (CHOICE_SUFFIX if suffix is None else suffix)
+            else:
+                rec["prompt"] = question.strip() + (SHORT_SUFFIX if suffix is None else suffix)
+            records.append(rec)
+    return records
+
+
+def check_record(r):
+    """None if the record can be evaluated as far as can be told without decoding its image, else why it is skipped."""
+    if r.get("bad"):
+        return r["bad"]
+    if not r.get("refs"):
+        return "no reference captions" if r.get("prompt") == CAPTION_PROMPT else "no reference answers"
+    if r.get("image") is None or not os.path.isfile(r["image"]):
+        return "image not found"
+    return None
+
+
+def unreadable(r, image_size, pad):
+    """The reason a record's image cannot be used, or None (decoding it is the only test)."""
+    try:
+        processing.preprocess(r["image"], image_size, pad)
+    except (ValueError, OSError):
+        return "unreadable image"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# metrics
+
+
+def tokenize_captions(captions):
+    """{key: [text, ...]} -> the same, tokenised as the papers do: pycocoevalcap's PTB tokenizer (Java). Without Java,
+    a fallback (lower case, punctuation removed, split on spaces) and a warning that the numbers are not comparable
+    with published ones."""
+    if shutil.which("java"):
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+        return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
+    print("warning: no Java found: captions are tokenised by a fallback, not by the PTB tokenizer; CIDEr and BLEU are "
+          "not comparable with published numbers", file=sys.stderr)
+    return {k: [" ".join(re.findall(r"[a-z0-9]+(?:'[a-z]+)?", c.lower())) for c in v] for k, v in captions.items()}
+
+
+def caption_scores(refs, preds, tokenize=True):
+    """CIDEr-D (pycocoevalcap's `Cider`, as lmms-eval and the papers) and BLEU-4 of preds {key: text} against refs
+    {key: [text, ...]}; tokenize=False takes the texts as already tokenised."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    gts, res = {k: refs[k] for k in preds}, {k: [preds[k]] for k in preds}
+    if tokenize:
+        gts, res = tokenize_captions(gts), tokenize_captions(res)
+    cider, _ = Cider().compute_score(gts, res)
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    return dict(cider=float(cider), bleu4=float(bleu[3]))
+
+
+# the standard VQA answer normalisation: VQAv2's official evaluation code (vqaEval.py), which EvalAI and lmms-eval use
+CONTRACTIONS = {"dont": "don't", "doesnt": "doesn't", "isnt": "isn't", "arent": "aren't", "cant": "can't",
+                "wont": "won't", "didnt": "didn't", "wasnt": "wasn't", "werent": "weren't", "im": "i'm",
+                "ive": "i've", "youre": "you're", "theyre": "they're", "thats": "that's", "whats": "what's",
+                "hasnt": "hasn't", "havent": "haven't", "shouldnt": "shouldn't", "couldnt": "couldn't"}
+NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+           "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?",
+               "!"]
+PERIOD_STRIP, COMMA_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)"), re.compile(r"(\d)(,)(\d)")
+
+
+def normalize_answer(text):
+    """VQAv2's processPunctuation then processDigitArticle: punctuation removed (or made a space), a period only when
+    not part of a number, lower case, number words to digits, articles dropped, common contractions restored."""
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    out = text
+    for p in PUNCTUATION:
+        if p + " " in text or " " + p in text or COMMA_STRIP.search(text) is not None:
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    out = PERIOD_STRIP.sub("", out)
+    words = [NUMBERS.get(w, w) for w in out.lower().split() if NUMBERS.get(w, w) not in ("a", "an", "the")]
+    return " ".join(CONTRACTIONS.get(w, w) for w in words)
+
+
+def vqa_accuracy(pred, answers):
+    """VQAv2/VizWiz soft accuracy: the mean over the references of min(1, matches among the other ones / 3)."""
+    pred, answers = normalize_answer(pred), [normalize_answer(a) for a in answers]
+    scores = [min(1.0, sum(a == pred for j, a in enumerate(answers) if j != i) / 3) for i in range(len(answers))]
+    return sum(scores) / len(scores)
+
+
+def yes_no(text):
+    """POPE's reading of an answer (LLaVA's eval_pope): 'no' if its first sentence says no or not, else 'yes'."""
+    words = re.findall(r"[a-z]+", text.split(".")[0].lower())
+    return "no" if "no" in words or "not" in words else "yes"
+
+
+def choice_letter(text):
+    """The option letter an answer gives: the first standalone capital letter (A., (B), C), else its first word."""
+    m = re.search(r"\b([A-J])\b", text)
+    return m.group(1) if m else text.strip()[:1].upper()
+
+
+def question_scores(task, preds, refs):
+    """Scores of preds {key: text} against refs {key: [answers]} for a question task."""
+    keys = list(preds)
+    if task == "short":
+        return dict(accuracy=sum(normalize_answer(preds[k]) == normalize_answer(refs[k][0]) for k in keys) / len(keys))
+    if task == "vqa":
+        return dict(accuracy=sum(vqa_accuracy(preds[k], refs[k]) for k in keys) / len(keys))
+    if task == "choice":
+        return dict(accuracy=sum(choice_letter(preds[k]) == refs[k][0].strip().upper()[:1] for k in keys) / len(keys))
+    said, truth = [yes_no(preds[k]) for k in keys], [normalize_answer(refs[k][0]) for k in keys]
+    tp = sum(s == t == "yes" for s, t in zip(said, truth))
+    fp = sum(s == "yes" and t == "no" for s, t in zip(said, truth))
+    fn = sum(s == "no" and t == "yes" for s, t in zip(said, truth))
+    precision, recall = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
+    return dict(accuracy=sum(s == t for s, t in zip(said, truth)) / len(keys), precision=precision, recall=recall,
+                f1=2 * precision * recall / max(precision + recall, 1e-12), yes_ratio=said.count("yes") / len(keys))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# a run: one method over the records, streamed to a JSONL file
+
+
+def read_done(path):
+    """The lines an interrupted run wrote (predictions, and records skipped on the way); a last line cut off by a kill
+    is dropped from the file."""
+    done, good = {}, 0
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                p = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if not line.endswith(b"\n"):
+                break
+            done[json.dumps(p["id"])] = p
+            good += len(line)
+    with open(path, "rb+") as f:
+        f.truncate(good)
+    return done
+
+
+def progress(done, total, new, seconds, skipped):
+    rate = new / max(seconds, 1e-9)
+    eta = (total - done) / rate if rate > 0 else math.inf
+    bar = "#" * int(30 * done / max(total, 1))
+    print(f"\r[{bar:30}] {done}/{total} | {rate:.2f} records/s | ETA {eta / 60:.1f} min | skipped {skipped}",
+          end="", file=sys.stderr, flush=True)
+
+
+def run_method(llava, tok, records, method, args, predictor, log):
+    """Predictions of one method for every record (resumed from its JSONL file with --resume), then its scores."""
+    path = os.path.join(args.out, f"predictions-{method}.jsonl")
+    done = read_done(path) if os.path.isfile(path) else {}
+    todo = [r for r in records if not r["skip"] and json.dumps(r["id"]) not in done]
+    usable, t0, new_tokens = sum(not r["skip"] for r in records), time.perf_counter(), 0
+    size = llava.config.vision.image_size
+    with open(path, "a") as f:
+        for i in range(0, len(todo), args.batch_size):
+            chunk, lines = [], []
+            for r in todo[i:i + args.batch_size]:
+                why = unreadable(r, size, args.pad)
+                (lines.append(dict(id=r["id"], skipped=why)) if why else chunk.append(r))
+            out = generate.generate(llava, tok, [r["image"] for r in chunk], [r["prompt"] for r in chunk],
+                                    args.max_new_tokens, conv=args.conv, pad=args.pad, method=method, k=args.k,
+                                    ratio=args.ratio, predictor=predictor if method == "dyrate" else None,
+                                    stats=False) if chunk else None
+            for r, row in zip(chunk, out.rows if out else []):
+                costs = {key: row[key] for key in row
+                         if key.removesuffix("_none").endswith(("flops", "bytes", "steps"))}
+                lines.append(dict(id=r["id"], prediction=row["text"].strip(), new_tokens=len(row["token_ids"]),
+                                  kept_visual=row["kept_visual"], prefill_ms=out.prefill_ms,
+                                  decode_ms_per_token=out.decode_ms_per_token, batch=len(chunk), **costs))
+                new_tokens += len(row["token_ids"])
+            for line in lines:
+                f.write(json.dumps(line) + "\n")
+                done[json.dumps(line["id"])] = line
+            f.flush()
+            os.fsync(f.fileno())
+            progress(len(done), usable, i + len(lines), time.perf_counter() - t0,
+                     sum(1 for p in done.values() if "skipped" in p))
+    print(file=sys.stderr)
+    return summarize(method, records, done, args, new_tokens / max(time.perf_counter() - t0, 1e-9), log)
+
+
+def summarize(method, records, done, args, tokens_per_s, log):
+    """Scores and costs of one method's predictions, written to OUT/metrics-METHOD.json (and, for captions, the COCO
+    results file); one line on stdout."""
+    skipped = Counter(r["skip"] for r in records if r["skip"])
+    skipped.update(p["skipped"] for p in done.values() if "skipped" in p)
+    kept = [r for r in records if not r["skip"] and "prediction" in done.get(json.dumps(r["id"]), {})]
+    preds = {json.dumps(r["id"]): done[json.dumps(r["id"])]["prediction"] for r in kept}
+    refs = {json.dumps(r["id"]): r["refs"] for r in kept}
+    rows = [done[k] for k in preds]
+    if not rows:
+        raise ValueError(f"{method}: no record could be evaluated ({dict(skipped)}).")
+    metrics = caption_scores(refs, preds) if args.task == "caption" else question_scores(args.task, preds, refs)
+    costs = {name: dyrate.cost_ratio(rows, key) for name, key in (("flops_ratio", "flops"),
+                                                                    ("nocache_flops_ratio", "nocache_flops"),
+                                                                    ("mean_kv_ratio", dyrate.COSTS["kv"]))}
+    per_batch = {}  # timings are per generate() call: count each batch once
+    for p in rows:
+        per_batch.setdefault((p["prefill_ms"], p["decode_ms_per_token"]), p)
+    result = dict(method=method, task=args.task, records=len(preds), skipped=dict(skipped), **metrics, **costs,
+                  mean_kept_image_tokens=sum(sum(p["kept_visual"]) / len(p["kept_visual"]) for p in rows) / len(rows),
+                  mean_kv_bytes=sum(p["mean_kv_bytes"] for p in rows) / len(rows),
+                  prefill_ms=sum(p["prefill_ms"] for p in per_batch.values()) / len(per_batch),
+                  decode_ms_per_token=sum(p["decode_ms_per_token"] for p in per_batch.values()) / len(per_batch),
+                  tokens_per_s=tokens_per_s, batch_size=args.batch_size)
+    if args.task == "caption":
+        results = [dict(image_id=r["id"], caption=preds[json.dumps(r["id"])]) for r in kept]
+        write_json(os.path.join(args.out, f"results-{method}.json"), results)  # COCO results format
+    write_json(os.path.join(args.out, f"metrics-{method}.json"), result)
+    score = " | ".join(f"{k} {result[k]:.4f}" for k in metrics)
+    log(f"{method}: {score} | FLOPs {costs['flops_ratio']:.3f} (no-cache {costs['nocache_flops_ratio']:.3f}), mean KV "
+        f"{costs['mean_kv_ratio']:.3f} of none | image tokens kept {result['mean_kept_image_tokens']:.1f} | prefill "
+        f"{result['prefill_ms']:.1f} ms, decode {result['decode_ms_per_token']:.2f} ms/token | {len(preds)} records"
+        + (f", skipped {sum(skipped.values())} ({', '.join(f'{n} {w}' for w, n in skipped.items())})" if skipped
+           else ""))
+    return result
+
+
+def write_json(path, obj):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    processing.atomic_write(path, write)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the command line
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Benchmarks on local data for every pruning method, with the field's "
+                                            "scorers.")
+    g = p.add_argument_group("data")
+    g.add_argument("--captions", default=None, help="COCO captions format JSON (COCO-2017 val, Flickr30k, NoCaps)")
+    g.add_argument("--questions", default=None, help="JSONL of {image, question, answers} records")
+    g.add_argument("--task", choices=TASKS, default=None, help="the question set's kind: short (GQA exact match), "
+                   "vqa (VQAv2/VizWiz soft accuracy), yesno (POPE), choice (ScienceQA/MMBench letters); "
+                   "captions are 'caption'")
+    g.add_argument("--images", required=True, help="the folder image paths are relative to")
+    g.add_argument("--limit", type=int, default=None, help="only the first N records")
+    g = p.add_argument_group("model and methods")
+    g.add_argument("--model", default=generate.SHAPES_MODEL, help="llava-hf checkpoint folder (default: the shapes "
+                   "model)")
+    g.add_argument("--methods", "--method", default="none", help="comma-separated: none, fastv, vtw, dyrate")
+    g.add_argument("--predictor", default=None, help="the rate predictor for dyrate (train.py)")
+    g.add_argument("--k", type=int, default=None, help="pruning layer K (default 2, or the predictor's)")
+    g.add_argument("--ratio", type=float, default=0.5, help="FastV's drop ratio R")
+    g.add_argument("--original", action="store_true", help="the original LLaVA-1.5 evaluation settings: vicuna_v1 "
+                   "template and pad-to-square (the papers' numbers)")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="default 64 for captions (lmms-eval), 16 else")
+    g.add_argument("--suffix", default=None, help="text after each question (default: LLaVA-1.5's evaluation "
+                   "instruction for the task; '' for a model trained without one, such as the shapes model)")
+    g.add_argument("--batch-size", type=int, default=8, help="records per generate() call")
+    g.add_argument("--device", default="cuda" if generate.torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="model dtype")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", required=True, help="folder for predictions-METHOD.jsonl, metrics-METHOD.json, results")
+    g.add_argument("--resume", action="store_true", help="continue the runs whose predictions are in --out")
+    return p.parse_args(argv)
+
+
+class Stop(Exception):
+    """SIGTERM, handled like Ctrl-C: the predictions so far are on disk."""
+
+
+def on_sigterm(signum, frame):
+    raise Stop
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    log = print
+    try:  # every check before the weights load
+        if (args.captions is None) == (args.questions is None):
+            raise ValueError("give --captions FILE or --questions FILE (one of them)")
+        data = args.captions or args.questions
+        args.task = "caption" if args.captions else args.task
+        if args.questions and args.task in (None, "caption"):
+            raise ValueError("--questions needs --task short, vqa, yesno or choice")
+        if not os.path.isfile(data):
+            raise FileNotFoundError(f"{'--captions' if args.captions else '--questions'} {data!r} does not exist.")
+        if not os.path.isdir(args.images):
+            raise FileNotFoundError(f"--images {args.images!r} is not a folder.")
+        methods = args.methods.split(",")
+        for m in methods:
+            if m not in dyrate.METHODS:
+                raise ValueError(f"unknown method {m!r} in --methods; choose from {', '.join(dyrate.METHODS)}")
+        if "dyrate" in methods and not args.predictor:
+            raise ValueError("--methods dyrate needs --predictor FILE (train one with train.py)")
+        for name, value in (("--batch-size", args.batch_size), ("--limit", args.limit or 1),
+                            ("--max-new-tokens", args.max_new_tokens or 1)):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        args.max_new_tokens = args.max_new_tokens or (64 if args.task == "caption" else 16)
+        args.conv, args.pad = ("vicuna_v1", True) if args.original else ("llava-hf", False)
+        device = generate.check_device(args.device)
+        cfg = read_config(args.model)
+        tok = processing.Tokenizer(args.model, cfg)
+        predictor = dyrate.RatePredictor.load(args.predictor, cfg, device) if args.predictor else None
+        for m in methods:
+            generate.check_options(cfg, m, args.k, args.ratio, predictor if m == "dyrate" else None,
+                                   max_new_tokens=args.max_new_tokens)
+        try:
+            records = load_captions(data, args.images) if args.captions else \
+                load_questions(data, args.images, args.task, args.suffix)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{data} is not valid JSON ({e}).") from None
+        records = records[:args.limit] if args.limit else records
+        for r in records:
+            r["skip"] = check_record(r)
+            if not r["skip"] and len(tok.encode_prompt(r["prompt"], args.conv)[0]) + args.max_new_tokens > \
+                    cfg.text.max_position_embeddings:
+                r["skip"] = "longer than the context"
+        if not any(not r["skip"] for r in records):
+            raise ValueError(f"{data}: none of its {len(records)} records can be evaluated "
+                             f"({dict(Counter(r['skip'] for r in records))}).")
+        os.makedirs(args.out, exist_ok=True)
+        generate.check_writable_folder(os.path.join(args.out, "metrics.json"), "--out")
+        for m in methods:
+            path = os.path.join(args.out, f"predictions-{m}.jsonl")
+            if os.path.isfile(path) and not args.resume:
+                raise ValueError(f"{path} exists: pass --resume to continue that run, or another --out.")
+        dtype = getattr(generate.torch, args.dtype or generate.default_dtype(device))
+        log(f"{len(records)} records ({data}), task {args.task}; loading {args.model} on {device} in {dtype} ...")
+        llava = Llava.from_pretrained(args.model, device=device, dtype=dtype)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    results = []
+    try:
+        for m in methods:
+            results.append(run_method(llava, tok, records, m, args, predictor, log))
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    except (KeyboardInterrupt, Stop) as e:
+        print(file=sys.stderr)
+        sys.exit(f"interrupted: the predictions so far are in {args.out}; rerun with --resume to continue"
+                 if isinstance(e, KeyboardInterrupt) else "stopped by SIGTERM: rerun with --resume to continue")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if len(results) > 1:
+        keys = [k for k in ("cider", "bleu4", "accuracy", "f1") if k in results[0]]
+        log("\n" + f"{'method':10}" + "".join(f"{k:>10}" for k in keys) + f"{'FLOPs':>8}{'no-cache':>10}{'mean KV':>9}"
+            f"{'kept':>7}")
+        for r in results:
+            log(f"{r['method']:10}" + "".join(f"{r[k]:10.4f}" for k in keys) + f"{r['flops_ratio']:8.3f}"
+                f"{r['nocache_flops_ratio']:10.3f}{r['mean_kv_ratio']:9.3f}{r['mean_kept_image_tokens']:7.1f}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

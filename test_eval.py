@@ -1,0 +1,135 @@
+"""
+Tests of eval.py: its caption scores against pycocoevalcap's scorers, each question metric on hand-made cases, an
+interrupted run resumed exactly, bad records skipped and counted, clear errors, and the shapes stand-in end to end.
+"""
+import json
+import os
+
+import pytest
+
+import eval
+import generate
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHAPES = os.path.join(HERE, "models", "shapes")
+
+
+def test_caption_scores_equal_pycocoevalcap():
+    """Pre-tokenised text (no Java): eval.py's CIDEr-D and BLEU-4 are pycocoevalcap's, and a caption identical to its
+    references scores higher than the same words shuffled."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    refs = {"1": ["a red circle at the top left", "a red circle in the corner", "one red circle top left"],
+            "2": ["two blue squares", "a pair of blue squares side by side", "blue squares two of them"],
+            "3": ["a green triangle above a yellow circle", "green triangle over a yellow circle"]}
+    preds = {"1": "a red circle at the top left", "2": "two squares that are blue", "3": "a triangle and a circle"}
+    got = eval.caption_scores(refs, preds, tokenize=False)
+    gts, res = {k: refs[k] for k in preds}, {k: [v] for k, v in preds.items()}
+    assert abs(got["cider"] - Cider().compute_score(gts, res)[0]) <= 1e-9
+    assert abs(got["bleu4"] - Bleu(4).compute_score(gts, res, verbose=0)[0][3]) <= 1e-9
+    shuffled = dict(preds, **{"1": "left top the at circle red a"})
+    worse = eval.caption_scores(refs, shuffled, tokenize=False)
+    assert worse["cider"] < got["cider"] and worse["bleu4"] < got["bleu4"]
+
+
+def test_question_metrics_on_known_cases():
+    assert eval.normalize_answer("  Two dogs.") == "2 dogs" and eval.normalize_answer("The Cat!") == "cat"
+    assert eval.normalize_answer("3.5") == "3.5" and eval.normalize_answer("dont know") == "don't know"
+    refs = ["yes"] * 3 + ["no"] * 7  # 10 annotators
+    assert eval.vqa_accuracy("yes", refs) == pytest.approx((3 * (2 / 3) + 7 * 1.0) / 10)  # min(1, matches of 9 / 3)
+    assert eval.vqa_accuracy("No.", refs) == 1.0 and eval.vqa_accuracy("maybe", refs) == 0.0
+    short = eval.question_scores("short", {"a": "A red circle.", "b": "blue"}, {"a": ["red circle"], "b": ["green"]})
+    assert short == dict(accuracy=0.5)
+    pope = eval.question_scores("yesno", {"1": "Yes, there is.", "2": "No.", "3": "There is not a cat.", "4": "yes"},
+                             {"1": ["yes"], "2": ["yes"], "3": ["no"], "4": ["no"]})
+    # said yes, no, no, yes against yes, yes, no, no: tp 1, fp 1, fn 1
+    assert pope == dict(accuracy=0.5, precision=0.5, recall=0.5, f1=pytest.approx(0.5), yes_ratio=0.5)
+    assert eval.question_scores("choice", {"1": "B", "2": "The answer is (C).", "3": "A. red"},
+                             {"1": ["B"], "2": ["D"], "3": ["A"]}) == dict(accuracy=pytest.approx(2 / 3))
+
+
+@pytest.fixture(scope="module")
+def shapes_data(tmp_path_factory):
+    from shapes import data
+    folder = tmp_path_factory.mktemp("shapes")
+    data.main(["--out", str(folder), "--train", "1", "--val", "1", "--test", "6"])
+    return folder
+
+
+def run(shapes_data, out, *extra):
+    return eval.main(["--model", SHAPES, "--captions", str(shapes_data / "test_captions.json"), "--images",
+                   str(shapes_data), "--out", str(out), "--batch-size", "2", *extra])
+
+
+def predictions(out, method="none"):
+    with open(os.path.join(out, f"predictions-{method}.jsonl")) as f:
+        return [(p["id"], p.get("prediction"), p.get("skipped")) for p in map(json.loads, f)]
+
+
+def test_interrupted_run_resumes_exactly(shapes_data, tmp_path, monkeypatch):
+    run(shapes_data, tmp_path / "straight")
+    real, calls = generate.generate, []
+
+    def interrupted(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    monkeypatch.setattr(eval.generate, "generate", interrupted)
+    with pytest.raises(SystemExit, match="rerun with --resume"):
+        run(shapes_data, tmp_path / "cut")
+    assert len(predictions(tmp_path / "cut")) == 2  # the first batch is on disk
+    monkeypatch.setattr(eval.generate, "generate", real)
+    with pytest.raises(SystemExit, match="exists: pass --resume"):
+        run(shapes_data, tmp_path / "cut")
+    with open(tmp_path / "cut" / "predictions-none.jsonl", "a") as f:
+        f.write('{"id": 4, "predic')  # a line cut off by a kill
+    result = run(shapes_data, tmp_path / "cut", "--resume")[0]
+    assert predictions(tmp_path / "cut") == predictions(tmp_path / "straight") and result["records"] == 6
+    assert json.loads((tmp_path / "cut" / "metrics-none.json").read_text())["cider"] == \
+        json.loads((tmp_path / "straight" / "metrics-none.json").read_text())["cider"]
+
+
+def test_bad_records_are_skipped_and_counted(shapes_data, tmp_path):
+    (tmp_path / "notes.png").write_text("not an image")
+    lines = [json.dumps(dict(image="test/00000.png", question="How many shapes are there?", answers=["one"])),
+             json.dumps(dict(image="gone.png", question="How many shapes are there?", answers=["one"])),
+             json.dumps(dict(image="test/00001.png", question=" ", answers=["one"])), "{broken",
+             json.dumps(dict(image="test/00002.png", question="How many shapes are there?")),
+             json.dumps(dict(image=str(tmp_path / "notes.png"), question="How many shapes are there?",
+                             answers=["one"]))]
+    (tmp_path / "q.jsonl").write_text("\n".join(lines) + "\n")
+    result = eval.main(["--model", SHAPES, "--questions", str(tmp_path / "q.jsonl"), "--task", "short", "--suffix", "",
+                     "--images", str(shapes_data), "--out", str(tmp_path / "o")])[0]
+    assert result["records"] == 1 and result["skipped"] == {"image not found": 1, "empty question": 1,
+                                                            "not a JSON object": 1, "no reference answers": 1,
+                                                            "unreadable image": 1}
+
+
+def test_clear_errors(shapes_data, tmp_path):
+    for extra, message in ((["--captions", str(tmp_path / "none.json"), "--images", str(shapes_data)], "none.json"),
+                           (["--captions", str(shapes_data / "test_captions.json"), "--images", str(tmp_path / "x")],
+                            "--images .*x' is not a folder"),
+                           (["--questions", str(shapes_data / "test_questions.jsonl"), "--images", str(shapes_data)],
+                            "needs --task"),
+                           (["--captions", str(shapes_data / "test.jsonl"), "--images", str(shapes_data)], "JSON"),
+                           (["--captions", str(shapes_data / "test_captions.json"), "--images", str(shapes_data),
+                             "--methods", "dyrate"], "needs --predictor")):
+        with pytest.raises(SystemExit, match=message):
+            eval.main(["--model", SHAPES, "--out", str(tmp_path / "o"), *extra])
+
+
+def test_shapes_stand_in_end_to_end(shapes_data, tmp_path, capsys):
+    """The README's eval commands on a handful of records: captions (CIDEr) and questions (accuracy) for several
+    methods, a table, and the files."""
+    results = run(shapes_data, tmp_path / "c", "--methods", "none,vtw,fastv", "--ratio", "0.75")
+    by = {r["method"]: r for r in results}
+    assert by["none"]["cider"] > by["vtw"]["cider"] and by["vtw"]["flops_ratio"] < by["fastv"]["flops_ratio"] < 1
+    assert by["fastv"]["mean_kept_image_tokens"] == 64 and by["none"]["flops_ratio"] == 1.0
+    assert "method" in capsys.readouterr().out
+    coco = json.loads((tmp_path / "c" / "results-none.json").read_text())
+    assert len(coco) == 6 and set(coco[0]) == {"image_id", "caption"}
+    q = eval.main(["--model", SHAPES, "--questions", str(shapes_data / "test_questions.jsonl"), "--task", "short",
+                "--suffix", "", "--images", str(shapes_data), "--out", str(tmp_path / "q"), "--limit", "8",
+                "--methods", "none,vtw"])
+    assert q[0]["records"] == 8 and q[0]["accuracy"] >= q[1]["accuracy"]

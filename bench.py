@@ -175,7 +175,7 @@ def check_args(args):
         raise ValueError(f"--k must lie in [1, {max(1, layers - 1)}] for this {layers}-layer model, got {args.k}")
     if args.predictor:
         dyrate.RatePredictor.load(args.predictor, cfg)
-    generate.check_device(args.device)
+    model.check_device(args.device)
     generate.check_writable_folder(args.out, "--out")
     return methods, batches
 

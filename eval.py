@@ -31,7 +31,7 @@ from collections import Counter
 import dyrate
 import generate
 import processing
-from model import Llava, read_config
+from model import Llava, check_device, read_config
 
 CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."  # lmms-eval's for LLaVA-1.5
 SHORT_SUFFIX = "\nAnswer the question using a single word or phrase."  # LLaVA-1.5's evaluation prompts
@@ -381,7 +381,7 @@ def main(argv=None):
                 raise ValueError(f"{name} must be at least 1, got {value}")
         args.max_new_tokens = args.max_new_tokens or (64 if args.task == "caption" else 16)
         args.conv, args.pad = ("vicuna_v1", True) if args.original else ("llava-hf", False)
-        device = generate.check_device(args.device)
+        device = check_device(args.device)
         cfg = read_config(args.model)
         tok = processing.Tokenizer(args.model, cfg)
         predictor = dyrate.RatePredictor.load(args.predictor, cfg, device) if args.predictor else None

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 import dyrate
-from model import Llava, read_config
+from model import Llava, check_device, read_config
 from processing import Tokenizer, load_image, preprocess
 
 
@@ -116,21 +116,6 @@ def check_options(cfg, method="none", k=None, ratio=0.5, predictor=None, schedul
         raise ValueError(f"K must lie in [1, {max(1, layers - 1)}] for this {layers}-layer model: layer K-1 ranks the "
                          f"image tokens and layers K.. see the kept ones; got {k!r}.")
     return k
-
-
-def check_device(device):
-    """A clear error for a device this machine does not have."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"--device {device!r} is not a device torch knows ({e}); use cpu, cuda or cuda:N.") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: this machine has no CUDA GPU that torch can use; use --device cpu.")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA devices.")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {device}: only cpu and cuda are supported.")
-    return dev
 
 
 def check_writable_folder(path, what, make=False):
@@ -293,6 +278,8 @@ def main(argv=None):
         out = generate(model, tokenizer, [image], [args.prompt], args.max_new_tokens, args.temperature, args.top_k,
                        args.top_p, args.seed, args.conv, args.pad, stream, args.method, args.k, args.ratio,
                        predictor or None, stats=bool(args.json or args.viz))
+        if not args.json:
+            print()  # the streamed answer ends its line
         if args.viz:
             import viz
             for path in viz.save(args.viz, image, out.rows[0], tokenizer, model.config, args.pad):
@@ -305,7 +292,6 @@ def main(argv=None):
                               decode_ms_per_token=round(out.decode_ms_per_token, 3),
                               new_tokens=len(row["token_ids"]), peak_memory_bytes=out.peak_memory_bytes)))
         return out
-    print()
     n_new = len(row["token_ids"])
     decode = f"{1e3 / out.decode_ms_per_token:.1f} tok/s" if n_new > 1 else "n/a (one new token)"
     print(f"prompt tokens {row['prompt_tokens']} | new tokens {n_new} | prefill {out.prefill_ms:.1f} ms | decode "

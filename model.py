@@ -469,6 +469,21 @@ class LlamaForCausalLM(nn.Module):
 # Checkpoint files: which safetensors files hold the weights, in which key layout (Llava.from_pretrained reads them)
 
 
+def check_device(device):
+    """A torch.device this machine has, or a clear error."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"--device {device!r} is not a device torch knows ({e}); use cpu, cuda or cuda:N.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this machine has no CUDA GPU that torch can use; use --device cpu.")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA devices.")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device}: only cpu and cuda are supported.")
+    return dev
+
+
 def read_config(model_dir):
     """The LlavaConfig of a checkpoint folder, from its config.json alone (no weights read)."""
     config_path = os.path.join(os.fspath(model_dir), "config.json")
@@ -616,12 +631,7 @@ class Llava(nn.Module):
         model_dir = os.fspath(model_dir)
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"dtype must be a torch dtype such as torch.float16, got {dtype!r}.")
-        try:
-            device = torch.device(device)
-        except (RuntimeError, TypeError) as e:
-            raise ValueError(f"device {device!r} is not a device torch knows ({e}).") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {device}: this machine has no CUDA GPU that torch can use; use cpu.")
+        device = check_device(device)
         cfg = read_config(model_dir)
         with torch.device("meta"):
             model = cls(cfg)

@@ -32,6 +32,13 @@ def test_caption_scores_equal_pycocoevalcap():
     assert worse["cider"] < got["cider"] and worse["bleu4"] < got["bleu4"]
 
 
+def test_without_java_a_fallback_tokenisation_and_a_warning(monkeypatch, capsys):
+    monkeypatch.setattr(eval.shutil, "which", lambda name: None)
+    got = eval.tokenize_captions({"1": ["A Red circle, at the top-left."]})
+    assert got == {"1": ["a red circle at the top left"]}
+    assert "not comparable with published numbers" in capsys.readouterr().err
+
+
 def test_question_metrics_on_known_cases():
     assert eval.normalize_answer("  Two dogs.") == "2 dogs" and eval.normalize_answer("The Cat!") == "cat"
     assert eval.normalize_answer("3.5") == "3.5" and eval.normalize_answer("dont know") == "don't know"

@@ -38,8 +38,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import dyrate
-from generate import check_device, check_writable_folder, decode, default_dtype
-from model import Llava, read_config
+from generate import check_writable_folder, decode, default_dtype
+from model import Llava, check_device, read_config
 from processing import Tokenizer, atomic_write, preprocess
 
 

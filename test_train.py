@@ -201,7 +201,7 @@ def test_predictor_file_works_in_generate_and_mismatch_is_refused(ckpt, data, tm
 def test_torchrun_two_processes(ckpt, data, tmp_path):
     """DDP on CPU (gloo): two ranks, each a frozen model copy, the predictor's gradients all-reduced."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                           "train.py", *argv(ckpt, data, tmp_path / "ddp", "--max-iters", "3", "--batch-size", "2")],
                          capture_output=True, text=True, env=env, cwd=os.path.dirname(os.path.abspath(__file__)),
                          timeout=120)

@@ -76,8 +76,8 @@ def checkpoint_models(folder, device, dtype, need_hf):
     if not need_hf:
         return None, ours
     from transformers import LlavaForConditionalGeneration
-    return LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype,
-                                                         attn_implementation="sdpa").to(device).eval(), ours
+    hf = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
+    return hf.to(device).eval(), ours
 
 
 def constant_predictor(n_heads, rate, k, device):

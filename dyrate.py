@@ -105,8 +105,8 @@ class RatePredictor(nn.Module):
         """Load a predictor file written by train.py and check that it was trained for this model."""
         try:
             with safe_open(path, framework="pt", device=str(device)) as f:
-                meta, state = json.loads((f.metadata() or {}).get("dyrate",
-                                                                  "{}")), {k: f.get_tensor(k) for k in f.keys()}
+                meta = json.loads((f.metadata() or {}).get("dyrate", "{}"))
+                state = {k: f.get_tensor(k) for k in f.keys()}
         except (OSError, ValueError, SafetensorError) as e:
             raise ValueError(f"{path} is not a predictor file written by train.py ({e}).") from None
         if meta.get("format") != PREDICTOR_FORMAT:

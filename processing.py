@@ -172,10 +172,10 @@ def build_tokenizer(folder, texts, vocab_size=160, legacy=True):
     tok = HFTokenizer.from_str(json.dumps(d))
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                      decoders.Strip(" ", 1, 0)])
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>",
-                                                                                                               1)])
-    tok.add_special_tokens([AddedToken(s, normalized=False, special=True) for s in ["<unk>", "<s>", "</s>", "<image>",
-                                                                                    "<pad>"]])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    specials = ["<unk>", "<s>", "</s>", "<image>", "<pad>"]
+    tok.add_special_tokens([AddedToken(s, normalized=False, special=True) for s in specials])
     os.makedirs(folder, exist_ok=True)
     tok.save(os.path.join(folder, "tokenizer.json"))
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:

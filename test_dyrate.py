@@ -125,8 +125,8 @@ def test_kept_counts_monotone_and_caches_physically_shorter(ours):
             assert torch.equal(cache.length, lengths - N_IMAGE + steps - 1) and cache.k.shape[2] == T - 32 + steps
             pos = cache.pos[0, :int(cache.length[0])]
             assert not ((pos >= starts[0]) & (pos < starts[0] + N_IMAGE)).any() and (pos.diff() > 0).all()
-    assert int(sum(c.nbytes()[0] for c in caches)) == dyrate.kv_cache_bytes(llava.config, int(lengths[0]), steps, 0, K,
-                                                                            torch.float32)
+    held = int(sum(c.nbytes()[0] for c in caches))
+    assert held == dyrate.kv_cache_bytes(llava.config, int(lengths[0]), steps, 0, K, torch.float32)
 
 
 def test_compiled_decode_is_static_and_equals_eager(ckpt, ours):
@@ -237,8 +237,8 @@ def test_nocache_flops_match_flop_counter(ours):
     pruner = dyrate.Pruner("dyrate", N_IMAGE, starts, lengths[:1], K, schedule=[0.25, 0.5, 0.5, 0.875, 1.0],
                            stats=False)
     with torch.no_grad():
-        tokens = torch.stack([t for t, _ in generate.decode(llava, ids, lengths[:1], px, llava.new_caches(1, 5), 5,
-                                                             pruner)], 1)  # (1, 5)
+        steps = generate.decode(llava, ids, lengths[:1], px, llava.new_caches(1, 5), 5, pruner)
+        tokens = torch.stack([t for t, _ in steps], 1)  # (1, 5)
         seq = torch.cat([ids, tokens[:, :-1]], 1)  # the prompt and every token fed back
         dropped = torch.cumsum(torch.stack([h.dropped_mask for h in pruner.history]), 0).bool()  # (steps, 1, N)
         with FlopCounterMode(display=False) as counter:
@@ -259,8 +259,8 @@ def test_masked_attention_value_exact_gradient_bounded():
     scores = torch.randn(1, 2, 3, 6, dtype=torch.float64)
     scores[..., 4] += 40.0  # nearly all attention on key 4, which the mask drops
     probs, v = scores.softmax(-1), torch.randn(1, 2, 6, 5, dtype=torch.float64)
-    weight = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 1.0], dtype=torch.float64).expand(1, 1, 3,
-                                                                                      6).clone().requires_grad_()
+    weight = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 1.0], dtype=torch.float64).expand(1, 1, 3, 6)
+    weight = weight.clone().requires_grad_()
     y = dyrate.masked_attention(probs, weight, v)
     kept = probs * weight.detach()
     exact = (kept / kept.sum(-1, keepdim=True)) @ v

@@ -35,10 +35,10 @@ def test_hub_config_fills_llava_defaults(tmp_path):
     cfg = model.LlavaConfig.from_json(tmp_path / "config.json")
     t, v = cfg.text, cfg.vision
     assert (t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.num_attention_heads) == (4096, 11008, 32, 32)
-    assert (t.num_key_value_heads, t.head_dim, t.rms_norm_eps, t.rope_theta, t.vocab_size) == (32, 128, 1e-5, 1e4,
-                                                                                               32064)
-    assert (v.hidden_act, v.layer_norm_eps, cfg.n_image_tokens, cfg.n_vision_layers_used) == ("quick_gelu", 1e-5, 576,
-                                                                                              23)
+    assert (t.num_key_value_heads, t.head_dim, t.rms_norm_eps, t.rope_theta, t.vocab_size) == \
+        (32, 128, 1e-5, 1e4, 32064)
+    assert (v.hidden_act, v.layer_norm_eps, cfg.n_image_tokens, cfg.n_vision_layers_used) == \
+        ("quick_gelu", 1e-5, 576, 23)
     assert (cfg.image_token_index, cfg.pad_token_id, cfg.eos_token_id) == (32000, 32001, 2)
     # 13B sizes, and theta in the newer rope_parameters form
     hub = json.loads(json.dumps(HUB_7B))
@@ -203,8 +203,8 @@ def test_checkpoint_errors(ckpt, tmp_path):
               os.path.join(single, "model.safetensors"))
     with pytest.raises(ValueError, match="missing.*language_model.model.norm.weight"):
         model.Llava.from_pretrained(single)
-    save_file(dict(sd, **{"language_model.model.extra.weight": torch.zeros(2)}), os.path.join(single,
-                                                                                              "model.safetensors"))
+    save_file(dict(sd, **{"language_model.model.extra.weight": torch.zeros(2)}),
+              os.path.join(single, "model.safetensors"))
     with pytest.raises(ValueError, match="unexpected tensor 'language_model.model.extra.weight'"):
         model.Llava.from_pretrained(single)
     save_file(sd, os.path.join(single, "model.safetensors"))

@@ -117,8 +117,9 @@ def load_samples(path, model, tok, args, log):
         except ValueError as e:
             skipped[f"bad prompt ({e})"] += 1
             continue
-        answer_ids = tok.tok.encode(answer,
-                                    add_special_tokens=False).ids + [model.config.eos_token_id] if answer else None
+        answer_ids = None
+        if answer:
+            answer_ids = tok.tok.encode(answer, add_special_tokens=False).ids + [model.config.eos_token_id]
         if len(ids) + (len(answer_ids) if answer_ids else args.distill_max_new_tokens) > limit:
             skipped[f"longer than the context ({limit})"] += 1
             continue
@@ -142,8 +143,8 @@ def load_samples(path, model, tok, args, log):
 
 def pixels(samples, model, args):
     dtype = model.language_model.lm_head.weight.dtype
-    return torch.stack([preprocess(s.image, model.config.vision.image_size, args.pad) for s in samples]).to(args.device,
-                                                                                                            dtype)
+    px = torch.stack([preprocess(s.image, model.config.vision.image_size, args.pad) for s in samples])
+    return px.to(args.device, dtype)  # (B, 3, S, S)
 
 
 @torch.inference_mode()
@@ -193,8 +194,8 @@ def train_loss(model, predictor, samples, args, tau, generator):
             teacher, _ = response_logits(model, ids, px, lengths, n_answer)
         per_token = F.kl_div(logits.log_softmax(-1), teacher.log_softmax(-1), log_target=True, reduction="none").sum(-1)
     else:
-        targets = ids.gather(1, (lengths[:, None] + torch.arange(logits.shape[1],
-                                                                 device=ids.device)).clamp(max=ids.shape[1] - 1))
+        answer_rows = lengths[:, None] + torch.arange(logits.shape[1], device=ids.device)  # (B, R)
+        targets = ids.gather(1, answer_rows.clamp(max=ids.shape[1] - 1))
         per_token = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
     fit = (per_token * valid).sum() / valid.sum()
     rows = []  # the straight-through kept count of each response step: the FLOPs term's gradient reaches the predictor
@@ -419,8 +420,8 @@ def check_args(args):
     """Every check that needs no model weights, before they load (minutes for a 7B model)."""
     for name, path in (("--data", args.data), ("--val-data", args.val_data)):
         if path is not None and not os.path.isfile(path):
-            raise FileNotFoundError(f"{name} {path!r} does not exist" + (" (it is a folder)" if os.path.isdir(path)
-                                                                        else "") + ".")
+            folder = " (it is a folder)" if os.path.isdir(path) else ""
+            raise FileNotFoundError(f"{name} {path!r} does not exist{folder}.")
     if args.image_folder is not None and not os.path.isdir(args.image_folder):
         raise FileNotFoundError(f"--image-folder {args.image_folder!r} is not a folder.")
     check_writable_folder(args.out, "--out")

@@ -67,8 +67,10 @@ def shares_plot(shares, width=640, height=360):
     draw.text(((left + right) // 2 - 40, height - 18), "generation step", fill="black", font=font)
     for j, (name, colour) in enumerate(zip(TYPES, COLOURS)):
         points = [(x, bottom - s[j] * (bottom - top)) for x, s in zip(xs, shares)]
-        draw.line(points, fill=colour, width=2) if n > 1 else draw.ellipse((*[v - 3 for v in points[0]],
-                                                                            *[v + 3 for v in points[0]]), fill=colour)
+        if n > 1:
+            draw.line(points, fill=colour, width=2)
+        else:
+            draw.ellipse((points[0][0] - 3, points[0][1] - 3, points[0][0] + 3, points[0][1] + 3), fill=colour)
         draw.line((right + 12, top + 12 + 20 * j, right + 32, top + 12 + 20 * j), fill=colour, width=3)
         draw.text((right + 38, top + 5 + 20 * j), name, fill="black", font=font)
     return img

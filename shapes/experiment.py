@@ -102,8 +102,8 @@ def run(llava, tok, records, name, log, **kw):
 def comparison(llava, tok, records, predictors, log):
     """none, VTW, and per cost and predictor: the learned rate, FastV and a hand-set ramp matched on that cost."""
     cfg, N = llava.config, llava.config.n_image_tokens
-    table = {"none": run(llava, tok, records, "none", log)[0], "vtw": run(llava, tok, records, "vtw", log,
-                                                                          method="vtw")[0]}
+    table = {"none": run(llava, tok, records, "none", log)[0],
+             "vtw": run(llava, tok, records, "vtw", log, method="vtw")[0]}
     learned = {}
     for path in predictors:
         predictor = dyrate.RatePredictor.load(path, cfg)

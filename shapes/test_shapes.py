@@ -68,10 +68,9 @@ def test_scene_text_and_patch_labels():
 def test_training_steps_keep_shapes_first():
     scene, N = two_shapes(), 256
     cover = torch.tensor(data.coverage(scene).max(0))
-    for keep, whole in ((train_model.CHEAP_KEEP, 0.0), (train_model.PRUNE_KEEP,
-                                                               train_model.PRUNE_WHOLE)):
-        draws = [train_model.pruned_keys([data.coverage(scene)] * 2, random.Random(i), keep,
-                                                whole) for i in range(60)]
+    covers = [data.coverage(scene)] * 2
+    for keep, whole in ((train_model.CHEAP_KEEP, 0.0), (train_model.PRUNE_KEEP, train_model.PRUNE_WHOLE)):
+        draws = [train_model.pruned_keys(covers, random.Random(i), keep, whole) for i in range(60)]
         assert abs(sum(k is None for k in draws) - 60 * whole) <= 10  # steps that keep every image token
         for kept in (k for k in draws if k is not None):
             n = kept.shape[1]

@@ -310,8 +310,8 @@ def train_model(out, iters, vision_iters, batch, lr, seed, eval_every, prune_ite
     tower = llava.vision_tower.vision_model
 
     def patch_loss(vision, scenes):
-        labels = torch.tensor(np.stack([patch_labels(s) for s in scenes]), dtype=torch.long).transpose(1,
-                                                                                                       2)  # (B, N, 3)
+        labels = torch.tensor(np.stack([patch_labels(s) for s in scenes]), dtype=torch.long)  # (B, 3, N)
+        labels = labels.transpose(1, 2)  # (B, N, 3)
         weight = torch.where(labels[..., 0] == 0, 0.05, 1.0)  # background: most patches, and easy
         return (factor_loss(aux(vision), labels, (kinds, 4, 4)) * weight).sum() / weight.sum()
 

@@ -214,7 +214,8 @@ def main(argv=None):
             return None
         if method == "dyrate-ramp":
             return dyrate.Pruner("dyrate", N, start, length, args.k, schedule=ramp)
-        return dyrate.Pruner(method, N, start, length, args.k, args.ratio, predictor, stats=method == "dyrate")
+        return dyrate.Pruner(method, N, start, length, args.k, args.ratio,
+                             predictor if method == "dyrate" else None, stats=method == "dyrate")
 
     @torch.inference_mode()
     def run(method, B):

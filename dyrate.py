@@ -157,6 +157,20 @@ def drop_tokens(x, positions, n_valid, drop_mask, image_start, n_image):
     return x.gather(1, idx[..., None].expand(-1, -1, x.shape[2])), positions.gather(1, idx), n_valid
 
 
+def check_method(method, ratio=0.5, predictor=None, schedule=None):
+    """A method and the options it uses, checked (the Pruner, and generate.py before any weights load)."""
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}; choose one of {METHODS}.")
+    if method == "dyrate" and predictor is None and schedule is None:
+        raise ValueError("--method dyrate needs a trained predictor (--predictor FILE, written by train.py).")
+    if predictor is not None and method != "dyrate":
+        raise ValueError(f"A rate predictor is used by --method dyrate only, not by {method!r}: drop --predictor.")
+    if method == "fastv" and not (isinstance(ratio, (int, float)) and 0 <= ratio <= 1):
+        raise ValueError(f"FastV's drop ratio R must lie in [0, 1], got {ratio!r}.")
+    if schedule is not None and (not len(schedule) or not all(0 <= float(r) <= 1 for r in schedule)):
+        raise ValueError(f"A rate schedule is a non-empty list of drop rates in [0, 1], got {list(schedule)}.")
+
+
 @dataclass
 class StepRecord:
     """What a Pruner did at one step, for every row of the batch."""
@@ -177,14 +191,7 @@ class Pruner:
 
     def __init__(self, method, n_image, image_start, prompt_len, k=2, ratio=0.5, predictor=None, schedule=None,
                  stats=True):
-        if method not in METHODS:
-            raise ValueError(f"Unknown method {method!r}; choose one of {METHODS}.")
-        if method == "dyrate" and predictor is None and schedule is None:
-            raise ValueError("--method dyrate needs a trained predictor (--predictor FILE, written by train.py).")
-        if method == "fastv" and not 0 <= ratio <= 1:
-            raise ValueError(f"FastV's drop ratio R must lie in [0, 1], got {ratio}.")
-        if schedule is not None and (not len(schedule) or not all(0 <= float(r) <= 1 for r in schedule)):
-            raise ValueError(f"A rate schedule is a non-empty list of drop rates in [0, 1], got {list(schedule)}.")
+        check_method(method, ratio, predictor, schedule)
         self.method, self.n_image, self.k, self.ratio = method, n_image, k, ratio
         self.image_start, self.prompt_len = image_start, prompt_len
         self.predictor, self.schedule, self.stats = predictor, schedule, stats

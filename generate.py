@@ -94,10 +94,7 @@ def decode(model, input_ids, lengths, pixel_values, caches, n_new, pruner=None, 
 def check_options(cfg, method="none", k=None, ratio=0.5, predictor=None, schedule=None, max_new_tokens=64,
                   temperature=0.0, top_k=0, top_p=1.0):
     """Every generation option checked against the model's config (no weights needed). Returns K."""
-    if method not in dyrate.METHODS:
-        raise ValueError(f"Unknown method {method!r}; choose one of {dyrate.METHODS}.")
-    if predictor is not None and method != "dyrate":
-        raise ValueError(f"A rate predictor is used by --method dyrate only, not by {method!r}: drop --predictor.")
+    dyrate.check_method(method, ratio, predictor, schedule)
     if predictor is not None and k is not None and k != predictor.k:
         raise ValueError(f"The predictor was trained for K={predictor.k}; drop --k or pass --k {predictor.k}.")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -108,8 +105,6 @@ def check_options(cfg, method="none", k=None, ratio=0.5, predictor=None, schedul
         raise ValueError(f"--top-p must lie in (0, 1], got {top_p!r}.")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"--top-k must be a whole number >= 0 (0 = all tokens), got {top_k!r}.")
-    if method == "fastv" and not (isinstance(ratio, (int, float)) and 0 <= ratio <= 1):
-        raise ValueError(f"FastV's drop ratio R must lie in [0, 1], got {ratio!r}.")
     layers = cfg.text.num_hidden_layers
     k = (predictor.k if predictor is not None else min(2, max(1, layers - 1))) if k is None else k
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= max(1, layers - 1):
@@ -293,9 +288,9 @@ def main(argv=None):
                               new_tokens=len(row["token_ids"]), peak_memory_bytes=out.peak_memory_bytes)))
         return out
     n_new = len(row["token_ids"])
-    decode = f"{1e3 / out.decode_ms_per_token:.1f} tok/s" if n_new > 1 else "n/a (one new token)"
+    speed = f"{1e3 / out.decode_ms_per_token:.1f} tok/s" if n_new > 1 else "n/a (one new token)"
     print(f"prompt tokens {row['prompt_tokens']} | new tokens {n_new} | prefill {out.prefill_ms:.1f} ms | decode "
-          f"{decode} | peak memory "
+          f"{speed} | peak memory "
           f"{out.peak_memory_bytes / 2**30:.2f} GiB | {row['method']}: image tokens kept {row['kept_visual'][0]} -> "
           f"{row['kept_visual'][-1]} of {model.config.n_image_tokens}, {row['flops'] / 1e12:.3f} TFLOPs "
           f"({row['flops_ratio']:.2f} of none), KV cache {row['kv_cache_bytes'] / 2**20:.1f} MiB "

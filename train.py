@@ -240,8 +240,8 @@ def evaluate(model, samples, refs, make_pruner, args):
         agree += (logits.argmax(-1).cpu() == torch.tensor(ref_tokens)).sum().item()
         kl += F.kl_div(logits.log_softmax(-1), ref_logits.log_softmax(-1), log_target=True, reduction="sum").item()
         count += len(ref_tokens)
-    return dict(flops_ratio=dyrate.cost_ratio(rows, "flops"), kv_ratio=dyrate.cost_ratio(rows, dyrate.COSTS["kv"]),
-                nocache_ratio=dyrate.cost_ratio(rows, "nocache_flops"), agreement=agree / count, kl=kl / count)
+    ratios = {f"{budget}_ratio": dyrate.cost_ratio(rows, cost) for budget, cost in dyrate.COSTS.items()}
+    return dict(ratios, agreement=agree / count, kl=kl / count)  # flops_ratio, kv_ratio, nocache_ratio
 
 
 def pruner_factory(model, method, k, ramp_from=None, **kw):
@@ -253,9 +253,6 @@ def pruner_factory(model, method, k, ramp_from=None, **kw):
     return lambda start, length, n: dyrate.Pruner(method, N, start, length, k, stats=False, **kw)
 
 
-RATIO_KEYS = {"flops": "flops_ratio", "kv": "kv_ratio", "nocache": "nocache_ratio"}  # budget -> evaluate()'s key
-
-
 def compare(model, predictor, samples, refs, args, log, budget=None):
     """The README table: the learned predictor against FastV and a hand-set ramp at the same cost (the predictor's
     budget), VTW, none; every row with all three cost ratios."""
@@ -264,7 +261,7 @@ def compare(model, predictor, samples, refs, args, log, budget=None):
     rows = {"none": evaluate(model, samples, refs, pruner_factory(model, "none", k), args)}
     rows["dyrate (learned)"] = evaluate(model, samples, refs, pruner_factory(model, "dyrate", k, predictor=predictor),
                                         args)
-    target = rows["dyrate (learned)"][RATIO_KEYS[budget]]
+    target = rows["dyrate (learned)"][f"{budget}_ratio"]
     lengths = [(len(s.ids), len(tokens)) for s, (_, tokens) in zip(samples, refs)]
     keep = dyrate.matched_keep(model.config, lengths, target, k, cost=dyrate.COSTS[budget])
     rows[f"fastv R={1 - keep / N:.3f} (= constant-rate dyrate)"] = evaluate(
@@ -553,19 +550,11 @@ def main(argv=None):
         return (it, {k: v.clone() for k, v in predictor.state_dict().items()}, copy.deepcopy(optimizer.state_dict()),
                 generator.get_state(), best)
 
-    def checkpoint(state):
+    def checkpoint():
         if rank == 0:
-            step, weights, opt_state, rng, evaluation = state
-            live = (predictor.state_dict(), optimizer.state_dict(), generator.get_state())
-            predictor.load_state_dict(weights)
-            optimizer.load_state_dict(opt_state)
-            generator.set_state(rng)
-            predictor.save(args.out, dyrate.fingerprint(cfg), dict(trained_iters=step, budget=args.budget,
-                                                                     target=args.target, held_out=evaluation))
-            save_state(state_path, predictor, optimizer, generator, step, args, evaluation)
-            predictor.load_state_dict(live[0])
-            optimizer.load_state_dict(live[1])
-            generator.set_state(live[2])
+            predictor.save(args.out, dyrate.fingerprint(cfg), dict(trained_iters=it, budget=args.budget,
+                                                                     target=args.target, held_out=best))
+            save_state(state_path, predictor, optimizer, generator, it, args, best)
 
     if it >= args.max_iters:
         log(f"the state at {state_path} is already at step {it} of {args.max_iters}: nothing to train")
@@ -601,18 +590,21 @@ def main(argv=None):
                 if rank == 0:
                     learned = pruner_factory(model, "dyrate", args.k, predictor=predictor)
                     best = evaluate(model, val, refs, learned, args)
-                    log(f"held-out, hard decisions: {cost_name} ratio {best[RATIO_KEYS[args.budget]]:.3f} (target "
+                    log(f"held-out, hard decisions: {cost_name} ratio {best[f'{args.budget}_ratio']:.3f} (target "
                         f"{args.target}) | FLOPs {best['flops_ratio']:.3f}, mean KV {best['kv_ratio']:.3f}, no-cache "
                         f"FLOPs {best['nocache_ratio']:.3f} | agreement with unpruned {best['agreement']:.3f} | "
                         f"KL/token {best['kl']:.4f}")
-                boundary = snapshot()
-                checkpoint(boundary)
+                checkpoint()
                 if world > 1:
                     dist.barrier()
             boundary = snapshot()
-    except (KeyboardInterrupt, Stop) as e:  # the state of the last step boundary: a resume redoes the step exactly
-        checkpoint(boundary)
-        log(f"\ninterrupted at step {boundary[0]}: state saved to {state_path}; rerun with --resume to continue")
+    except (KeyboardInterrupt, Stop) as e:  # back to the last step boundary: a resume redoes the step exactly
+        it, weights, opt_state, rng, best = boundary
+        predictor.load_state_dict(weights)
+        optimizer.load_state_dict(opt_state)
+        generator.set_state(rng)
+        checkpoint()
+        log(f"\ninterrupted at step {it}: state saved to {state_path}; rerun with --resume to continue")
         sys.exit(143 if isinstance(e, Stop) else 130)
     finally:
         if previous is not None:

@@ -99,15 +99,6 @@ def check_record(r):
     return None
 
 
-def unreadable(r, image_size, pad):
-    """The reason a record's image cannot be used, or None (decoding it is the only test)."""
-    try:
-        processing.preprocess(r["image"], image_size, pad)
-    except (ValueError, OSError):
-        return "unreadable image"
-    return None
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # metrics
 
@@ -238,14 +229,16 @@ def run_method(llava, tok, records, method, args, predictor, log):
     done = read_done(path) if os.path.isfile(path) else {}
     todo = [r for r in records if not r["skip"] and json.dumps(r["id"]) not in done]
     usable, t0, new_tokens = sum(not r["skip"] for r in records), time.perf_counter(), 0
-    size = llava.config.vision.image_size
     with open(path, "a") as f:
         for i in range(0, len(todo), args.batch_size):
-            chunk, lines = [], []
+            chunk, images, lines = [], [], []
             for r in todo[i:i + args.batch_size]:
-                why = unreadable(r, size, args.pad)
-                (lines.append(dict(id=r["id"], skipped=why)) if why else chunk.append(r))
-            out = generate.generate(llava, tok, [r["image"] for r in chunk], [r["prompt"] for r in chunk],
+                try:  # decoding is the only test of an image; it is read once and handed to generate()
+                    images.append(processing.load_image(r["image"]))
+                    chunk.append(r)
+                except (ValueError, OSError):
+                    lines.append(dict(id=r["id"], skipped="unreadable image"))
+            out = generate.generate(llava, tok, images, [r["prompt"] for r in chunk],
                                     args.max_new_tokens, conv=args.conv, pad=args.pad, method=method, k=args.k,
                                     ratio=args.ratio, predictor=predictor if method == "dyrate" else None,
                                     stats=False) if chunk else None
@@ -279,9 +272,7 @@ def summarize(method, records, done, args, tokens_per_s, log):
     if not rows:
         raise ValueError(f"{method}: no record could be evaluated ({dict(skipped)}).")
     metrics = caption_scores(refs, preds) if args.task == "caption" else question_scores(args.task, preds, refs)
-    costs = {name: dyrate.cost_ratio(rows, key) for name, key in (("flops_ratio", "flops"),
-                                                                    ("nocache_flops_ratio", "nocache_flops"),
-                                                                    ("mean_kv_ratio", dyrate.COSTS["kv"]))}
+    costs = {f"{budget}_ratio": dyrate.cost_ratio(rows, cost) for budget, cost in dyrate.COSTS.items()}
     per_batch = {}  # timings are per generate() call: count each batch once
     for p in rows:
         per_batch.setdefault((p["prefill_ms"], p["decode_ms_per_token"]), p)
@@ -296,8 +287,8 @@ def summarize(method, records, done, args, tokens_per_s, log):
         write_json(os.path.join(args.out, f"results-{method}.json"), results)  # COCO results format
     write_json(os.path.join(args.out, f"metrics-{method}.json"), result)
     score = " | ".join(f"{k} {result[k]:.4f}" for k in metrics)
-    log(f"{method}: {score} | FLOPs {costs['flops_ratio']:.3f} (no-cache {costs['nocache_flops_ratio']:.3f}), mean KV "
-        f"{costs['mean_kv_ratio']:.3f} of none | image tokens kept {result['mean_kept_image_tokens']:.1f} | prefill "
+    log(f"{method}: {score} | FLOPs {costs['flops_ratio']:.3f} (no-cache {costs['nocache_ratio']:.3f}), mean KV "
+        f"{costs['kv_ratio']:.3f} of none | image tokens kept {result['mean_kept_image_tokens']:.1f} | prefill "
         f"{result['prefill_ms']:.1f} ms, decode {result['decode_ms_per_token']:.2f} ms/token | {len(preds)} records"
         + (f", skipped {sum(skipped.values())} ({', '.join(f'{n} {w}' for w, n in skipped.items())})" if skipped
            else ""))
@@ -432,7 +423,7 @@ def main(argv=None):
             f"{'kept':>7}")
         for r in results:
             log(f"{r['method']:10}" + "".join(f"{r[k]:10.4f}" for k in keys) + f"{r['flops_ratio']:8.3f}"
-                f"{r['nocache_flops_ratio']:10.3f}{r['mean_kv_ratio']:9.3f}{r['mean_kept_image_tokens']:7.1f}")
+                f"{r['nocache_ratio']:10.3f}{r['kv_ratio']:9.3f}{r['mean_kept_image_tokens']:7.1f}")
     return results
 
 

@@ -100,15 +100,14 @@ def run(llava, tok, records, name, log, **kw):
 
 
 def comparison(llava, tok, records, predictors, log):
-    """none, VTW, and per cost and predictor: the learned rate, FastV and a hand-set ramp matched on that cost."""
+    """none, VTW, and per cost and predictor ({path: RatePredictor}): the learned rate, FastV and a hand-set ramp
+    matched on that cost."""
     cfg, N = llava.config, llava.config.n_image_tokens
     table = {"none": run(llava, tok, records, "none", log)[0],
              "vtw": run(llava, tok, records, "vtw", log, method="vtw")[0]}
-    learned = {}
-    for path in predictors:
-        predictor = dyrate.RatePredictor.load(path, cfg)
-        learned[path] = (predictor, *run(llava, tok, records, f"dyrate learned ({os.path.basename(path)})", log,
-                                         method="dyrate", predictor=predictor))
+    learned = {path: (predictor, *run(llava, tok, records, f"dyrate learned ({os.path.basename(path)})", log,
+                                      method="dyrate", predictor=predictor))
+               for path, predictor in predictors.items()}
     for cost in COST_NAMES:
         for path, (predictor, result, rows) in learned.items():
             budget = predictor.meta.get("budget", "flops")
@@ -165,6 +164,7 @@ def pictures(llava, tok, records, predictor, out, name, log):
 def experiment(model_dir, data, predictors, out, log=print, serving_batch=32):
     llava = model.Llava.from_pretrained(model_dir)
     tok = processing.Tokenizer(model_dir, llava.config)
+    predictors = {path: dyrate.RatePredictor.load(path, llava.config) for path in predictors}
     os.makedirs(out, exist_ok=True)
     tasks = task_records(data)
     t0 = time.perf_counter()
@@ -174,15 +174,13 @@ def experiment(model_dir, data, predictors, out, log=print, serving_batch=32):
         log(f"{'method':40}{'accuracy':>9}{'1st sent':>9}" + "".join(f"{b:>9}" for b in COST_NAMES)
             + f"{'kept@0':>8}{'kept@end':>8}{'falls':>7}")
         result[name] = comparison(llava, tok, records, predictors, log)
-    kv = [p for p in predictors if dyrate.RatePredictor.load(p, llava.config).meta.get("budget") == "kv"]
+    kv = [p for p in predictors.values() if p.meta.get("budget") == "kv"]
     if kv and serving_batch:
-        result["serving"] = serving(llava, tok, tasks["detail"], dyrate.RatePredictor.load(kv[-1], llava.config), log,
-                                    serving_batch)
+        result["serving"] = serving(llava, tok, tasks["detail"], kv[-1], log, serving_batch)
     if kv:
-        pictures(llava, tok, tasks["detail"], dyrate.RatePredictor.load(kv[-1], llava.config), out, "detail0", log)
+        pictures(llava, tok, tasks["detail"], kv[-1], out, "detail0", log)
     if predictors:
-        pictures(llava, tok, tasks["caption"], dyrate.RatePredictor.load(predictors[0], llava.config), out,
-                 "example0", log)
+        pictures(llava, tok, tasks["caption"], next(iter(predictors.values())), out, "example0", log)
     result["seconds"] = time.perf_counter() - t0
 
     def write(tmp):

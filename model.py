@@ -13,7 +13,7 @@ LlamaModel.forward; LlamaAttention hands a float training key mask to dyrate.mas
 """
 import json
 import os
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn as nn
@@ -95,9 +95,10 @@ class LlavaConfig:
                 d = json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path} is not valid JSON ({e}); the download may be incomplete.") from None
-        for what, v in (("the file", d), ("text_config", d.get("text_config") if isinstance(d, dict) else None),
-                        ("vision_config", d.get("vision_config") if isinstance(d, dict) else None)):
-            if not isinstance(v, dict) and (what == "the file" or v is not None):
+        parts = [("the file", d)] + [(key, d.get(key)) for key in ("text_config", "vision_config")
+                                     if isinstance(d, dict) and d.get(key) is not None]
+        for what, v in parts:
+            if not isinstance(v, dict):
                 raise ValueError(f"{path}: {what} must be a JSON object, got {type(v).__name__}; is this a "
                                  f"LLaVA-1.5 config.json?")
         tc = d.get("text_config") or {}
@@ -108,12 +109,12 @@ class LlavaConfig:
         def pick(dc, src):  # the keys the file gives; absent or null ones keep our (LLaVA-1.5-7B) defaults
             given = {f.name: src[f.name] for f in fields(dc) if src.get(f.name) is not None}
             for f in fields(dc):
-                want = type(f.default) if f.default is not MISSING else None
-                value = given.get(f.name)
-                if f.name in given and want in (int, float, str) and not (
-                        isinstance(value, want) and not isinstance(value, bool)
-                        or want is float and isinstance(value, int) and not isinstance(value, bool)
-                        or f.name in ("eos_token_id", "vision_feature_layer") and isinstance(value, list)):
+                want, value = type(f.default), given.get(f.name)
+                if f.name not in given or want not in (int, float, str):
+                    continue
+                if f.name in ("eos_token_id", "vision_feature_layer") and isinstance(value, list):
+                    continue  # these lists get their own message below
+                if isinstance(value, bool) or not isinstance(value, (int, float) if want is float else want):
                     raise ValueError(f"{path}: {f.name} = {value!r} is not of type {want.__name__}.")
             return dc(**given)
         text = pick(TextConfig, {"rope_theta": rope.get("rope_theta"), **tc})

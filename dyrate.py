@@ -157,6 +157,28 @@ def drop_tokens(x, positions, n_valid, drop_mask, image_start, n_image):
     return x.gather(1, idx[..., None].expand(-1, -1, x.shape[2])), positions.gather(1, idx), n_valid
 
 
+def compaction_moves(positions, length, drop_mask, image_start, n_image):
+    """Physical dropping from a KV cache at a decode step, by moving as few slots as possible: the slots of the
+    dropped image tokens (drop_mask (B, N)) that lie below a row's new length are holes, and the row's kept slots at
+    or past its new length move into them (the order of past keys does not matter to attention). positions (B, S):
+    the cache's RoPE position of each slot, length (B,) its rows' lengths. Returns src, dst (B, D) slot indices (D:
+    the most moves of any row; a row with fewer repeats its last move, or moves slot 0 onto itself), the new lengths
+    (B,), and D and the longest new length as host ints (the one host sync of a drop)."""
+    S = positions.shape[1]
+    rel = positions - image_start[:, None]  # (B, S): index among the image tokens, if one
+    j = torch.arange(S, device=positions.device)
+    valid = j < length[:, None]
+    gone = valid & (rel >= 0) & (rel < n_image) & drop_mask.gather(1, rel.clamp(0, n_image - 1))  # (B, S)
+    new_length = length - gone.sum(1)
+    hole = gone & (j < new_length[:, None])
+    mover = valid & ~gone & (j >= new_length[:, None])  # as many as holes in every row
+    n_moves = hole.sum(1)
+    D, longest = torch.stack([n_moves.max(), new_length.max()]).tolist()
+    take = torch.minimum(torch.arange(D, device=j.device), (n_moves - 1).clamp(min=0)[:, None])  # (B, D)
+    first = lambda m: (~m).to(torch.int8).argsort(dim=1, stable=True).gather(1, take)  # noqa: E731 (B, D) slots of m
+    return first(mover), first(hole), new_length, D, longest
+
+
 def check_method(method, ratio=0.5, predictor=None, schedule=None):
     """A method and the options it uses, checked (the Pruner, and generate.py before any weights load)."""
     if method not in METHODS:
@@ -233,26 +255,30 @@ class Pruner:
         rate = self.rate(shares)
         kept_before = self.kept_mask.sum(1)  # (B,)
         keep = torch.minimum(kept_before, keep_count(rate, self.n_image).long())  # (B,): never grows
+        prefill, ranks = self.step == 0, self.ranks()
         if scores is None:  # no ranking needed: nothing or everything goes
-            assert bool(((keep == 0) | (keep == kept_before)).all())
+            assert not prefill or bool(((keep == 0) | (keep == kept_before)).all())
             kept_mask = self.kept_mask & (keep[:, None] > 0)
         else:  # keep the `keep` best-ranked of the still kept image tokens
             kept_mask = rank_of(scores.masked_fill(~self.kept_mask, float("-inf"))) < keep[:, None]
         drop = self.kept_mask & ~kept_mask  # (B, N)
-        self.history.append(StepRecord(keep, drop, rate, shares, self.ranks()))
-        prefill, self.kept_mask, self.step = self.step == 0, kept_mask, self.step + 1
-        if not bool(drop.any()):
-            return x, positions, n_valid, None
+        self.history.append(StepRecord(keep, drop, rate, shares, ranks))
+        self.kept_mask, self.step = kept_mask, self.step + 1
         if prefill:
-            x, positions, n_valid = drop_tokens(x, positions, n_valid, drop, self.image_start, self.n_image)
-        else:  # every layer >= k holds the same slots: one index serves them all
+            if bool(drop.any()):
+                x, positions, n_valid = drop_tokens(x, positions, n_valid, drop, self.image_start, self.n_image)
+        elif ranks:  # no host sync here but compaction_moves' one; every layer >= k holds the same slots
             assert caches is not None, "a decode step drops from the KV caches"
             ref = caches[self.k]
-            before = ref.length.clone()
-            slots, length = kept_slots(ref.pos, before, drop, self.image_start, self.n_image)  # slots >= length: junk
+            src, dst, length, n_moves, longest = compaction_moves(ref.pos, ref.length, drop, self.image_start,
+                                                                  self.n_image)
+            assert len({cache.used for cache in caches[self.k:]}) == 1
             for cache in caches[self.k:]:
-                assert torch.equal(cache.length, before)
-                cache.keep(slots, length)
+                if n_moves:
+                    cache.move(src, dst, length, longest)
+                else:  # nothing to move: the dropped tokens, if any, sat at the rows' ends
+                    cache.length.copy_(length)
+                    cache.used = longest
         return x, positions, n_valid, None
 
     def row_summary(self, b, n_steps, cfg, prompt_len, dtype=torch.float16):

@@ -270,34 +270,45 @@ class KVCache:
 
     Each row keeps its own valid length and each slot the RoPE position of the token in it, so rows of different
     lengths share a batch and layers can hold different numbers of positions; attention masks the slots a row does
-    not own. `used` (host side) bounds the lengths, and attention reads slots [0, used). A `static` cache instead
-    reads its whole buffer at every step after the first write: the shapes of a decode step never change, which is
-    what torch.compile and CUDA graphs need (Llava.compile_decode). Every update is in place, for the same reason.
+    not own (slots >= a row's length hold junk, finite). Host side, `used` bounds the lengths and attention reads
+    slots [0, window): window == used, so every dropped token shrinks the next step's work. A cache with a `bucket`
+    (Llava.compile_decode) rounds window up to a multiple of bucket slots instead: a decode step's shapes change only
+    when the longest row crosses a bucket boundary, growing or compacted, so torch.compile (and CUDA graphs) see a
+    bounded number of shapes and a compacted cache still runs a smaller compiled step. The host-side counts change
+    only in reserve() and move(), which run outside compiled code; every update is in place.
     """
 
-    def __init__(self, batch, max_new, n_kv_heads, head_dim, dtype, device, static=False):
+    def __init__(self, batch, max_new, n_kv_heads, head_dim, dtype, device, bucket=0):
         self.shape, self.dtype, self.device, self.max_new = (batch, n_kv_heads, head_dim), dtype, device, max_new
-        self.static, self.used = static, 0
+        self.bucket, self.used, self.window, self.fresh = bucket, 0, 0, True
         self.k = self.v = self.pos = None
         self.length = torch.zeros(batch, dtype=torch.long, device=device)
 
-    def update(self, k, v, positions, n_valid):
-        """Write a chunk k/v (B, nkv, T, hs) at each row's end; the first n_valid[b] of row b's T tokens are real.
-        Returns the keys/values to attend to, (B, nkv, S, hs), and each row's length before the chunk."""
-        B, _, T, _ = k.shape
-        if self.k is None:  # the first write: every row starts at slot 0
+    def reserve(self, T):
+        """Before a chunk of T tokens is written (LlamaModel.run): the first call allocates T + max_new slots."""
+        if self.k is None:
             (b, nkv, hs), S = self.shape, T + self.max_new
             # zeros: a ragged batch reads (masked) slots it never wrote, which must be finite
             self.k = torch.zeros(b, nkv, S, hs, dtype=self.dtype, device=self.device)
             self.v = torch.zeros_like(self.k)
-            self.pos = torch.full((b, S), -1, dtype=torch.long, device=self.device)  # -1 = empty slot
+            self.pos = torch.full((b, S), -1, dtype=torch.long, device=self.device)  # -1 = never written
             for t in (self.k, self.v, self.pos, self.length):  # updated in place: CUDA graphs may keep their addresses
                 torch._dynamo.mark_static_address(t)
+        else:
+            self.fresh = False
+        S = self.k.shape[2]
+        assert self.used + T <= S, "KV cache overflow: more new tokens than max_new"
+        self.used += T
+        self.window = self.used if not self.bucket else min(S, -(-self.used // self.bucket) * self.bucket)
+
+    def update(self, k, v, positions, n_valid):
+        """Write a chunk k/v (B, nkv, T, hs) at each row's end; the first n_valid[b] of row b's T tokens are real.
+        Returns the keys/values to attend to, (B, nkv, window, hs), and each row's length before the chunk."""
+        T = k.shape[2]
+        if self.fresh:  # the first write: every row starts at slot 0
             self.k[:, :, :T], self.v[:, :, :T], self.pos[:, :T] = k, v, positions
             self.length.copy_(n_valid)
-            self.used = T
             return k, v, torch.zeros_like(n_valid)
-        assert self.static or self.used + T <= self.k.shape[2], "KV cache overflow: more new tokens than max_new"
         base = self.length.clone()
         slots = base[:, None] + torch.arange(T, device=k.device)  # (B, T), junk tokens of short rows included
         idx = slots[:, None, :, None].expand_as(k)
@@ -305,26 +316,23 @@ class KVCache:
         self.v.scatter_(2, idx, v)
         self.pos.scatter_(1, slots, positions)
         self.length.add_(n_valid)
-        if self.static:  # fixed shapes, and no host-side count for torch.compile to specialise on
-            return self.k, self.v, base
-        self.used += T
-        return self.k[:, :, :self.used], self.v[:, :, :self.used], base
+        return self.k[:, :, :self.window], self.v[:, :, :self.window], base
 
     def nbytes(self):
         """(B,) bytes of the keys and values each row holds."""
         _, nkv, hs = self.shape
         return self.length * (2 * nkv * hs * torch.finfo(self.dtype).bits // 8)
 
-    def keep(self, slots, lengths):
-        """Keep only the given slots (B, S') of each row, in order (the first lengths[b] are real): physical dropping,
-        compacted into the front of the same buffers."""
-        S = slots.shape[1]
+    def move(self, src, dst, lengths, used):
+        """Physical dropping at a decode step: slot src[b, i] is copied to slot dst[b, i] (B, D), then row b holds
+        lengths[b] slots, at most `used`. Only the moved slots are copied (dyrate.compaction_moves fills the holes
+        with the last slots: attention does not depend on the order of past keys, their RoPE is applied already)."""
         for buf in (self.k, self.v):
-            buf[:, :, :S] = buf.gather(2, slots[:, None, :, None].expand(-1, buf.shape[1], -1, buf.shape[3]))
-        self.pos[:, :S] = self.pos.gather(1, slots)
-        self.pos[:, S:] = -1
+            idx = src[:, None, :, None].expand(-1, buf.shape[1], -1, buf.shape[3])  # (B, nkv, D, hs)
+            buf.scatter_(2, dst[:, None, :, None].expand_as(idx), buf.gather(2, idx))
+        self.pos.scatter_(1, dst, self.pos.gather(1, src))
         self.length.copy_(lengths)
-        self.used = S
+        self.used = used
 
 
 def causal_mask(base, T, S):
@@ -353,7 +361,7 @@ class LlamaAttention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        fresh = cache is None or cache.k is None  # then the mask is the plain causal triangle
+        fresh = cache is None or cache.fresh  # then the mask is the plain causal triangle
         if cache is None:
             base = torch.zeros(B, dtype=torch.long, device=x.device)
         else:
@@ -420,7 +428,7 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
-        self.compiled_run = None  # Llava.compile_decode
+        self.compiled_layers, self.bucket = None, 0  # Llava.compile_decode
 
     def rope(self, positions, dtype):
         freqs = positions[..., None].float() * self.inv_freq  # (B, T, hs/2), built in fp32 like HF
@@ -429,7 +437,14 @@ class LlamaModel(nn.Module):
 
     def run(self, lo, hi, x, positions, n_valid, caches=None, probe_rows=None, key_weight=None):
         """Layers lo .. hi-1 on x (B, T, C); the last of them also returns the attention probabilities of the query
-        rows probe_rows (B, R), else None."""
+        rows probe_rows (B, R), else None. The caches' host-side counts move here, outside compiled code; a one-token
+        step runs the compiled layers once Llava.compile_decode was called."""
+        for cache in caches[lo:hi] if caches is not None else ():
+            cache.reserve(x.shape[1])
+        layers = self.compiled_layers if x.shape[1] == 1 and self.compiled_layers is not None else self.layers_forward
+        return layers(lo, hi, x, positions, n_valid, caches, probe_rows, key_weight)
+
+    def layers_forward(self, lo, hi, x, positions, n_valid, caches, probe_rows, key_weight):
         rope = self.rope(positions, x.dtype)
         probs = None
         for i in range(lo, hi):
@@ -447,15 +462,14 @@ class LlamaModel(nn.Module):
         or return a key mask for them. Returns the final-normed hidden states and the real tokens per row after it."""
         B, T, _ = x.shape
         n_valid = torch.full((B,), T, device=x.device) if n_valid is None else n_valid
-        run = self.compiled_run if T == 1 and self.compiled_run is not None else self.run  # see Llava.compile_decode
         L = len(self.layers)
         if pruner is None:
-            return self.norm(run(0, L, x, positions, n_valid, caches)[0]), n_valid
+            return self.norm(self.run(0, L, x, positions, n_valid, caches)[0]), n_valid
         K = pruner.k
-        x, probs = run(0, K, x, positions, n_valid, caches, pruner.probe_rows(n_valid, T))
+        x, probs = self.run(0, K, x, positions, n_valid, caches, pruner.probe_rows(n_valid, T))
         # dyrate: from layer K on, layers see only the kept image tokens (or, in training, a key mask)
         x, positions, n_valid, key_weight = pruner(probs, x, positions, n_valid, caches)
-        x, _ = run(K, L, x, positions, n_valid, caches, key_weight=key_weight)
+        x, _ = self.run(K, L, x, positions, n_valid, caches, key_weight=key_weight)
         return self.norm(x), n_valid
 
 
@@ -589,12 +603,11 @@ class Llava(nn.Module):
         return self.language_model.lm_head(h)
 
     def new_caches(self, batch, max_new):
-        """One KV cache per decoder layer, each sized at its first write (the prompt) plus max_new tokens; static
-        (fixed-shape reads) once compile_decode was called."""
+        """One KV cache per decoder layer, each sized at its first write (the prompt) plus max_new tokens; read in
+        buckets of slots once compile_decode was called."""
         t, p = self.config.text, self.language_model.lm_head.weight
-        static = self.language_model.model.compiled_run is not None
-        return [KVCache(batch, max_new, t.num_key_value_heads, t.head_dim, p.dtype, p.device, static)
-                for _ in range(t.num_hidden_layers)]
+        return [KVCache(batch, max_new, t.num_key_value_heads, t.head_dim, p.dtype, p.device,
+                        self.language_model.model.bucket) for _ in range(t.num_hidden_layers)]
 
     def prefill(self, input_ids, caches, n_valid=None, pixel_values=None, pruner=None):
         """Step 0 of a generation: the whole prompt (B, T) into fresh caches, rows padded at the end (n_valid real
@@ -614,15 +627,24 @@ class Llava(nn.Module):
         last = h.gather(1, (n_valid - 1)[:, None, None].expand(-1, 1, h.shape[2]))[:, 0]  # (B, C)
         return self.language_model.lm_head(last)
 
-    def compile_decode(self, backend="inductor"):
+    def compile_decode(self, backend="inductor", bucket=64):
         """torch.compile the decoder layers for the one-token decode steps (prefill stays eager: its length varies).
-        A step's shapes never change (each cache reads its whole fixed buffer, see KVCache), so each segment compiles
-        once per cache geometry: layers 0..L-1 without a pruner; with one, layers 0..K-1 and K..L-1, the pruner
-        running eagerly between them and compacting the caches in place. On CUDA the segments replay as CUDA graphs."""
+        Caches made after this read their slots in buckets of `bucket` (see KVCache), so each segment of layers
+        compiles once per batch size and bucket of cache length: layers 0..L-1 without a pruner; with one, layers
+        0..K-1 and K..L-1, the pruner running eagerly between them and compacting the caches in place. A cache
+        compacted below a bucket boundary runs the smaller step from then on. On CUDA the segments replay as CUDA
+        graphs, one per shape."""
+        if not (isinstance(bucket, int) and bucket >= 1):
+            raise ValueError(f"bucket must be a whole number of cache slots >= 1, got {bucket!r}")
         lm = self.language_model.model
         cuda = self.language_model.lm_head.weight.device.type == "cuda"
-        lm.compiled_run = torch.compile(lm.run, backend=backend, fullgraph=True, dynamic=False,
-                                        mode="reduce-overhead" if cuda and backend == "inductor" else None)
+        # every (segment, batch, bucket) is one specialisation of the same code: allow them all
+        buckets = -(-self.config.text.max_position_embeddings // bucket)
+        for name in ("recompile_limit", "accumulated_recompile_limit"):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 4 * buckets))
+        lm.compiled_layers = torch.compile(lm.layers_forward, backend=backend, fullgraph=True, dynamic=False,
+                                           mode="reduce-overhead" if cuda and backend == "inductor" else None)
+        lm.bucket = bucket
         return self
 
     @classmethod

@@ -123,32 +123,120 @@ def test_kept_counts_monotone_and_caches_physically_shorter(ours):
                 assert cache.pos[b, :int(cache.length[b])].tolist() == list(range(int(lengths[b]) + steps - 1))
         else:  # no image token left; the prefill drop made the buffer itself smaller
             assert torch.equal(cache.length, lengths - N_IMAGE + steps - 1) and cache.k.shape[2] == T - 32 + steps
-            pos = cache.pos[0, :int(cache.length[0])]
-            assert not ((pos >= starts[0]) & (pos < starts[0] + N_IMAGE)).any() and (pos.diff() > 0).all()
+            s = int(starts[0])  # every text token exactly once (compaction moves slots: their order may change)
+            text = [p for p in range(int(lengths[0]) + steps - 1) if not s <= p < s + N_IMAGE]
+            assert sorted(cache.pos[0, :int(cache.length[0])].tolist()) == text
     held = int(sum(c.nbytes()[0] for c in caches))
     assert held == dyrate.kv_cache_bytes(llava.config, int(lengths[0]), steps, 0, K, torch.float32)
 
 
-def test_compiled_decode_is_static_and_equals_eager(ckpt, ours):
-    """Llava.compile_decode: decode steps, cache compaction between them included, reuse the graphs compiled at the
-    first step (static shapes, no recompilation), a second generation too, and give eager's logits."""
+def test_compaction_moves_equal_the_reference_gather():
+    """compaction_moves + KVCache.move leave every row with exactly the slots the order-keeping gather (kept_slots,
+    the prefill's) keeps, each slot's keys, values and position together, moving only the holes' worth of slots.
+    Ragged rows, image tokens already out of order from an earlier compaction, a row that drops nothing."""
+    torch.manual_seed(0)
+    B, S, N, start = 3, 40, 16, torch.tensor([3, 5, 2])
+    cache = model.KVCache(B, 8, 2, 4, torch.float32, "cpu")
+    cache.reserve(S - 8)
+    lengths = torch.tensor([30, 32, 25])
+    pos = torch.full((B, S - 8), -1)
+    for b, n in enumerate(lengths.tolist()):  # a permutation of each row's positions 0 .. n-1
+        pos[b, :n] = torch.randperm(n)
+    k, v = torch.randn(2, B, 2, S - 8, 4)
+    cache.update(k, v, pos, lengths)
+    drop = torch.rand(B, N) < 0.5
+    drop[2] = False
+    ref_slots, ref_length = dyrate.kept_slots(cache.pos, cache.length, drop, start, N)
+    src, dst, length, n_moves, longest = dyrate.compaction_moves(cache.pos, cache.length, drop, start, N)
+    assert torch.equal(length, ref_length) and longest == int(ref_length.max())
+    assert n_moves < int((cache.length - ref_length).max()) + 1  # at most the dropped count of a row
+    before = [t.clone() for t in (cache.k, cache.v, cache.pos)]
+    cache.move(src, dst, length, longest)
+    for b in range(B):
+        n = int(length[b])
+        want = ref_slots[b, :n]
+        got_order = cache.pos[b, :n].argsort()
+        want_order = before[2][b, want].argsort()
+        assert torch.equal(cache.pos[b, :n][got_order], before[2][b, want][want_order])
+        for t, old in ((cache.k, before[0]), (cache.v, before[1])):
+            assert torch.equal(t[b, :, :n][:, got_order], old[b, :, want][:, want_order])
+    assert torch.equal(cache.pos[2], before[2][2])  # nothing dropped: nothing moved
+
+
+def bucketed_run(llava, ids, lengths, px, pruner, steps):
+    """run_steps, also recording each decode step's cache windows (layer 0's, layer K's)."""
+    caches, windows, out = llava.new_caches(len(ids), steps), [], []
+    with torch.no_grad():
+        for i, (token, logits) in enumerate(generate.decode(llava, ids, lengths, px, caches, steps, pruner)):
+            out.append(logits)
+            if i:
+                windows.append((caches[0].window, caches[K].window))
+    return torch.stack(out), caches, windows
+
+
+def test_bucketed_compiled_decode_recompiles_per_bucket_and_equals_eager(ckpt, ours):
+    """Llava.compile_decode: caches read in buckets of 16 slots; decode steps compile once per (segment, bucket),
+    a compacted cache runs the smaller step, a second generation compiles nothing, and the logits are eager's.
+    Rows that keep different numbers of tokens (a random predictor) and drops at several steps."""
     compiled, graphs = model.Llava.from_pretrained(ckpt[0]), []
 
     def count_graphs(gm, example_inputs):  # a torch.compile backend that runs the captured graph as is
         graphs.append(gm)
         return gm.forward
-    compiled.compile_decode(backend=count_graphs)
+    compiled.compile_decode(backend=count_graphs, bucket=16)
     ids, lengths, px, starts = two_rows(ours)
+    stats = dyrate.Pruner("none", N_IMAGE, starts, lengths, K)
+    run_steps(ours[0], ids, lengths, px, stats, 8)
+    predictor = random_predictor(center=torch.stack([h.shares for h in stats.history]).mean((0, 1)))
+    seen = set()  # (segment, window): the graphs compiled so far
     try:
-        for method, kw, n_graphs in (("none", None, 1), ("dyrate", dict(schedule=[0.25, 0.5, 0.5, 0.75, 1.0]), 2)):
+        for method, kw in (("none", None), ("dyrate", dict(schedule=[0.25, 0.5, 0.5, 0.75, 1.0])),
+                           ("dyrate", dict(predictor=predictor))):
             def pruner():
                 return kw and dyrate.Pruner(method, N_IMAGE, starts, lengths, K, **kw)
             eager, _, _ = run_steps(ours[0], ids, lengths, px, pruner(), 8)
-            before = len(graphs)
-            for _ in range(2):
-                got, _, caches = run_steps(compiled, ids, lengths, px, pruner(), 8)
-                assert all(c.static for c in caches) and len(graphs) - before == n_graphs, method
+            for i in range(2):
+                before, hook = len(graphs), pruner()
+                got, caches, windows = bucketed_run(compiled, ids, lengths, px, hook, 8)
                 assert_close(got, eager, 1e-5, f"compiled {method}")
+                assert all(c.window % 16 == 0 or c.window == c.k.shape[2] for c in caches)
+                segments = {("all", w[0]) for w in windows} if kw is None else \
+                    {("0..K", w[0]) for w in windows} | {("K..L", w[1]) for w in windows}
+                assert len(graphs) - before == len(segments - seen), (method, i)  # the second run: none
+                seen |= segments
+            if kw and "schedule" in kw:  # the compactions shrank the compiled step: 80 -> 64 -> 48 slots
+                assert [w[1] for w in windows] == [80, 80, 64, 48, 48, 48, 48], windows
+            if kw and "predictor" in kw:
+                kept = torch.stack([h.kept_count for h in hook.history])
+                assert (kept[:, 0] != kept[:, 1]).any()
+    finally:
+        torch._dynamo.reset()
+
+
+def test_compiled_decode_with_inductor_gives_eager_tokens(ckpt, ours):
+    """The real compiler (CPU inductor), buckets of 8 slots: greedy tokens equal eager's through drops at several
+    steps, with a schedule whose compactions cross buckets, and with a random predictor whose rows keep different
+    counts."""
+    compiled = model.Llava.from_pretrained(ckpt[0]).compile_decode(bucket=8)
+    ids, lengths, px, starts = two_rows(ours)
+    stats = dyrate.Pruner("none", N_IMAGE, starts, lengths, K)
+    run_steps(ours[0], ids, lengths, px, stats, 8)
+    predictor = random_predictor(center=torch.stack([h.shares for h in stats.history]).mean((0, 1)))
+    try:
+        for kw in (dict(schedule=[0.25, 0.5, 0.75, 0.75, 1.0]), dict(predictor=predictor)):
+            _, eager, _ = run_steps(ours[0], ids, lengths, px, dyrate.Pruner("dyrate", N_IMAGE, starts, lengths, K,
+                                                                             **kw), 8)
+            hook = dyrate.Pruner("dyrate", N_IMAGE, starts, lengths, K, **kw)
+            _, _, windows = bucketed_run(compiled, ids, lengths, px, hook, 8)
+            kept = torch.stack([h.kept_count for h in hook.history])  # (steps, B)
+            assert len(set(kept[1:, 0].tolist())) >= 2  # drops at decode steps
+            if "schedule" in kw:
+                assert len({w[1] for w in windows}) >= 3, windows
+            else:
+                assert (kept[:, 0] != kept[:, 1]).any()
+            _, tokens, _ = run_steps(compiled, ids, lengths, px, dyrate.Pruner("dyrate", N_IMAGE, starts, lengths, K,
+                                                                               **kw), 8)
+            assert torch.equal(tokens, eager), kw.keys()
     finally:
         torch._dynamo.reset()
 

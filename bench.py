@@ -12,12 +12,19 @@ turn (drift hits all alike); medians are reported, CUDA synchronised. Methods: n
 --predictor, else a predictor whose bias always picks the constant rate R, so its per-step work is real),
 dyrate-ramp (rates rising from R to 1 on the 9 candidates 0, 1/8, .., 1: cache compaction at several steps),
 transformers (LlavaForConditionalGeneration, sdpa); a "+compile" suffix runs ours with Llava.compile_decode.
-Memory is the model's weights plus what a run adds at its peak (CUDA: measured by the allocator; CPU: the KV-cache
-buffers allocated, activations not counted). With --memory-gib the largest batch that fits is extrapolated linearly
-from the two largest batches measured.
+Memory is measured, never computed: the peak of each run (CUDA: the allocator's peak, weights included; CPU: the
+process's peak resident set, Linux's VmHWM, reset before each run, with freed buffers handed back to the OS at once).
+With --memory-gib, the largest batch that fits that memory is found for each of our methods by running it
+(allocate the caches, prefill, decode): a batch fits when it runs without running out of memory (CUDA: the
+allocator is capped at the budget, so an out-of-memory is real and caught) and its measured peak is within the
+budget. The search starts at a linear guess from the batches timed, gallops to the boundary, then bisects; the
+largest batch is then timed with the rest, and --plot draws tokens/s against batch size.
 """
 import argparse
+import ctypes
+import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -28,6 +35,7 @@ import dyrate
 import generate
 import model
 import processing
+import viz
 
 GEOMETRIES = {  # (vision: hidden, layers, heads, intermediate), (text: hidden, layers, heads, intermediate)
     "mid": ((512, 6, 8, 2048), (1024, 8, 16, 2816)),
@@ -89,17 +97,79 @@ def constant_predictor(n_heads, rate, k, device):
     return predictor.to(device)
 
 
-def memory_mark(device):
+def cpu_memory_measurable():
+    """Whether this process can measure its peak resident set per run (Linux: /proc/self/clear_refs resets it)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def release_freed_memory():
+    """CPU: make glibc hand freed tensor buffers back to the OS at once (a fixed mmap threshold), so that each run's
+    peak resident set is its own and not what an earlier run left in the heap. Elsewhere: nothing to do."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB: larger buffers are mmapped, returned to the OS when freed
+    return libc
+
+
+def reset_peak_memory(device, libc):
+    """Start a run's peak measurement."""
+    gc.collect()
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device)
-    return 0
+        return
+    if libc is not None:
+        libc.malloc_trim(0)
+    cpu_memory_measurable()
 
 
-def memory_added(device, mark, kv_buffer_bytes):
-    """Bytes a run added at its peak: measured on CUDA, the KV-cache buffers on CPU."""
-    return torch.cuda.max_memory_allocated(device) - mark if torch.device(device).type == "cuda" else kv_buffer_bytes
+def peak_memory(device):
+    """Bytes at the peak since reset_peak_memory: CUDA allocated (weights included); CPU resident (VmHWM)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def is_out_of_memory(error):
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(error, RuntimeError) and any(s in str(error) for s in ("can't allocate memory", "out of memory")))
+
+
+def largest_batch(fits, guess):
+    """The largest batch B for which fits(B) holds, found by running: from `guess`, gallop up (or down) in doubling
+    steps until the answer changes, then bisect. fits is called at most once per batch. Returns B (0: batch 1 does
+    not fit) and the batches tried with their answers; B + 1 is among them, not fitting."""
+    tried = {}
+
+    def ok(b):
+        if b not in tried:
+            tried[b] = fits(b)
+        return tried[b]
+    step, B = 1, max(1, guess)
+    if ok(B):
+        lo = B
+        while ok(lo + step):
+            lo, step = lo + step, step * 2
+        hi = lo + step
+    else:
+        hi = B
+        while hi - step >= 1 and not ok(hi - step):
+            hi, step = hi - step, step * 2
+        lo = max(0, hi - step)
+    while hi - lo > 1:  # lo fits (or is 0), hi does not
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo, tried
 
 
 def interleaved(fns, repeats, log):
@@ -136,10 +206,13 @@ def parse_args(argv=None):
     g.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated per run")
     g.add_argument("--prompt-tokens", type=int, default=40, help="text tokens around the 576 image tokens")
     g.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes (identical rows)")
-    g.add_argument("--memory-gib", type=float, default=None, help="report the largest batch that fits in this memory")
+    g.add_argument("--memory-gib", type=float, default=None,
+                   help="find, by running it, the largest batch of each of our methods that fits this memory, and "
+                        "time it too")
     g.add_argument("--repeats", type=int, default=3, help="timed rounds (median reported) after one warm-up")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
     g.add_argument("--out", default="bench.json", help="JSON results file")
+    g.add_argument("--plot", default=None, help="also draw tokens/s against batch size per method into this PNG")
     return p.parse_args(argv)
 
 
@@ -164,8 +237,8 @@ def check_args(args):
         if value < low:
             raise ValueError(f"{name} must be at least {low}, got {value}" + (
                 " (decode is timed over the tokens after the first)" if name == "--new-tokens" else ""))
-    if args.memory_gib is not None and not args.memory_gib > 0:
-        raise ValueError(f"--memory-gib must be positive, got {args.memory_gib}")
+    if args.memory_gib is not None:
+        check_budget(args.memory_gib, model.check_device(args.device))
     if not 0 <= args.ratio <= 1:
         raise ValueError(f"--ratio must lie in [0, 1], got {args.ratio}")
     cfg = model.read_config(args.model) if args.model else geometry_config(args.geometry)
@@ -177,7 +250,28 @@ def check_args(args):
         dyrate.RatePredictor.load(args.predictor, cfg)
     model.check_device(args.device)
     generate.check_writable_folder(args.out, "--out")
+    if args.plot:
+        generate.check_writable_folder(args.plot, "--plot")
     return methods, batches
+
+
+def check_budget(gib, dev):
+    """--memory-gib: positive, measurable on this device, and safe to search (a try may need up to ~2x the budget
+    on CPU, where nothing caps it)."""
+    if not gib > 0:
+        raise ValueError(f"--memory-gib must be positive, got {gib}")
+    if dev.type == "cuda":
+        total = torch.cuda.get_device_properties(dev).total_memory
+        if gib * 2**30 > total:
+            raise ValueError(f"--memory-gib {gib:g} is more than the {total / 2**30:.1f} GiB of {dev}")
+        return
+    if not cpu_memory_measurable():
+        raise ValueError("--memory-gib on CPU measures each run's peak resident set through /proc/self/clear_refs, "
+                         "which this system does not offer; use a CUDA device or drop --memory-gib")
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if 2 * gib * 2**30 > free:
+        raise ValueError(f"--memory-gib {gib:g}: the search may try batches needing twice the budget, but only "
+                         f"{free / 2**30:.1f} GiB of memory is free; pass at most {free / 2**31:.1f}")
 
 
 def main(argv=None):
@@ -189,6 +283,7 @@ def main(argv=None):
         raise SystemExit(f"error: {e}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    libc = release_freed_memory()
     dtype, dev = getattr(torch, args.dtype), args.device
     log(f"building {args.model or args.geometry} on {dev} in {args.dtype} ...")
     hf, ours = checkpoint_models(args.model, dev, dtype, "transformers" in methods) if args.model else \
@@ -223,7 +318,7 @@ def main(argv=None):
         S = cfg.vision.image_size
         px = torch.randn(1, 3, S, S, device=dev, generator=torch.Generator(dev).manual_seed(0)).to(dtype)
         px = px.expand(B, -1, -1, -1)  # (B, 3, S, S)
-        mark = memory_mark(dev)
+        reset_peak_memory(dev, libc)
         if method == "transformers":  # time a 1-token generation, then the rest is decode
             times = []
             for count in (1, n):  # NOTE: eos_token_id=None: exactly `count` tokens, EOS never masked (as ours here)
@@ -234,10 +329,8 @@ def main(argv=None):
                                   return_dict_in_generate=True)
                 generate.sync(dev)
                 times.append(time.perf_counter() - t0)
-            layers = out.past_key_values.layers
-            kv = sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values))
             return dict(prefill_s=times[0], decode_s=times[1] - times[0], tokens=out.sequences[0, T:].tolist(),
-                        hook=None, memory=weights + memory_added(dev, mark, kv))
+                        hook=None, memory=peak_memory(dev))
         llava = compiled if method.endswith("+compile") else ours
         hook, caches = pruner(method.removesuffix("+compile"), B), llava.new_caches(B, n)
         lengths = torch.full((B,), T, device=dev)
@@ -251,13 +344,21 @@ def main(argv=None):
             out.append(token)
         generate.sync(dev)
         t2 = time.perf_counter()
-        kv = sum(t.numel() * t.element_size() for c in caches for t in (c.k, c.v))
         return dict(prefill_s=t1 - t0, decode_s=t2 - t1, tokens=torch.stack(out, 1)[0].tolist(), hook=hook,
-                    memory=weights + memory_added(dev, mark, kv))
+                    memory=peak_memory(dev))
 
     jobs = [(m, B) for B in batches for m in methods]
     log(f"timing {len(methods)} methods x {len(batches)} batch sizes: {len(jobs)} runs per round")
     results = interleaved([lambda m=m, B=B: run(m, B) for m, B in jobs], args.repeats, log)
+    searches = {}
+    if args.memory_gib:  # then the largest batches found are timed too, in rounds of their own
+        peaks = {job: r["memory"] for job, r in zip(jobs, results)}
+        searches = search_largest(args, methods, peaks, run, dev, log)
+        extra = [(m, s["largest"]) for m, s in searches.items() if s["largest"] and (m, s["largest"]) not in peaks]
+        if extra:
+            log(f"timing the largest batches: {len(extra)} runs per round")
+            results += interleaved([lambda m=m, B=B: run(m, B) for m, B in extra], args.repeats, log)
+            jobs += extra
     rows = []
     for (m, B), r in zip(jobs, results):
         hook = r["hook"]
@@ -274,15 +375,68 @@ def main(argv=None):
                          tflops=B * whole["flops"] / 1e12, kept_visual=whole.get("kept_visual", [N] * n),
                          nocache_tflops=B * whole["nocache_flops"] / 1e12, mean_kv_bytes=B * whole["mean_kv_bytes"],
                          peak_memory_bytes=r["memory"], kv_cache_bytes=B * whole["kv_cache_bytes"], tokens=r["tokens"]))
-    report(rows, args, cfg, T, weights, log)
-    result = dict(vars(args), prompt_tokens_total=T, weights_bytes=weights, device_name=device_name(dev), results=rows)
+    report(rows, args, cfg, T, searches)
+    result = dict(vars(args), prompt_tokens_total=T, weights_bytes=weights, device_name=device_name(dev), results=rows,
+                  largest_batch=searches)
 
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(result, f, indent=1)
     processing.atomic_write(args.out, write)
     log(f"wrote {args.out}")
+    if args.plot:
+        title = f"{args.model or args.geometry + ' geometry'}, {device_name(dev)}, {args.dtype}: tokens/s vs batch"
+        processing.atomic_write(args.plot, lambda tmp: viz.throughput_plot(rows, title).save(tmp, format="PNG"))
+        log(f"wrote {args.plot}")
     return rows
+
+
+def search_largest(args, methods, peaks, run, dev, log):
+    """For each of our methods (+compile ones and transformers excluded), the largest batch whose run fits
+    --memory-gib, by running it (largest_batch). Returns {method: dict(largest, tried={batch: peak bytes or
+    'out of memory'})}."""
+    budget = args.memory_gib * 2**30
+    cuda = torch.device(dev).type == "cuda"
+    if cuda:  # allocations beyond the budget fail for real
+        torch.cuda.set_per_process_memory_fraction(budget / torch.cuda.get_device_properties(dev).total_memory, dev)
+    out = {}
+    try:
+        for m in methods:
+            if m == "transformers" or m.endswith("+compile"):
+                continue
+            tried = {}
+
+            def fits(B):
+                try:
+                    tried[B] = run(m, B)["memory"]
+                except Exception as e:
+                    if not is_out_of_memory(e):
+                        raise
+                    tried[B] = "out of memory"
+                gc.collect()
+                ok = tried[B] != "out of memory" and tried[B] <= budget
+                peak = tried[B] if isinstance(tried[B], str) else f"peak {tried[B] / 2**30:.2f} GiB"
+                log(f"largest batch of {m} in {args.memory_gib:g} GiB: batch {B} -> {peak}, "
+                    f"{'fits' if ok else 'does not fit'}")
+                return ok
+            largest, _ = largest_batch(fits, guess_batch(m, peaks, budget, log))
+            out[m] = dict(largest=largest, tried={b: tried[b] for b in sorted(tried)})
+    finally:
+        if cuda:
+            torch.cuda.set_per_process_memory_fraction(1.0, dev)
+    return out
+
+
+def guess_batch(method, peaks, budget, log):
+    """Where the search starts: the budget on the line through the measured peaks of the method's two largest
+    batches timed ({(method, batch): bytes}), or in proportion to one."""
+    pts = sorted((B, p) for (m, B), p in peaks.items() if m == method)[-2:]
+    (b1, m1), (b2, m2) = pts if len(pts) == 2 else ((0, 0), pts[0])
+    per_row = max((m2 - m1) / (b2 - b1), 1.0)
+    guess = max(1, int((budget - (m2 - per_row * b2)) // per_row))
+    log(f"largest batch of {method}: {per_row / 2**20:.1f} MiB per row between the batches timed; the search starts "
+        f"at {guess}")
+    return guess
 
 
 def device_name(dev):
@@ -291,49 +445,51 @@ def device_name(dev):
     return f"CPU, {torch.get_num_threads()} threads"
 
 
-def report(rows, args, cfg, T, weights, log):
+def report(rows, args, cfg, T, searches):
     """The table on stdout (ratios to none at the same batch), and the comparisons the README quotes."""
-    mem = "peak MiB" if torch.device(args.device).type == "cuda" else "wt+KV MiB"
+    mem = "peak MiB" if torch.device(args.device).type == "cuda" else "RSS MiB"
     print(f"\n{args.model or args.geometry + ' geometry (random weights)'}, {device_name(args.device)}, {args.dtype}, "
           f"prompt {T} tokens ({cfg.n_image_tokens} image), {args.new_tokens} greedy new tokens, K={args.k}, "
-          f"R={args.ratio}, median of {args.repeats} interleaved rounds; (x) = ratio to none at the same batch")
+          f"R={args.ratio}, median of {args.repeats} interleaved rounds; (x) = ratio to none at the same batch; "
+          f"{mem}: the run's measured peak")
     print(f"{'method':20}{'batch':>6}{'prefill ms':>11}{'(x)':>6}{'prefill TF':>11}{'(x)':>6}{'decode ms/tok':>14}"
           f"{'(x)':>6}{'total ms':>10}{'tok/s':>8}{'TFLOPs':>8}{'(x)':>6}{'no-cache':>9}{mem:>10}{'KV MiB':>8}"
           f"{'mean KV':>8}{'(x)':>6}{'kept':>9}")
-    for r in rows:
-        base = next((b for b in rows if b["method"] == "none" and b["batch"] == r["batch"]), r)
-        print(f"{r['method']:20}{r['batch']:6d}{r['prefill_ms']:11.1f}{r['prefill_ms'] / base['prefill_ms']:6.2f}"
-              f"{r['prefill_tflops']:11.4f}{r['prefill_tflops'] / base['prefill_tflops']:6.2f}"
-              f"{r['decode_ms_per_token']:14.2f}{r['decode_ms_per_token'] / base['decode_ms_per_token']:6.2f}"
-              f"{r['total_ms']:10.1f}{r['tokens_per_s']:8.1f}{r['tflops']:8.3f}{r['tflops'] / base['tflops']:6.2f}"
-              f"{r['nocache_tflops'] / base['nocache_tflops']:9.2f}{r['peak_memory_bytes'] / 2**20:10.0f}"
-              f"{r['kv_cache_bytes'] / 2**20:8.1f}{r['mean_kv_bytes'] / 2**20:8.1f}"
-              f"{r['mean_kv_bytes'] / base['mean_kv_bytes']:6.2f}"
-              f"{str(r['kept_visual'][0]) + '->' + str(r['kept_visual'][-1]):>9}")
     by = {(r["method"], r["batch"]): r for r in rows}
+    for r in rows:
+        base = by.get(("none", r["batch"]))
+
+        def ratio(key):
+            return f"{r[key] / base[key]:6.2f}" if base else f"{'-':>6}"
+        print(f"{r['method']:20}{r['batch']:6d}{r['prefill_ms']:11.1f}{ratio('prefill_ms')}{r['prefill_tflops']:11.4f}"
+              f"{ratio('prefill_tflops')}{r['decode_ms_per_token']:14.2f}{ratio('decode_ms_per_token')}"
+              f"{r['total_ms']:10.1f}{r['tokens_per_s']:8.1f}{r['tflops']:8.3f}{ratio('tflops')}"
+              f"{ratio('nocache_tflops'):>9}{r['peak_memory_bytes'] / 2**20:10.0f}{r['kv_cache_bytes'] / 2**20:8.1f}"
+              f"{r['mean_kv_bytes'] / 2**20:8.1f}{ratio('mean_kv_bytes')}"
+              f"{str(r['kept_visual'][0]) + '->' + str(r['kept_visual'][-1]):>9}")
     for (m, B), r in by.items():
         if m == "transformers" and ("none", B) in by:
             ours = by[("none", B)]
             print(f"batch {B}: ours (none) vs transformers: same tokens {ours['tokens'] == r['tokens']}, end to end "
-                  f"{r['total_ms'] / ours['total_ms']:.2f}x as fast, decode "
+                  f"{r['total_ms'] / ours['total_ms']:.2f}x as fast, prefill "
+                  f"{r['prefill_ms'] / ours['prefill_ms']:.2f}x, decode "
                   f"{r['decode_ms_per_token'] / ours['decode_ms_per_token']:.2f}x")
-        if m == "dyrate" and ("fastv",
-                              B) in by and not args.predictor:  # same kept tokens: the difference is DyRate's work
+        fastv = by.get(("fastv", B))
+        if m == "dyrate" and fastv and not args.predictor:  # same kept tokens: the difference is DyRate's work
             print(f"batch {B}: DyRate per-step overhead (statistics + predictor, same kept tokens as fastv): "
-                  f"{r['decode_ms_per_token'] / by[('fastv', B)]['decode_ms_per_token'] - 1:+.1%} of a decode step")
-        if m == "dyrate-ramp" and ("fastv", B) in by:
-            print(f"batch {B}: dyrate-ramp (statistics + cache compaction at {len(set(r['kept_visual'])) - 1} steps): "
-                  f"decode {r['decode_ms_per_token'] / by[('fastv', B)]['decode_ms_per_token'] - 1:+.1%} vs fastv")
-    if args.memory_gib:
-        budget = args.memory_gib * 2**30
-        for m in dict.fromkeys(r["method"] for r in rows):
-            pts = sorted((r["batch"], r["peak_memory_bytes"]) for r in rows if r["method"] == m)
-            if len(pts) < 2:
-                continue
-            (b1, m1), (b2, m2) = pts[-2:]
-            per_row = (m2 - m1) / (b2 - b1)
-            print(f"{m}: {per_row / 2**20:.1f} MiB per row -> largest batch in {args.memory_gib:g} GiB: "
-                  f"{int((budget - (m2 - per_row * b2)) // per_row)} (linear in the batch, from batches {b1} and {b2})")
+                  f"{r['decode_ms_per_token'] / fastv['decode_ms_per_token'] - 1:+.1%} of a decode step")
+        if m == "dyrate-ramp" and fastv:
+            print(f"batch {B}: dyrate-ramp (statistics + cache compaction at {len(set(r['kept_visual'])) - 1} steps, "
+                  f"mean KV {r['mean_kv_bytes'] / fastv['mean_kv_bytes']:.2f}x fastv's): decode "
+                  f"{r['decode_ms_per_token'] / fastv['decode_ms_per_token'] - 1:+.1%} vs fastv")
+    none = searches.get("none", {}).get("largest")
+    for m, s in searches.items():
+        B, top = s["largest"], by.get((m, s["largest"]))
+        over = s["tried"].get(B + 1)
+        over = over if isinstance(over, str) else f"peak {over / 2**30:.2f} GiB"
+        timed = f", peak {top['peak_memory_bytes'] / 2**30:.2f} GiB, {top['tokens_per_s']:.1f} tokens/s" if top else ""
+        print(f"{m}: largest batch in {args.memory_gib:g} GiB: {B}" + (f" ({B / none:.2f}x none's)" if none else "")
+              + f"{timed}; batch {B + 1}: {over} (measured: {len(s['tried'])} runs)")
 
 
 if __name__ == "__main__":

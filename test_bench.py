@@ -4,6 +4,7 @@ bench.py end to end on a tiny checkpoint (no timing asserted: benchmarks print f
 import json
 
 import pytest
+from PIL import Image
 
 import bench
 from test_dyrate import N_IMAGE
@@ -13,8 +14,8 @@ def test_bench_runs_every_method_on_a_checkpoint(ckpt, tmp_path, capsys):
     """bench.py end to end on a checkpoint folder (no timing asserted: benchmarks print figures): ours and
     transformers produce the same tokens, each method keeps what it should, memory and FLOPs are reported."""
     rows = bench.main(["--model", ckpt[0], "--methods", "none,fastv,vtw,dyrate,dyrate-ramp,transformers",
-                       "--new-tokens", "5", "--repeats", "1", "--batch-sizes", "1,2", "--memory-gib", "1",
-                       "--out", str(tmp_path / "b.json")])
+                       "--new-tokens", "5", "--repeats", "1", "--batch-sizes", "1,2", "--out", str(tmp_path / "b.json"),
+                       "--plot", str(tmp_path / "t.png")])
     out = capsys.readouterr().out
     by = {(r["method"], r["batch"]): r for r in rows}
     assert len(rows) == 12 and json.loads((tmp_path / "b.json").read_text())["results"][0]["method"] == "none"
@@ -23,10 +24,31 @@ def test_bench_runs_every_method_on_a_checkpoint(ckpt, tmp_path, capsys):
         assert by[("fastv", B)]["kept_visual"] == by[("dyrate", B)]["kept_visual"] == [N_IMAGE // 2] * 5
         assert by[("vtw", B)]["kept_visual"] == [0] * 5 and by[("dyrate-ramp", B)]["kept_visual"][-1] == 0
         assert by[("vtw", B)]["tflops"] < by[("fastv", B)]["tflops"] < by[("none", B)]["tflops"]
-    assert by[("none", 2)]["peak_memory_bytes"] > by[("none", 1)]["peak_memory_bytes"]
+    assert all(r["peak_memory_bytes"] > r["kv_cache_bytes"] for r in rows)  # measured: the whole process
+    assert Image.open(tmp_path / "t.png").size == (720, 420)
     kv = {key: r["kv_cache_bytes"] for key, r in by.items()}
     assert kv[("fastv", 2)] < kv[("none", 2)] == 2 * kv[("none", 1)]
-    assert "same tokens True" in out and "DyRate per-step overhead" in out and "largest batch in 1 GiB" in out
+    assert "same tokens True" in out and "DyRate per-step overhead" in out
+
+
+def test_largest_batch_is_found_by_running_it(ckpt, tmp_path, capsys):
+    """--memory-gib: a budget a little above the measured peak at batch 2 (caches for 400 new tokens, ~1 MiB a row):
+    the search returns a batch whose measured run fits and, tried too, the next one that does not; the largest batch
+    is timed as well; nothing extrapolated."""
+    common = ["--model", ckpt[0], "--methods", "none,vtw", "--new-tokens", "400", "--prompt-tokens", "5",
+              "--repeats", "1", "--out", str(tmp_path / "b.json")]
+    first = bench.main(common + ["--batch-sizes", "2"])
+    budget = max(r["peak_memory_bytes"] for r in first) + 12 * 2**20
+    rows = bench.main(common + ["--batch-sizes", "1,2", "--memory-gib", f"{budget / 2**30:.6f}"])
+    found = json.loads((tmp_path / "b.json").read_text())["largest_batch"]
+    assert set(found) == {"none", "vtw"}
+    for m, s in found.items():
+        B, tried = s["largest"], {int(b): p for b, p in s["tried"].items()}
+        assert 2 <= B <= 200 and tried[B] <= budget < 2**31, (m, tried)
+        assert tried[B + 1] == "out of memory" or tried[B + 1] > budget, (m, tried)
+        timed = [r for r in rows if r["method"] == m and r["batch"] == B]
+        assert len(timed) == 1 and len(timed[0]["tokens"]) == 400
+    assert "largest batch in" in capsys.readouterr().out
 
 
 def test_bench_compares_like_with_like_on_a_checkpoint_that_emits_eos(ckpt, tmp_path, capsys):

@@ -5,6 +5,8 @@ Pictures of one generation's visual-token pruning (generate.py --viz OUT), drawn
     OUT_strip.png   up to 8 of those frames side by side
     OUT_shares.png  the attention mass of the current query on system / image / instruction / response tokens at
                     layer K-1, averaged over heads, at every step (the seed paper's figure 2)
+
+and bench.py's throughput plot (tokens/s against batch size per method, bench.py --plot).
 """
 import os
 import textwrap
@@ -91,3 +93,37 @@ def save(out, image, row, tokenizer, cfg, pad=False):
         raise ValueError("no type shares were recorded (generate(..., stats=True) records them)")
     shares_plot(row["type_shares"]).save(paths[2])
     return paths
+
+
+def throughput_plot(rows, title, width=720, height=420):
+    """bench.py's tokens/s against batch size, one line per method (rows: its result dicts), log2 batch axis."""
+    img = Image.new("RGB", (width, height), "white")
+    draw, font = ImageDraw.Draw(img), ImageFont.load_default(size=13)
+    left, right, top, bottom = 60, width - 170, 34, height - 44
+    draw.text((left, 8), title, fill="black", font=font)
+    draw.rectangle((left, top, right, bottom), outline="black")
+    batches = sorted({r["batch"] for r in rows})
+    lo, hi = np.log2(batches[0]), max(np.log2(batches[-1]), np.log2(batches[0]) + 1)
+    peak = max(r["tokens_per_s"] for r in rows) * 1.1
+    x_of = lambda b: left + (right - left) * (np.log2(b) - lo) / (hi - lo)  # noqa: E731
+    y_of = lambda v: bottom - (bottom - top) * v / peak  # noqa: E731
+    for b in batches:
+        draw.line((x_of(b), bottom, x_of(b), bottom + 4), fill="black")
+        draw.text((x_of(b) - 6, bottom + 6), str(b), fill="black", font=font)
+    for i in range(5):
+        v = peak * i / 4
+        draw.text((6, y_of(v) - 7), f"{v:.0f}", fill="black", font=font)
+    draw.text(((left + right) // 2 - 30, height - 18), "batch size", fill="black", font=font)
+    draw.text((6, top - 18), "tokens/s", fill="black", font=font)
+    palette = COLOURS + [(148, 103, 189), (140, 86, 75), (127, 127, 127), (23, 190, 207)]
+    for j, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
+        colour = palette[j % len(palette)]
+        points = sorted((r["batch"], r["tokens_per_s"]) for r in rows if r["method"] == method)
+        xy = [(x_of(b), y_of(v)) for b, v in points]
+        if len(xy) > 1:
+            draw.line(xy, fill=colour, width=2)
+        for x, y in xy:
+            draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
+        draw.line((right + 12, top + 12 + 20 * j, right + 32, top + 12 + 20 * j), fill=colour, width=3)
+        draw.text((right + 38, top + 5 + 20 * j), method, fill="black", font=font)
+    return img

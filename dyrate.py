@@ -163,7 +163,7 @@ def compaction_moves(positions, length, drop_mask, image_start, n_image):
     or past its new length move into them (the order of past keys does not matter to attention). positions (B, S):
     the cache's RoPE position of each slot, length (B,) its rows' lengths. Returns src, dst (B, D) slot indices (D:
     the most moves of any row; a row with fewer repeats its last move, or moves slot 0 onto itself), the new lengths
-    (B,), and D and the longest new length as host ints (the one host sync of a drop)."""
+    (B,), and D and the longest new length as host ints (one host sync)."""
     S = positions.shape[1]
     rel = positions - image_start[:, None]  # (B, S): index among the image tokens, if one
     j = torch.arange(S, device=positions.device)
@@ -175,8 +175,10 @@ def compaction_moves(positions, length, drop_mask, image_start, n_image):
     n_moves = hole.sum(1)
     D, longest = torch.stack([n_moves.max(), new_length.max()]).tolist()
     take = torch.minimum(torch.arange(D, device=j.device), (n_moves - 1).clamp(min=0)[:, None])  # (B, D)
-    first = lambda m: (~m).to(torch.int8).argsort(dim=1, stable=True).gather(1, take)  # noqa: E731 (B, D) slots of m
-    return first(mover), first(hole), new_length, D, longest
+
+    def slots(m):  # (B, S) bool -> (B, D): the first D slots where m holds, in order, by `take`
+        return (~m).to(torch.int8).argsort(dim=1, stable=True).gather(1, take)
+    return slots(mover), slots(hole), new_length, D, longest
 
 
 def check_method(method, ratio=0.5, predictor=None, schedule=None):
@@ -264,10 +266,11 @@ class Pruner:
         drop = self.kept_mask & ~kept_mask  # (B, N)
         self.history.append(StepRecord(keep, drop, rate, shares, ranks))
         self.kept_mask, self.step = kept_mask, self.step + 1
+        if not (prefill or ranks) or not bool(drop.any()):  # fastv and vtw drop at the prefill only
+            return x, positions, n_valid, None
         if prefill:
-            if bool(drop.any()):
-                x, positions, n_valid = drop_tokens(x, positions, n_valid, drop, self.image_start, self.n_image)
-        elif ranks:  # no host sync here but compaction_moves' one; every layer >= k holds the same slots
+            x, positions, n_valid = drop_tokens(x, positions, n_valid, drop, self.image_start, self.n_image)
+        else:  # every layer >= k holds the same slots: one set of moves serves them all
             assert caches is not None, "a decode step drops from the KV caches"
             ref = caches[self.k]
             src, dst, length, n_moves, longest = compaction_moves(ref.pos, ref.length, drop, self.image_start,
@@ -276,7 +279,7 @@ class Pruner:
             for cache in caches[self.k:]:
                 if n_moves:
                     cache.move(src, dst, length, longest)
-                else:  # nothing to move: the dropped tokens, if any, sat at the rows' ends
+                else:  # nothing to move: the dropped tokens sat at the rows' ends
                     cache.length.copy_(length)
                     cache.used = longest
         return x, positions, n_valid, None

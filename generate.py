@@ -226,8 +226,8 @@ def main(argv=None):
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:1, cpu, ...")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="default: float16 on CUDA, float32 on CPU (use bfloat16 for 7B on CPU: ~14 GB)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the decode step (static shapes, CUDA graphs "
-                   "on GPU): a slower first call, faster tokens after it")
+    g.add_argument("--compile", action="store_true", help="torch.compile the decode step (static shapes in buckets "
+                   "of 64 cache slots, CUDA graphs on GPU): slower first steps, faster tokens after them")
     g = p.add_argument_group("visual-token pruning (dyrate.py)")
     g.add_argument("--method", choices=dyrate.METHODS, default="none",
                    help="none; fastv: drop --ratio of the image tokens once at prefill; vtw: drop them all at prefill; "

@@ -327,9 +327,12 @@ class KVCache:
         """Physical dropping at a decode step: slot src[b, i] is copied to slot dst[b, i] (B, D), then row b holds
         lengths[b] slots, at most `used`. Only the moved slots are copied (dyrate.compaction_moves fills the holes
         with the last slots: attention does not depend on the order of past keys, their RoPE is applied already)."""
-        for buf in (self.k, self.v):
-            idx = src[:, None, :, None].expand(-1, buf.shape[1], -1, buf.shape[3])  # (B, nkv, D, hs)
-            buf.scatter_(2, dst[:, None, :, None].expand_as(idx), buf.gather(2, idx))
+        B, nkv, S, hs = self.k.shape
+        first = torch.arange(B * nkv, device=src.device).view(B, nkv, 1) * S  # (B, nkv, 1): row of slot 0 of (b, h)
+        src_rows, dst_rows = (first + src[:, None]).flatten(), (first + dst[:, None]).flatten()  # (B * nkv * D,)
+        for buf in (self.k, self.v):  # whole hs-long rows copied (index_select), not element by element (gather)
+            rows = buf.view(B * nkv * S, hs)
+            rows.index_copy_(0, dst_rows, rows.index_select(0, src_rows))
         self.pos.scatter_(1, dst, self.pos.gather(1, src))
         self.length.copy_(lengths)
         self.used = used

@@ -13,7 +13,7 @@ turn (drift hits all alike); medians are reported, CUDA synchronised. Methods: n
 dyrate-ramp (rates rising from R to 1 on the 9 candidates 0, 1/8, .., 1: cache compaction at several steps),
 transformers (LlavaForConditionalGeneration, sdpa); a "+compile" suffix runs ours with Llava.compile_decode.
 Memory is measured, never computed: the peak of each run (CUDA: the allocator's peak, weights included; CPU: the
-process's peak resident set, Linux's VmHWM, reset before each run, with freed buffers handed back to the OS at once).
+process's peak resident set, Linux's VmHWM, reset before each run after the heap's free pages go back to the OS).
 With --memory-gib, the largest batch that fits that memory is found for each of our methods by running it
 (allocate the caches, prefill, decode): a batch fits when it runs without running out of memory (CUDA: the
 allocator is capped at the budget, so an out-of-memory is real and caught) and its measured peak is within the
@@ -107,15 +107,12 @@ def cpu_memory_measurable():
         return False
 
 
-def release_freed_memory():
-    """CPU: make glibc hand freed tensor buffers back to the OS at once (a fixed mmap threshold), so that each run's
-    peak resident set is its own and not what an earlier run left in the heap. Elsewhere: nothing to do."""
+def glibc():
+    """The C library, for malloc_trim (glibc), or None elsewhere."""
     try:
-        libc = ctypes.CDLL("libc.so.6")
+        return ctypes.CDLL("libc.so.6")
     except OSError:
         return None
-    libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB: larger buffers are mmapped, returned to the OS when freed
-    return libc
 
 
 def reset_peak_memory(device, libc):
@@ -126,7 +123,7 @@ def reset_peak_memory(device, libc):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         return
-    if libc is not None:
+    if libc is not None:  # hand the heap's free pages back to the OS: the peak counts what this run touches
         libc.malloc_trim(0)
     cpu_memory_measurable()
 
@@ -283,7 +280,7 @@ def main(argv=None):
         raise SystemExit(f"error: {e}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    libc = release_freed_memory()
+    libc = glibc()
     dtype, dev = getattr(torch, args.dtype), args.device
     log(f"building {args.model or args.geometry} on {dev} in {args.dtype} ...")
     hf, ours = checkpoint_models(args.model, dev, dtype, "transformers" in methods) if args.model else \
@@ -361,6 +358,7 @@ def main(argv=None):
             jobs += extra
     rows = []
     for (m, B), r in zip(jobs, results):
+        largest = B == searches.get(m, {}).get("largest") and B not in batches  # timed in rounds of its own
         hook = r["hook"]
 
         def summary(steps):  # the first `steps` steps of row 0 (all rows are alike): kept counts, FLOPs, KV bytes
@@ -374,7 +372,8 @@ def main(argv=None):
                          tokens_per_s=B * n / total_s, prefill_tflops=B * first["flops"] / 1e12,
                          tflops=B * whole["flops"] / 1e12, kept_visual=whole.get("kept_visual", [N] * n),
                          nocache_tflops=B * whole["nocache_flops"] / 1e12, mean_kv_bytes=B * whole["mean_kv_bytes"],
-                         peak_memory_bytes=r["memory"], kv_cache_bytes=B * whole["kv_cache_bytes"], tokens=r["tokens"]))
+                         peak_memory_bytes=r["memory"], kv_cache_bytes=B * whole["kv_cache_bytes"], tokens=r["tokens"],
+                         largest=largest))
     report(rows, args, cfg, T, searches)
     result = dict(vars(args), prompt_tokens_total=T, weights_bytes=weights, device_name=device_name(dev), results=rows,
                   largest_batch=searches)
@@ -385,7 +384,8 @@ def main(argv=None):
     processing.atomic_write(args.out, write)
     log(f"wrote {args.out}")
     if args.plot:
-        title = f"{args.model or args.geometry + ' geometry'}, {device_name(dev)}, {args.dtype}: tokens/s vs batch"
+        title = f"{args.model or args.geometry + ' geometry'}, {device_name(dev)}, {args.dtype}: tokens/s vs batch" + (
+            f" (--memory-gib {args.memory_gib:g})" if args.memory_gib else "")
         processing.atomic_write(args.plot, lambda tmp: viz.throughput_plot(rows, title).save(tmp, format="PNG"))
         log(f"wrote {args.plot}")
     return rows

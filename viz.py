@@ -96,18 +96,21 @@ def save(out, image, row, tokenizer, cfg, pad=False):
 
 
 def throughput_plot(rows, title, width=720, height=420):
-    """bench.py's tokens/s against batch size, one line per method (rows: its result dicts), log2 batch axis."""
+    """bench.py's tokens/s against batch size, one line per method over the batch sizes all methods ran (rows: its
+    result dicts, log2 batch axis); a method's largest batch in the memory budget (rows with largest=True) is a ring,
+    labelled with its batch."""
     img = Image.new("RGB", (width, height), "white")
     draw, font = ImageDraw.Draw(img), ImageFont.load_default(size=13)
-    left, right, top, bottom = 60, width - 170, 34, height - 44
+    left, right, top, bottom = 60, width - 190, 34, height - 44
     draw.text((left, 8), title, fill="black", font=font)
     draw.rectangle((left, top, right, bottom), outline="black")
-    batches = sorted({r["batch"] for r in rows})
-    lo, hi = np.log2(batches[0]), max(np.log2(batches[-1]), np.log2(batches[0]) + 1)
+    ticks = sorted({r["batch"] for r in rows if not r.get("largest")})
+    every = sorted({r["batch"] for r in rows})
+    lo, hi = np.log2(every[0]), max(np.log2(every[-1]), np.log2(every[0]) + 1)
     peak = max(r["tokens_per_s"] for r in rows) * 1.1
     x_of = lambda b: left + (right - left) * (np.log2(b) - lo) / (hi - lo)  # noqa: E731
     y_of = lambda v: bottom - (bottom - top) * v / peak  # noqa: E731
-    for b in batches:
+    for b in ticks:
         draw.line((x_of(b), bottom, x_of(b), bottom + 4), fill="black")
         draw.text((x_of(b) - 6, bottom + 6), str(b), fill="black", font=font)
     for i in range(5):
@@ -116,14 +119,24 @@ def throughput_plot(rows, title, width=720, height=420):
     draw.text(((left + right) // 2 - 30, height - 18), "batch size", fill="black", font=font)
     draw.text((6, top - 18), "tokens/s", fill="black", font=font)
     palette = COLOURS + [(148, 103, 189), (140, 86, 75), (127, 127, 127), (23, 190, 207)]
-    for j, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for j, method in enumerate(methods):
         colour = palette[j % len(palette)]
-        points = sorted((r["batch"], r["tokens_per_s"]) for r in rows if r["method"] == method)
+        points = sorted((r["batch"], r["tokens_per_s"]) for r in rows if r["method"] == method and not r.get("largest"))
         xy = [(x_of(b), y_of(v)) for b, v in points]
         if len(xy) > 1:
             draw.line(xy, fill=colour, width=2)
         for x, y in xy:
             draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
+        for r in rows:
+            if r["method"] == method and r.get("largest"):
+                x, y = x_of(r["batch"]), y_of(r["tokens_per_s"])
+                draw.ellipse((x - 6, y - 6, x + 6, y + 6), outline=colour, width=2)
+                draw.text((x + 8, y - 16), str(r["batch"]), fill=colour, font=font)
         draw.line((right + 12, top + 12 + 20 * j, right + 32, top + 12 + 20 * j), fill=colour, width=3)
         draw.text((right + 38, top + 5 + 20 * j), method, fill="black", font=font)
+    if any(r.get("largest") for r in rows):
+        y = top + 12 + 20 * len(methods)
+        draw.ellipse((right + 16, y - 6, right + 28, y + 6), outline="black", width=2)
+        draw.text((right + 38, y - 7), "largest batch that fits", fill="black", font=font)
     return img

@@ -246,9 +246,9 @@ def check_args(args):
     if args.predictor:
         dyrate.RatePredictor.load(args.predictor, cfg)
     model.check_device(args.device)
-    generate.check_writable_folder(args.out, "--out")
+    generate.check_writable_folder(args.out, "--out", make=True)
     if args.plot:
-        generate.check_writable_folder(args.plot, "--plot")
+        generate.check_writable_folder(args.plot, "--plot", make=True)
     return methods, batches
 
 

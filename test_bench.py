@@ -75,12 +75,13 @@ def test_bench_checks_its_arguments_before_building_anything(ckpt, tmp_path, mon
         raise AssertionError("a model was built before the arguments were checked")
     monkeypatch.setattr(bench, "random_models", no_build)
     monkeypatch.setattr(bench, "checkpoint_models", no_build)
+    (tmp_path / "a_file").write_text("")
     for extra, message in ((["--methods", "none,fast"], "unknown method 'fast'"),
                            (["--batch-sizes", "1,x"], "--batch-sizes"), (["--batch-sizes", "0"], "--batch-sizes"),
                            (["--new-tokens", "1"], "--new-tokens must be at least 2"),
                            (["--repeats", "0"], "--repeats"), (["--ratio", "2"], "--ratio"),
                            (["--k", "40"], r"--k must lie in \[1, 7\]"), (["--memory-gib", "-1"], "--memory-gib"),
-                           (["--out", str(tmp_path / "no" / "b.json")], "does not exist"),
+                           (["--out", str(tmp_path / "a_file" / "b.json")], "cannot make the folder"),
                            (["--device", "cuda:5"], "--device"), (["--predictor", str(tmp_path / "none")], "not a"),
                            (["--new-tokens", "4000"], "exceed the model's context of 4096")):
         with pytest.raises(SystemExit, match=f"error: .*{message}"):

@@ -97,8 +97,8 @@ def constant_predictor(n_heads, rate, k, device):
     return predictor.to(device)
 
 
-def cpu_memory_measurable():
-    """Whether this process can measure its peak resident set per run (Linux: /proc/self/clear_refs resets it)."""
+def reset_resident_peak():
+    """Reset this process's peak resident set (Linux: /proc/self/clear_refs); False where the system cannot."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -125,7 +125,7 @@ def reset_peak_memory(device, libc):
         return
     if libc is not None:  # hand the heap's free pages back to the OS: the peak counts what this run touches
         libc.malloc_trim(0)
-    cpu_memory_measurable()
+    reset_resident_peak()
 
 
 def peak_memory(device):
@@ -144,8 +144,8 @@ def is_out_of_memory(error):
 
 def largest_batch(fits, guess):
     """The largest batch B for which fits(B) holds, found by running: from `guess`, gallop up (or down) in doubling
-    steps until the answer changes, then bisect. fits is called at most once per batch. Returns B (0: batch 1 does
-    not fit) and the batches tried with their answers; B + 1 is among them, not fitting."""
+    steps until the answer changes, then bisect. fits is called at most once per batch, and on B + 1 too (False).
+    Returns B (0: batch 1 does not fit)."""
     tried = {}
 
     def ok(b):
@@ -166,7 +166,7 @@ def largest_batch(fits, guess):
     while hi - lo > 1:  # lo fits (or is 0), hi does not
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if ok(mid) else (lo, mid)
-    return lo, tried
+    return lo
 
 
 def interleaved(fns, repeats, log):
@@ -262,7 +262,7 @@ def check_budget(gib, dev):
         if gib * 2**30 > total:
             raise ValueError(f"--memory-gib {gib:g} is more than the {total / 2**30:.1f} GiB of {dev}")
         return
-    if not cpu_memory_measurable():
+    if not reset_resident_peak():
         raise ValueError("--memory-gib on CPU measures each run's peak resident set through /proc/self/clear_refs, "
                          "which this system does not offer; use a CUDA device or drop --memory-gib")
     free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -419,7 +419,7 @@ def search_largest(args, methods, peaks, run, dev, log):
                 log(f"largest batch of {m} in {args.memory_gib:g} GiB: batch {B} -> {peak}, "
                     f"{'fits' if ok else 'does not fit'}")
                 return ok
-            largest, _ = largest_batch(fits, guess_batch(m, peaks, budget, log))
+            largest = largest_batch(fits, guess_batch(m, peaks, budget, log))
             out[m] = dict(largest=largest, tried={b: tried[b] for b in sorted(tried)})
     finally:
         if cuda:

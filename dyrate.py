@@ -137,14 +137,20 @@ def rank_of(scores):
     return scores.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
 
 
-def kept_slots(positions, length, drop_mask, image_start, n_image):
-    """Which tokens (or cache slots) of each row remain after dropping the image tokens drop_mask (B, N), in order.
-    positions (B, S): RoPE position of each token/slot (image token i of row b sits at image_start[b] + i);
-    length (B,): how many of the S are real. Returns a gather index (B, S') and the new lengths (B,)."""
+def real_and_dropped(positions, length, drop_mask, image_start, n_image):
+    """positions (B, S): RoPE position of each token/slot (image token i of row b sits at image_start[b] + i);
+    length (B,): how many of the S are real. Returns (B, S) bool masks: real slots, and real slots holding an image
+    token of drop_mask (B, N)."""
     rel = positions - image_start[:, None]  # (B, S): index among the image tokens, if one
-    is_image = (rel >= 0) & (rel < n_image)
-    gone = is_image & drop_mask.gather(1, rel.clamp(0, n_image - 1))
-    keep = ~gone & (torch.arange(positions.shape[1], device=positions.device) < length[:, None])
+    real = torch.arange(positions.shape[1], device=positions.device) < length[:, None]
+    return real, real & (rel >= 0) & (rel < n_image) & drop_mask.gather(1, rel.clamp(0, n_image - 1))
+
+
+def kept_slots(positions, length, drop_mask, image_start, n_image):
+    """Which tokens (or cache slots) of each row remain after dropping the image tokens drop_mask (B, N), in order
+    (positions, length: as real_and_dropped). Returns a gather index (B, S') and the new lengths (B,)."""
+    real, gone = real_and_dropped(positions, length, drop_mask, image_start, n_image)
+    keep = real & ~gone
     new_length = keep.sum(1)
     order = (~keep).to(torch.int8).argsort(dim=1, stable=True)  # kept first, in their order; the rest is junk after
     return order[:, :int(new_length.max())], new_length
@@ -162,23 +168,20 @@ def compaction_moves(positions, length, drop_mask, image_start, n_image):
     dropped image tokens (drop_mask (B, N)) that lie below a row's new length are holes, and the row's kept slots at
     or past its new length move into them (the order of past keys does not matter to attention). positions (B, S):
     the cache's RoPE position of each slot, length (B,) its rows' lengths. Returns src, dst (B, D) slot indices (D:
-    the most moves of any row; a row with fewer repeats its last move, or moves slot 0 onto itself), the new lengths
-    (B,), and D and the longest new length as host ints (one host sync)."""
-    S = positions.shape[1]
-    rel = positions - image_start[:, None]  # (B, S): index among the image tokens, if one
-    j = torch.arange(S, device=positions.device)
-    valid = j < length[:, None]
-    gone = valid & (rel >= 0) & (rel < n_image) & drop_mask.gather(1, rel.clamp(0, n_image - 1))  # (B, S)
+    the most moves of any row, maybe 0; a row with fewer repeats its last move, or moves slot 0 onto itself), the new
+    lengths (B,), and the longest of them as a host int (one host sync)."""
+    real, gone = real_and_dropped(positions, length, drop_mask, image_start, n_image)  # (B, S) each
+    j = torch.arange(positions.shape[1], device=positions.device)
     new_length = length - gone.sum(1)
     hole = gone & (j < new_length[:, None])
-    mover = valid & ~gone & (j >= new_length[:, None])  # as many as holes in every row
+    mover = real & ~gone & (j >= new_length[:, None])  # as many as holes in every row
     n_moves = hole.sum(1)
     D, longest = torch.stack([n_moves.max(), new_length.max()]).tolist()
     take = torch.minimum(torch.arange(D, device=j.device), (n_moves - 1).clamp(min=0)[:, None])  # (B, D)
 
     def slots(m):  # (B, S) bool -> (B, D): the first D slots where m holds, in order, by `take`
         return (~m).to(torch.int8).argsort(dim=1, stable=True).gather(1, take)
-    return slots(mover), slots(hole), new_length, D, longest
+    return slots(mover), slots(hole), new_length, longest
 
 
 def check_method(method, ratio=0.5, predictor=None, schedule=None):
@@ -273,15 +276,10 @@ class Pruner:
         else:  # every layer >= k holds the same slots: one set of moves serves them all
             assert caches is not None, "a decode step drops from the KV caches"
             ref = caches[self.k]
-            src, dst, length, n_moves, longest = compaction_moves(ref.pos, ref.length, drop, self.image_start,
-                                                                  self.n_image)
+            src, dst, length, longest = compaction_moves(ref.pos, ref.length, drop, self.image_start, self.n_image)
             assert len({cache.used for cache in caches[self.k:]}) == 1
             for cache in caches[self.k:]:
-                if n_moves:
-                    cache.move(src, dst, length, longest)
-                else:  # nothing to move: the dropped tokens sat at the rows' ends
-                    cache.length.copy_(length)
-                    cache.used = longest
+                cache.move(src, dst, length, longest)
         return x, positions, n_valid, None
 
     def row_summary(self, b, n_steps, cfg, prompt_len, dtype=torch.float16):

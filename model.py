@@ -325,8 +325,9 @@ class KVCache:
 
     def move(self, src, dst, lengths, used):
         """Physical dropping at a decode step: slot src[b, i] is copied to slot dst[b, i] (B, D), then row b holds
-        lengths[b] slots, at most `used`. Only the moved slots are copied (dyrate.compaction_moves fills the holes
-        with the last slots: attention does not depend on the order of past keys, their RoPE is applied already)."""
+        lengths[b] slots, at most `used`. Only the moved slots are copied, none when D = 0 (dyrate.compaction_moves
+        fills the holes with the last slots: attention does not depend on the order of past keys, their RoPE is
+        applied already)."""
         B, nkv, S, hs = self.k.shape
         first = torch.arange(B * nkv, device=src.device).view(B, nkv, 1) * S  # (B, nkv, 1): row of slot 0 of (b, h)
         src_rows, dst_rows = (first + src[:, None]).flatten(), (first + dst[:, None]).flatten()  # (B * nkv * D,)

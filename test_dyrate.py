@@ -147,9 +147,9 @@ def test_compaction_moves_equal_the_reference_gather():
     drop = torch.rand(B, N) < 0.5
     drop[2] = False
     ref_slots, ref_length = dyrate.kept_slots(cache.pos, cache.length, drop, start, N)
-    src, dst, length, n_moves, longest = dyrate.compaction_moves(cache.pos, cache.length, drop, start, N)
+    src, dst, length, longest = dyrate.compaction_moves(cache.pos, cache.length, drop, start, N)
     assert torch.equal(length, ref_length) and longest == int(ref_length.max())
-    assert n_moves < int((cache.length - ref_length).max()) + 1  # at most the dropped count of a row
+    assert src.shape[1] < int((cache.length - ref_length).max()) + 1  # at most the dropped count of a row
     before = [t.clone() for t in (cache.k, cache.v, cache.pos)]
     cache.move(src, dst, length, longest)
     for b in range(B):
@@ -161,6 +161,11 @@ def test_compaction_moves_equal_the_reference_gather():
         for t, old in ((cache.k, before[0]), (cache.v, before[1])):
             assert torch.equal(t[b, :, :n][:, got_order], old[b, :, want][:, want_order])
     assert torch.equal(cache.pos[2], before[2][2])  # nothing dropped: nothing moved
+    src, dst, length, longest = dyrate.compaction_moves(cache.pos, cache.length, torch.zeros_like(drop), start, N)
+    state = lambda: [t.clone() for t in (cache.k, cache.v, cache.pos, cache.length)]  # noqa: E731
+    kept = state()
+    cache.move(src, dst, length, longest)  # no move at all (D = 0): the cache is unchanged
+    assert src.shape == (B, 0) and all(torch.equal(a, b) for a, b in zip(kept, state()))
 
 
 def bucketed_run(llava, ids, lengths, px, pruner, steps):

@@ -21,7 +21,6 @@ budget. The search starts at a linear guess from the batches timed, gallops to t
 largest batch is then timed with the rest, and --plot draws tokens/s against batch size.
 """
 import argparse
-import ctypes
 import gc
 import json
 import os
@@ -31,8 +30,10 @@ import time
 
 import torch
 
+import cli
 import dyrate
 import generate
+import memory
 import model
 import processing
 import viz
@@ -80,7 +81,7 @@ def share_weights(llava, state, device):
 
 def checkpoint_models(folder, device, dtype, need_hf):
     """Our Llava from a checkpoint folder, and transformers' from the same files (its own copy of the weights)."""
-    ours = model.Llava.from_pretrained(folder, device, dtype)
+    ours = cli.load_model(folder, device, dtype)
     if not need_hf:
         return None, ours
     from transformers import LlavaForConditionalGeneration
@@ -95,46 +96,6 @@ def constant_predictor(n_heads, rate, k, device):
     with torch.no_grad():
         predictor.linear.bias[rates.index(float(rate))] = 10.0
     return predictor.to(device)
-
-
-def reset_resident_peak():
-    """Reset this process's peak resident set (Linux: /proc/self/clear_refs); False where the system cannot."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def glibc():
-    """The C library, for malloc_trim (glibc), or None elsewhere."""
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-def reset_peak_memory(device, libc):
-    """Start a run's peak measurement."""
-    gc.collect()
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    if libc is not None:  # hand the heap's free pages back to the OS: the peak counts what this run touches
-        libc.malloc_trim(0)
-    reset_resident_peak()
-
-
-def peak_memory(device):
-    """Bytes at the peak since reset_peak_memory: CUDA allocated (weights included); CPU resident (VmHWM)."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device)
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def is_out_of_memory(error):
@@ -186,19 +147,14 @@ def interleaved(fns, repeats, log):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Speed, FLOPs and memory of each method, and of transformers, on the "
                                             "same weights.")
-    g = p.add_argument_group("model")
-    g.add_argument("--geometry", choices=sorted(GEOMETRIES), default="mid", help="random-weight model of this size")
-    g.add_argument("--model", default=None, help="a llava-hf checkpoint folder instead of random weights")
-    g.add_argument("--device", default="cpu", help="cpu or cuda")
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                   help="weights, activations")
-    g = p.add_argument_group("methods")
+    g = cli.add_model_args(p, default_model=None, default_device="cpu")
+    g.add_argument("--geometry", choices=sorted(GEOMETRIES), default="mid", help="random-weight model of this size "
+                   "(without --model)")
+    g = cli.add_pruning_args(p, method=False)
     g.add_argument("--methods", default="none,fastv,vtw,dyrate,dyrate-ramp,transformers",
                    help="comma-separated: none, fastv, vtw, dyrate, dyrate-ramp, transformers; add +compile to one of "
-                        "ours for the compiled decode path (e.g. none+compile)")
-    g.add_argument("--k", type=int, default=2, help="pruning layer K")
-    g.add_argument("--ratio", type=float, default=0.5, help="FastV's R; dyrate's constant rate; where the ramp starts")
-    g.add_argument("--predictor", default=None, help="dyrate predictor file (written by train.py for this model)")
+                        "ours for the compiled decode path (e.g. none+compile). --ratio is also dyrate's constant "
+                        "rate and where the ramp starts")
     g = p.add_argument_group("workload")
     g.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated per run")
     g.add_argument("--prompt-tokens", type=int, default=40, help="text tokens around the 576 image tokens")
@@ -217,7 +173,8 @@ METHODS = ("none", "fastv", "vtw", "dyrate", "dyrate-ramp", "transformers")
 
 
 def check_args(args):
-    """Every argument checked before any model is built or timed; returns the methods and batch sizes."""
+    """Every argument checked before any model is built or timed. Returns the methods, batch sizes, the device, the
+    model's config and its predictor (None: bench makes one of a constant rate)."""
     methods = args.methods.split(",")
     for m in methods:
         if m.removesuffix("+compile") not in METHODS or m == "transformers+compile" or not m:
@@ -234,22 +191,19 @@ def check_args(args):
         if value < low:
             raise ValueError(f"{name} must be at least {low}, got {value}" + (
                 " (decode is timed over the tokens after the first)" if name == "--new-tokens" else ""))
+    dev = cli.device(args.device)
     if args.memory_gib is not None:
-        check_budget(args.memory_gib, model.check_device(args.device))
+        check_budget(args.memory_gib, dev)
     if not 0 <= args.ratio <= 1:
         raise ValueError(f"--ratio must lie in [0, 1], got {args.ratio}")
-    cfg = model.read_config(args.model) if args.model else geometry_config(args.geometry)
+    cfg = cli.config(args.model) if args.model else geometry_config(args.geometry)
     cfg.check_length(1 + args.prompt_tokens + cfg.n_image_tokens + args.new_tokens)
-    layers = cfg.text.num_hidden_layers
-    if not 1 <= args.k <= max(1, layers - 1):
-        raise ValueError(f"--k must lie in [1, {max(1, layers - 1)}] for this {layers}-layer model, got {args.k}")
-    if args.predictor:
-        dyrate.RatePredictor.load(args.predictor, cfg)
-    model.check_device(args.device)
-    generate.check_writable_folder(args.out, "--out", make=True)
+    predictor = cli.load_predictor(args.predictor, cfg, dev)
+    args.k = dyrate.pruning_layer(cfg.text.num_hidden_layers, args.k, predictor)
+    cli.check_writable_folder(args.out, "--out", make=True)
     if args.plot:
-        generate.check_writable_folder(args.plot, "--plot", make=True)
-    return methods, batches
+        cli.check_writable_folder(args.plot, "--plot", make=True)
+    return methods, batches, dev, predictor
 
 
 def check_budget(gib, dev):
@@ -262,7 +216,7 @@ def check_budget(gib, dev):
         if gib * 2**30 > total:
             raise ValueError(f"--memory-gib {gib:g} is more than the {total / 2**30:.1f} GiB of {dev}")
         return
-    if not reset_resident_peak():
+    if not memory.reset_resident_peak():
         raise ValueError("--memory-gib on CPU measures each run's peak resident set through /proc/self/clear_refs, "
                          "which this system does not offer; use a CUDA device or drop --memory-gib")
     free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -271,66 +225,58 @@ def check_budget(gib, dev):
                          f"{free / 2**30:.1f} GiB of memory is free; pass at most {free / 2**31:.1f}")
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    try:
-        methods, batches = check_args(args)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    libc = glibc()
-    dtype, dev = getattr(torch, args.dtype), args.device
+def build_models(args, methods, dev, dtype):
+    """transformers' model (if a method needs it), ours on the same weights, and a second Llava on the same tensors
+    with its decode compiled (if a +compile method needs it)."""
     log(f"building {args.model or args.geometry} on {dev} in {args.dtype} ...")
     hf, ours = checkpoint_models(args.model, dev, dtype, "transformers" in methods) if args.model else \
         random_models(args.geometry, dev, dtype)
     compiled = None
-    if any(m.endswith("+compile") for m in methods):  # a second Llava on the same tensors, its decode compiled
+    if any(m.endswith("+compile") for m in methods):
         with torch.device("meta"):
             compiled = model.Llava(ours.config)
         compiled = share_weights(compiled, ours.state_dict(), dev).compile_decode()
-    cfg, N = ours.config, ours.config.n_image_tokens
-    weights = sum(t.numel() * t.element_size() for t in ours.state_dict().values())
-    predictor = dyrate.RatePredictor.load(args.predictor, cfg, dev) if args.predictor else \
-        constant_predictor(cfg.text.num_attention_heads, args.ratio, args.k, dev)
-    torch.manual_seed(1)
-    text = torch.randint(3, cfg.image_token_index, (args.prompt_tokens,)).tolist()
-    prompt = [cfg.bos_token_id] + text[:5] + [cfg.image_token_index] * N + text[5:]  # the image starts at 6
-    T, n = len(prompt), args.new_tokens
-    ramp = [round((args.ratio + (1 - args.ratio) * t / max(n - 1, 1)) * 8) / 8 for t in range(n)]
+    return hf, ours, compiled
 
-    def pruner(method, B):
-        start, length = torch.full((B,), 6, device=dev), torch.full((B,), T, device=dev)
+
+class Workload:
+    """One prompt (576 image tokens inside --prompt-tokens of text) and --new-tokens greedy tokens, run by any method
+    at any batch size (identical rows); run() times it and measures its peak memory."""
+
+    def __init__(self, args, hf, ours, compiled, predictor, dev):
+        self.args, self.hf, self.ours, self.compiled, self.dev = args, hf, ours, compiled, dev
+        self.cfg, N = ours.config, ours.config.n_image_tokens
+        self.predictor = predictor or constant_predictor(self.cfg.text.num_attention_heads, args.ratio, args.k, dev)
+        torch.manual_seed(1)
+        text = torch.randint(3, self.cfg.image_token_index, (args.prompt_tokens,)).tolist()
+        self.prompt = [self.cfg.bos_token_id] + text[:5] + [self.cfg.image_token_index] * N + text[5:]  # image at 6
+        n = args.new_tokens
+        # the ramp: rates rising from R to 1 on the 9 candidates 0, 1/8, .., 1 (compaction at several steps)
+        self.ramp = [round((args.ratio + (1 - args.ratio) * t / max(n - 1, 1)) * 8) / 8 for t in range(n)]
+
+    def pruner(self, method, B):
+        T, N, k = len(self.prompt), self.cfg.n_image_tokens, self.args.k
+        start, length = torch.full((B,), 6, device=self.dev), torch.full((B,), T, device=self.dev)
         if method == "none":
             return None
         if method == "dyrate-ramp":
-            return dyrate.Pruner("dyrate", N, start, length, args.k, schedule=ramp)
-        return dyrate.Pruner(method, N, start, length, args.k, args.ratio,
-                             predictor if method == "dyrate" else None, stats=method == "dyrate")
+            return dyrate.Pruner("dyrate", N, start, length, k, schedule=self.ramp)
+        return dyrate.Pruner(method, N, start, length, k, self.args.ratio,
+                             self.predictor if method == "dyrate" else None, stats=method == "dyrate")
 
     @torch.inference_mode()
-    def run(method, B):
-        ids = torch.tensor([prompt] * B, device=dev)
-        S = cfg.vision.image_size
-        px = torch.randn(1, 3, S, S, device=dev, generator=torch.Generator(dev).manual_seed(0)).to(dtype)
-        px = px.expand(B, -1, -1, -1)  # (B, 3, S, S)
-        reset_peak_memory(dev, libc)
-        if method == "transformers":  # time a 1-token generation, then the rest is decode
-            times = []
-            for count in (1, n):  # NOTE: eos_token_id=None: exactly `count` tokens, EOS never masked (as ours here)
-                generate.sync(dev)
-                t0 = time.perf_counter()
-                out = hf.generate(input_ids=ids, pixel_values=px, attention_mask=torch.ones_like(ids), do_sample=False,
-                                  max_new_tokens=count, eos_token_id=None, pad_token_id=cfg.pad_token_id,
-                                  return_dict_in_generate=True)
-                generate.sync(dev)
-                times.append(time.perf_counter() - t0)
-            return dict(prefill_s=times[0], decode_s=times[1] - times[0], tokens=out.sequences[0, T:].tolist(),
-                        hook=None, memory=peak_memory(dev))
-        llava = compiled if method.endswith("+compile") else ours
-        hook, caches = pruner(method.removesuffix("+compile"), B), llava.new_caches(B, n)
-        lengths = torch.full((B,), T, device=dev)
+    def run(self, method, B):
+        dev, n = self.dev, self.args.new_tokens
+        ids = torch.tensor([self.prompt] * B, device=dev)
+        S = self.cfg.vision.image_size
+        px = torch.randn(1, 3, S, S, device=dev, generator=torch.Generator(dev).manual_seed(0))
+        px = px.to(self.ours.language_model.lm_head.weight.dtype).expand(B, -1, -1, -1)  # (B, 3, S, S)
+        memory.reset_peak(dev)
+        if method == "transformers":
+            return self.run_transformers(ids, px)
+        llava = self.compiled if method.endswith("+compile") else self.ours
+        hook, caches = self.pruner(method.removesuffix("+compile"), B), llava.new_caches(B, n)
+        lengths = torch.full((B,), len(self.prompt), device=dev)
         generate.sync(dev)
         t0 = t1 = time.perf_counter()
         out = []
@@ -342,41 +288,67 @@ def main(argv=None):
         generate.sync(dev)
         t2 = time.perf_counter()
         return dict(prefill_s=t1 - t0, decode_s=t2 - t1, tokens=torch.stack(out, 1)[0].tolist(), hook=hook,
-                    memory=peak_memory(dev))
+                    memory=memory.peak(dev))
 
+    def run_transformers(self, ids, px):
+        """A 1-token generation times the prefill; the rest of an n-token one is decode."""
+        times = []
+        for count in (1, self.args.new_tokens):  # NOTE: eos_token_id=None: exactly `count` tokens, EOS never masked
+            generate.sync(self.dev)
+            t0 = time.perf_counter()
+            out = self.hf.generate(input_ids=ids, pixel_values=px, attention_mask=torch.ones_like(ids),
+                                   do_sample=False, max_new_tokens=count, eos_token_id=None,
+                                   pad_token_id=self.cfg.pad_token_id, return_dict_in_generate=True)
+            generate.sync(self.dev)
+            times.append(time.perf_counter() - t0)
+        return dict(prefill_s=times[0], decode_s=times[1] - times[0], tokens=out.sequences[0, ids.shape[1]:].tolist(),
+                    hook=None, memory=memory.peak(self.dev))
+
+    def row(self, method, B, r, largest):
+        """One result row: timings, the FLOPs and KV bytes of the first row (all rows are alike), memory, tokens."""
+        cfg, N, n, T, hook = self.cfg, self.cfg.n_image_tokens, self.args.new_tokens, len(self.prompt), r["hook"]
+        dtype = self.ours.language_model.lm_head.weight.dtype
+
+        def summary(steps):  # the first `steps` steps: kept counts, FLOPs, KV bytes
+            return hook.row_summary(0, steps, cfg, T, dtype) if hook else \
+                dyrate.costs(cfg, T, [N] * steps, self.args.k, dtype=dtype)
+        whole, first = summary(n), summary(1)
+        total_s = r["prefill_s"] + r["decode_s"]
+        return dict(method=method, batch=B, prefill_ms=r["prefill_s"] * 1e3,
+                    decode_ms_per_token=r["decode_s"] * 1e3 / (n - 1), total_ms=total_s * 1e3,
+                    tokens_per_s=B * n / total_s, prefill_tflops=B * first["flops"] / 1e12,
+                    tflops=B * whole["flops"] / 1e12, kept_visual=whole.get("kept_visual", [N] * n),
+                    nocache_tflops=B * whole["nocache_flops"] / 1e12, mean_kv_bytes=B * whole["mean_kv_bytes"],
+                    peak_memory_bytes=r["memory"], kv_cache_bytes=B * whole["kv_cache_bytes"], tokens=r["tokens"],
+                    largest=largest)
+
+
+def measure(work, methods, batches, log):
+    """Every method at every batch in interleaved rounds; with --memory-gib, each method's largest batch found by
+    running it, then timed in rounds of its own. Returns the result rows and the searches."""
+    args = work.args
     jobs = [(m, B) for B in batches for m in methods]
     log(f"timing {len(methods)} methods x {len(batches)} batch sizes: {len(jobs)} runs per round")
-    results = interleaved([lambda m=m, B=B: run(m, B) for m, B in jobs], args.repeats, log)
+    results = interleaved([lambda m=m, B=B: work.run(m, B) for m, B in jobs], args.repeats, log)
     searches = {}
-    if args.memory_gib:  # then the largest batches found are timed too, in rounds of their own
+    if args.memory_gib:
         peaks = {job: r["memory"] for job, r in zip(jobs, results)}
-        searches = search_largest(args, methods, peaks, run, dev, log)
+        searches = search_largest(args, methods, peaks, work.run, work.dev, log)
         extra = [(m, s["largest"]) for m, s in searches.items() if s["largest"] and (m, s["largest"]) not in peaks]
         if extra:
             log(f"timing the largest batches: {len(extra)} runs per round")
-            results += interleaved([lambda m=m, B=B: run(m, B) for m, B in extra], args.repeats, log)
+            results += interleaved([lambda m=m, B=B: work.run(m, B) for m, B in extra], args.repeats, log)
             jobs += extra
-    rows = []
-    for (m, B), r in zip(jobs, results):
-        largest = B == searches.get(m, {}).get("largest") and B not in batches  # timed in rounds of its own
-        hook = r["hook"]
+    rows = [work.row(m, B, r, B == searches.get(m, {}).get("largest") and B not in batches)
+            for (m, B), r in zip(jobs, results)]
+    return rows, searches
 
-        def summary(steps):  # the first `steps` steps of row 0 (all rows are alike): kept counts, FLOPs, KV bytes
-            if hook:
-                return hook.row_summary(0, steps, cfg, T, dtype)
-            return dyrate.costs(cfg, T, [N] * steps, args.k, dtype=dtype)
-        whole, first = summary(n), summary(1)
-        total_s = r["prefill_s"] + r["decode_s"]
-        rows.append(dict(method=m, batch=B, prefill_ms=r["prefill_s"] * 1e3,
-                         decode_ms_per_token=r["decode_s"] * 1e3 / (n - 1), total_ms=total_s * 1e3,
-                         tokens_per_s=B * n / total_s, prefill_tflops=B * first["flops"] / 1e12,
-                         tflops=B * whole["flops"] / 1e12, kept_visual=whole.get("kept_visual", [N] * n),
-                         nocache_tflops=B * whole["nocache_flops"] / 1e12, mean_kv_bytes=B * whole["mean_kv_bytes"],
-                         peak_memory_bytes=r["memory"], kv_cache_bytes=B * whole["kv_cache_bytes"], tokens=r["tokens"],
-                         largest=largest))
-    report(rows, args, cfg, T, searches)
-    result = dict(vars(args), prompt_tokens_total=T, weights_bytes=weights, device_name=device_name(dev), results=rows,
-                  largest_batch=searches)
+
+def save(rows, searches, args, work, dev):
+    """The JSON results and, with --plot, the throughput plot, each written atomically."""
+    weights = sum(t.numel() * t.element_size() for t in work.ours.state_dict().values())
+    result = dict(vars(args), prompt_tokens_total=len(work.prompt), weights_bytes=weights, device_name=device_name(dev),
+                  results=rows, largest_batch=searches)
 
     def write(tmp):
         with open(tmp, "w") as f:
@@ -388,6 +360,25 @@ def main(argv=None):
             f" (--memory-gib {args.memory_gib:g})" if args.memory_gib else "")
         processing.atomic_write(args.plot, lambda tmp: viz.throughput_plot(rows, title).save(tmp, format="PNG"))
         log(f"wrote {args.plot}")
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with cli.user_errors():
+        methods, batches, dev, predictor = check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = cli.dtype(args.dtype, dev)
+    args.dtype = str(dtype).removeprefix("torch.")
+    hf, ours, compiled = build_models(args, methods, dev, dtype)
+    work = Workload(args, hf, ours, compiled, predictor, dev)
+    rows, searches = measure(work, methods, batches, log)
+    report(rows, args, ours.config, len(work.prompt), searches)
+    save(rows, searches, args, work, dev)
     return rows
 
 

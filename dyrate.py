@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 import processing
 
 METHODS = ("none", "fastv", "vtw", "dyrate")
+DEFAULT_K = 2  # the pruning layer of FastV's and the seed paper's LLaVA-1.5 experiments
 TYPES = ("system", "image", "instruction", "response")
 PREDICTOR_FORMAT = "dyrate-predictor-1"
 
@@ -72,7 +73,7 @@ class RatePredictor(nn.Module):
     rates. For LLaVA-1.5-7B with 9 rates: 32*4*9 + 9 = 1161 parameters, ~2.3 kFLOPs per step (a decoder layer: ~0.4
     GFLOPs per token)."""
 
-    def __init__(self, n_heads, rates, k=2):
+    def __init__(self, n_heads, rates, k=DEFAULT_K):
         super().__init__()
         if not rates or any(not 0 <= r <= 1 for r in rates) or sorted(rates) != list(rates):
             raise ValueError(f"rates must be increasing fractions in [0, 1], got {rates}")
@@ -185,17 +186,30 @@ def compaction_moves(positions, length, drop_mask, image_start, n_image):
 
 
 def check_method(method, ratio=0.5, predictor=None, schedule=None):
-    """A method and the options it uses, checked (the Pruner, and generate.py before any weights load)."""
+    """A pruning method and the arguments it uses (the Pruner's check)."""
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; choose one of {METHODS}.")
     if method == "dyrate" and predictor is None and schedule is None:
-        raise ValueError("--method dyrate needs a trained predictor (--predictor FILE, written by train.py).")
+        raise ValueError("method 'dyrate' needs a trained predictor (train.py writes one) or a schedule of rates.")
     if predictor is not None and method != "dyrate":
-        raise ValueError(f"A rate predictor is used by --method dyrate only, not by {method!r}: drop --predictor.")
+        raise ValueError(f"A rate predictor is used by method 'dyrate' only, not by {method!r}.")
     if method == "fastv" and not (isinstance(ratio, (int, float)) and 0 <= ratio <= 1):
         raise ValueError(f"FastV's drop ratio R must lie in [0, 1], got {ratio!r}.")
     if schedule is not None and (not len(schedule) or not all(0 <= float(r) <= 1 for r in schedule)):
         raise ValueError(f"A rate schedule is a non-empty list of drop rates in [0, 1], got {list(schedule)}.")
+
+
+def pruning_layer(n_layers, k=None, predictor=None):
+    """The pruning layer K for a model of n_layers decoder layers: k, else the predictor's, else DEFAULT_K (1 for a
+    2-layer model). Layer K-1 ranks the image tokens and layers >= K see the kept ones, so 1 <= K <= n_layers - 1."""
+    if predictor is not None and k is not None and k != predictor.k:
+        raise ValueError(f"The predictor was trained for K={predictor.k}, not K={k}: leave K to the predictor.")
+    top = max(1, n_layers - 1)
+    k = k if k is not None else predictor.k if predictor is not None else min(DEFAULT_K, top)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= top:
+        raise ValueError(f"K must lie in [1, {top}] for this {n_layers}-layer model: layer K-1 ranks the image tokens "
+                         f"and layers K.. see the kept ones; got {k!r}.")
+    return k
 
 
 @dataclass
@@ -216,9 +230,10 @@ class Pruner:
     prefill) or 'dyrate' (a rate per step from `predictor`, or from `schedule`, a list of rates per step: hand-set
     baselines and tests). stats=True computes the type shares at every step (for --json / --viz)."""
 
-    def __init__(self, method, n_image, image_start, prompt_len, k=2, ratio=0.5, predictor=None, schedule=None,
-                 stats=True):
+    def __init__(self, method, n_image, image_start, prompt_len, k=DEFAULT_K, ratio=0.5, predictor=None,
+                 schedule=None, stats=True):
         check_method(method, ratio, predictor, schedule)
+        assert predictor is None or predictor.k == k, "the predictor was trained for another K (pruning_layer)"
         self.method, self.n_image, self.k, self.ratio = method, n_image, k, ratio
         self.image_start, self.prompt_len = image_start, prompt_len
         self.predictor, self.schedule, self.stats = predictor, schedule, stats
@@ -226,11 +241,11 @@ class Pruner:
         self.step = 0  # the next step: 0 = the prefill
         self.history: list[StepRecord] = []
 
-    def ranks(self):  # dyrate ranks at every step, fastv at prefill only, vtw and none never
+    def ranks_this_step(self):  # dyrate ranks at every step, fastv at prefill only, vtw and none never
         return self.method == "dyrate" or self.method == "fastv" and self.step == 0
 
     def needs_probe(self):
-        return self.stats or self.ranks()
+        return self.stats or self.ranks_this_step()
 
     def probe_rows(self, n_valid, T):
         """The query rows whose layer K-1 attention this step needs: each row's last real token, or none."""
@@ -260,7 +275,7 @@ class Pruner:
         rate = self.rate(shares)
         kept_before = self.kept_mask.sum(1)  # (B,)
         keep = torch.minimum(kept_before, keep_count(rate, self.n_image).long())  # (B,): never grows
-        prefill, ranks = self.step == 0, self.ranks()
+        prefill, ranks = self.step == 0, self.ranks_this_step()
         if scores is None:  # no ranking needed: nothing or everything goes
             assert not prefill or bool(((keep == 0) | (keep == kept_before)).all())
             kept_mask = self.kept_mask & (keep[:, None] > 0)
@@ -299,11 +314,12 @@ class Pruner:
 # training: a differentiable choice of rate and the keep masks it implies
 
 
-def gumbel_softmax_st(logits, tau, generator=None):
+def gumbel_softmax_st(logits, tau, noise=None):
     """Straight-through Gumbel-Softmax: a hard one-hot sample forward, the softmax's gradient backward, temperature tau.
+    noise: uniform samples of logits' shape (drawn here when None), so a caller can draw them once for a step.
     NOTE: the noise is added to logits / tau, so the hard sample is drawn from softmax(logits / tau) and becomes the
     argmax inference uses as tau anneals (on the raw logits it would sample softmax(logits) whatever tau)."""
-    u = torch.rand(logits.shape, generator=generator, device=logits.device).clamp(1e-10, 1 - 1e-7)
+    u = (torch.rand(logits.shape, device=logits.device) if noise is None else noise).clamp(1e-10, 1 - 1e-7)
     soft = (logits.float() / tau - torch.log(-torch.log(u))).softmax(-1)
     hard = F.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft.dtype)
     return hard - soft.detach() + soft
@@ -332,11 +348,16 @@ class TrainMask:
     """The training hook (train.py): the same statistics as the Pruner for *every* query row of a teacher-forced
     sequence, a straight-through Gumbel-Softmax choice of rate per row, and the keep mask it implies, handed to layers
     >= k as a float key weight (masked_attention), so the language-model loss reaches the predictor. Prompt rows take
-    the last prompt row's (the step-0) decision, as inference does."""
+    the last prompt row's (the step-0) decision, as inference does. noise: the Gumbel noise's uniform samples
+    (B, T, n_rates), or None to draw them.
 
-    def __init__(self, predictor, n_image, image_start, prompt_len, tau=1.0, generator=None):
+    Two halves, so that train.py can run layers < k once, without autograd, for the teacher and the student:
+    statistics() (data: no gradient reaches the predictor through layers < k, whose output does not depend on it)
+    and decide() (the predictor, the sample, the mask: where the gradient goes)."""
+
+    def __init__(self, predictor, n_image, image_start, prompt_len, tau=1.0, noise=None):
         self.predictor, self.n_image, self.k = predictor, n_image, predictor.k
-        self.image_start, self.prompt_len, self.tau, self.generator = image_start, prompt_len, tau, generator
+        self.image_start, self.prompt_len, self.tau, self.noise = image_start, prompt_len, tau, noise
         self.logits = None  # (B, T, C) the predictor's logits of the last forward
         self.onehot = None  # (B, T, C) its straight-through choice
         self.kept_count = None  # (B, T) float: each query row's kept count, differentiable (the cost terms use it)
@@ -345,21 +366,32 @@ class TrainMask:
         """Every query row of the sequence."""
         return torch.arange(T, device=n_valid.device).expand(len(n_valid), T)
 
+    def statistics(self, probs):
+        """probs (B, H, T, S), layer k-1's attention of every row -> what each row decides from: the type shares
+        (B, T, H, 4) and the image tokens' scores (B, T, N), the prompt rows' taken from the last prompt row."""
+        B, H, T, S = probs.shape
+        src = torch.maximum(torch.arange(T, device=probs.device)[None], (self.prompt_len - 1)[:, None])  # (B, T)
+        shares = type_shares(probs, self.image_start, self.n_image, self.prompt_len)  # (B, T, H, 4)
+        scores = image_scores(probs, self.image_start, self.n_image)  # (B, T, N)
+        return shares.gather(1, src[..., None, None].expand(-1, -1, H, 4)), \
+            scores.gather(1, src[..., None].expand(-1, -1, self.n_image))
+
+    def decide(self, shares, scores, S):
+        """Each row's rate (sampled), its keep mask and kept count; returns the (B, T, S) key weight over S keys."""
+        B, T, _ = scores.shape
+        self.logits = self.predictor(shares)  # (B, T, C)
+        self.onehot = gumbel_softmax_st(self.logits, self.tau, self.noise)  # (B, T, C)
+        keeps = keep_count(torch.tensor(self.predictor.rates, device=scores.device), self.n_image)  # (C,)
+        masks = candidate_masks(scores, keeps)  # (B, T, C, N)
+        weight = (self.onehot[..., None] * masks).sum(-2)  # (B, T, N): 0/1 forward, gradient into onehot
+        self.kept_count = self.onehot @ keeps.to(self.onehot.dtype)  # (B, T)
+        idx = (self.image_start[:, None] + torch.arange(self.n_image, device=scores.device))[:, None].expand(-1, T, -1)
+        return torch.ones(B, T, S, device=scores.device).scatter(2, idx, weight)
+
     def __call__(self, probs, x, positions, n_valid, caches):
         """Called before layer k with probs (B, H, T, S), layer k-1's attention of every row; drops nothing, returns
         the (B, T, S) key weight for layers >= k."""
-        B, H, T, S = probs.shape
-        shares = type_shares(probs, self.image_start, self.n_image, self.prompt_len)  # (B, T, H, 4)
-        scores = image_scores(probs, self.image_start, self.n_image)  # (B, T, N)
-        src = torch.maximum(torch.arange(T, device=probs.device)[None], (self.prompt_len - 1)[:, None])  # (B, T)
-        self.logits = self.predictor(shares.gather(1, src[..., None, None].expand(-1, -1, H, 4)))  # (B, T, C)
-        self.onehot = gumbel_softmax_st(self.logits, self.tau, self.generator)  # (B, T, C)
-        keeps = keep_count(torch.tensor(self.predictor.rates, device=probs.device), self.n_image)  # (C,)
-        masks = candidate_masks(scores.gather(1, src[..., None].expand(-1, -1, self.n_image)), keeps)  # (B, T, C, N)
-        weight = (self.onehot[..., None] * masks).sum(-2)  # (B, T, N): 0/1 forward, gradient into onehot
-        self.kept_count = self.onehot @ keeps.to(self.onehot.dtype)  # (B, T)
-        idx = (self.image_start[:, None] + torch.arange(self.n_image, device=probs.device))[:, None].expand(-1, T, -1)
-        return x, positions, n_valid, torch.ones(B, T, S, device=probs.device).scatter(2, idx, weight)
+        return x, positions, n_valid, self.decide(*self.statistics(probs), probs.shape[-1])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -373,7 +405,7 @@ def layer_flops(t, T, S):
     return proj + 2 * 3 * T * t.hidden_size * t.intermediate_size + 2 * 2 * t.num_attention_heads * T * S * t.head_dim
 
 
-def generation_flops(cfg, prompt_len, kept, k=2, probes=0, predictor_flops=0, n_images=1, cache=True):
+def generation_flops(cfg, prompt_len, kept, k=DEFAULT_K, probes=0, predictor_flops=0, n_images=1, cache=True):
     """Matmul FLOPs of generating len(kept) tokens for one row, from what was processed: kept[t] image tokens remain
     in layers >= k at step t (kept[0] at prefill). Ints give ints; tensors (training) give a differentiable tensor.
     `probes` steps computed the layer k-1 statistics (probe + type shares) and ran the predictor. cache=False: the
@@ -410,7 +442,7 @@ def kv_cache_bytes(cfg, prompt_len, n_new, kept, k, dtype):
     return per_token * (k * n + (t.num_hidden_layers - k) * (n - (cfg.n_image_tokens - kept)))
 
 
-def fastv_flops(cfg, n_tokens, n_kept_image, k=2):
+def fastv_flops(cfg, n_tokens, n_kept_image, k=DEFAULT_K):
     """FastV's published convention: prefill only, per layer 4nd^2 + 2n^2d + 2ndm (n tokens, hidden d, FFN m; 2-matrix
     FFN, multiply-adds). Returns (pruned, unpruned) so their ratio compares with the papers' TFLOPs ratios."""
     t = cfg.text

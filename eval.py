@@ -23,15 +23,14 @@ import math
 import os
 import re
 import shutil
-import signal
 import sys
 import time
 from collections import Counter
 
+import cli
 import dyrate
 import generate
 import processing
-from model import Llava, check_device, read_config
 
 CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."  # lmms-eval's for LLaVA-1.5
 SHORT_SUFFIX = "\nAnswer the question using a single word or phrase."  # LLaVA-1.5's evaluation prompts
@@ -197,22 +196,8 @@ def question_scores(task, preds, refs):
 
 
 def read_done(path):
-    """The lines an interrupted run wrote (predictions, and records skipped on the way); a last line cut off by a kill
-    is dropped from the file."""
-    done, good = {}, 0
-    with open(path, "rb") as f:
-        for line in f:
-            try:
-                p = json.loads(line)
-            except json.JSONDecodeError:
-                break
-            if not line.endswith(b"\n"):
-                break
-            done[json.dumps(p["id"])] = p
-            good += len(line)
-    with open(path, "rb+") as f:
-        f.truncate(good)
-    return done
+    """{record id: line} of what an interrupted run wrote (predictions, and records skipped on the way)."""
+    return {json.dumps(p["id"]): p for p in processing.read_lines(path)}
 
 
 def progress(done, total, new, seconds, skipped):
@@ -238,10 +223,8 @@ def run_method(llava, tok, records, method, args, predictor, log):
                     chunk.append(r)
                 except (ValueError, OSError):
                     lines.append(dict(id=r["id"], skipped="unreadable image"))
-            out = generate.generate(llava, tok, images, [r["prompt"] for r in chunk],
-                                    args.max_new_tokens, conv=args.conv, pad=args.pad, method=method, k=args.k,
-                                    ratio=args.ratio, predictor=predictor if method == "dyrate" else None,
-                                    stats=False) if chunk else None
+            prompts = [r["prompt"] for r in chunk]
+            out = generate.generate(llava, tok, images, prompts, **options(args, method, predictor)) if chunk else None
             for r, row in zip(chunk, out.rows if out else []):
                 costs = {key: row[key] for key in row
                          if key.removesuffix("_none").endswith(("flops", "bytes", "steps"))}
@@ -249,11 +232,8 @@ def run_method(llava, tok, records, method, args, predictor, log):
                                   kept_visual=row["kept_visual"], prefill_ms=out.prefill_ms,
                                   decode_ms_per_token=out.decode_ms_per_token, batch=len(chunk), **costs))
                 new_tokens += len(row["token_ids"])
-            for line in lines:
-                f.write(json.dumps(line) + "\n")
-                done[json.dumps(line["id"])] = line
-            f.flush()
-            os.fsync(f.fileno())
+            processing.append_lines(f, lines)
+            done.update((json.dumps(line["id"]), line) for line in lines)
             progress(len(done), usable, i + len(lines), time.perf_counter() - t0,
                      sum(1 for p in done.values() if "skipped" in p))
     print(file=sys.stderr)
@@ -317,113 +297,112 @@ def parse_args(argv=None):
                    "captions are 'caption'")
     g.add_argument("--images", required=True, help="the folder image paths are relative to")
     g.add_argument("--limit", type=int, default=None, help="only the first N records")
-    g = p.add_argument_group("model and methods")
-    g.add_argument("--model", default=generate.SHAPES_MODEL, help="llava-hf checkpoint folder (default: the shapes "
-                   "model)")
-    g.add_argument("--methods", "--method", default="none", help="comma-separated: none, fastv, vtw, dyrate")
-    g.add_argument("--predictor", default=None, help="the rate predictor for dyrate (train.py)")
-    g.add_argument("--k", type=int, default=None, help="pruning layer K (default 2, or the predictor's)")
-    g.add_argument("--ratio", type=float, default=0.5, help="FastV's drop ratio R")
+    cli.add_model_args(p)
+    g = cli.add_pruning_args(p, method="several")
     g.add_argument("--original", action="store_true", help="the original LLaVA-1.5 evaluation settings: vicuna_v1 "
                    "template and pad-to-square (the papers' numbers)")
     g.add_argument("--max-new-tokens", type=int, default=None, help="default 64 for captions (lmms-eval), 16 else")
     g.add_argument("--suffix", default=None, help="text after each question (default: LLaVA-1.5's evaluation "
                    "instruction for the task; '' for a model trained without one, such as the shapes model)")
     g.add_argument("--batch-size", type=int, default=8, help="records per generate() call")
-    g.add_argument("--device", default="cuda" if generate.torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="model dtype")
     g = p.add_argument_group("output")
     g.add_argument("--out", required=True, help="folder for predictions-METHOD.jsonl, metrics-METHOD.json, results")
     g.add_argument("--resume", action="store_true", help="continue the runs whose predictions are in --out")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.methods = args.methods.split(",")
+    args.task = "caption" if args.captions else args.task
+    args.conv, args.pad = ("vicuna_v1", True) if args.original else ("llava-hf", False)
+    return args
 
 
-class Stop(Exception):
-    """SIGTERM, handled like Ctrl-C: the predictions so far are on disk."""
+def check_args(args):
+    """What only the command line knows, checked before anything is read: the data files, flags, the output."""
+    if (args.captions is None) == (args.questions is None):
+        raise ValueError("give --captions FILE or --questions FILE (one of them)")
+    if args.questions and args.task in (None, "caption"):
+        raise ValueError("--questions needs --task short, vqa, yesno or choice")
+    data = args.captions or args.questions
+    if not os.path.isfile(data):
+        raise FileNotFoundError(f"{'--captions' if args.captions else '--questions'} {data!r} does not exist.")
+    if not os.path.isdir(args.images):
+        raise FileNotFoundError(f"--images {args.images!r} is not a folder.")
+    for m in args.methods:
+        if m not in dyrate.METHODS:
+            raise ValueError(f"unknown method {m!r} in --methods; choose from {', '.join(dyrate.METHODS)}")
+    cli.check_pruning_flags(args.methods, args.predictor)
+    for name, value in (("--batch-size", args.batch_size), ("--limit", args.limit or 1),
+                        ("--max-new-tokens", args.max_new_tokens or 1)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    args.max_new_tokens = args.max_new_tokens or (64 if args.task == "caption" else 16)
+    os.makedirs(args.out, exist_ok=True)
+    cli.check_writable_folder(os.path.join(args.out, "metrics.json"), "--out")
+    for m in args.methods:
+        path = os.path.join(args.out, f"predictions-{m}.jsonl")
+        if os.path.isfile(path) and not args.resume:
+            raise ValueError(f"{path} exists: pass --resume to continue that run, or another --out.")
+    return data
 
 
-def on_sigterm(signum, frame):
-    raise Stop
+def read_records(data, args, cfg, tok):
+    """The records, each marked with why it is skipped (or None), and --limit applied."""
+    try:
+        records = load_captions(data, args.images) if args.captions else \
+            load_questions(data, args.images, args.task, args.suffix)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{data} is not valid JSON ({e}).") from None
+    records = records[:args.limit] if args.limit else records
+    for r in records:
+        r["skip"] = check_record(r)
+        if not r["skip"] and len(tok.encode_prompt(r["prompt"], args.conv)[0]) + args.max_new_tokens > \
+                cfg.text.max_position_embeddings:
+            r["skip"] = "longer than the context"
+    if not any(not r["skip"] for r in records):
+        raise ValueError(f"{data}: none of its {len(records)} records can be evaluated "
+                         f"({dict(Counter(r['skip'] for r in records))}).")
+    return records
+
+
+def options(args, method, predictor):
+    """generate()'s arguments for one method."""
+    return dict(max_new_tokens=args.max_new_tokens, conv=args.conv, pad=args.pad, method=method, k=args.k,
+                ratio=args.ratio, predictor=predictor if method == "dyrate" else None, stats=False)
+
+
+def table(results):
+    """The methods side by side, when several ran."""
+    keys = [k for k in ("cider", "bleu4", "accuracy", "f1") if k in results[0]]
+    lines = [f"{'method':10}" + "".join(f"{k:>10}" for k in keys) + f"{'FLOPs':>8}{'no-cache':>10}{'mean KV':>9}"
+             f"{'kept':>7}"]
+    for r in results:
+        lines.append(f"{r['method']:10}" + "".join(f"{r[k]:10.4f}" for k in keys) + f"{r['flops_ratio']:8.3f}"
+                     f"{r['nocache_ratio']:10.3f}{r['kv_ratio']:9.3f}{r['mean_kept_image_tokens']:7.1f}")
+    return "\n".join(lines)
 
 
 def main(argv=None):
     args = parse_args(argv)
     log = print
-    try:  # every check before the weights load
-        if (args.captions is None) == (args.questions is None):
-            raise ValueError("give --captions FILE or --questions FILE (one of them)")
-        data = args.captions or args.questions
-        args.task = "caption" if args.captions else args.task
-        if args.questions and args.task in (None, "caption"):
-            raise ValueError("--questions needs --task short, vqa, yesno or choice")
-        if not os.path.isfile(data):
-            raise FileNotFoundError(f"{'--captions' if args.captions else '--questions'} {data!r} does not exist.")
-        if not os.path.isdir(args.images):
-            raise FileNotFoundError(f"--images {args.images!r} is not a folder.")
-        methods = args.methods.split(",")
-        for m in methods:
-            if m not in dyrate.METHODS:
-                raise ValueError(f"unknown method {m!r} in --methods; choose from {', '.join(dyrate.METHODS)}")
-        if "dyrate" in methods and not args.predictor:
-            raise ValueError("--methods dyrate needs --predictor FILE (train one with train.py)")
-        for name, value in (("--batch-size", args.batch_size), ("--limit", args.limit or 1),
-                            ("--max-new-tokens", args.max_new_tokens or 1)):
-            if value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
-        args.max_new_tokens = args.max_new_tokens or (64 if args.task == "caption" else 16)
-        args.conv, args.pad = ("vicuna_v1", True) if args.original else ("llava-hf", False)
-        device = check_device(args.device)
-        cfg = read_config(args.model)
-        tok = processing.Tokenizer(args.model, cfg)
-        predictor = dyrate.RatePredictor.load(args.predictor, cfg, device) if args.predictor else None
-        for m in methods:
-            generate.check_options(cfg, m, args.k, args.ratio, predictor if m == "dyrate" else None,
-                                   max_new_tokens=args.max_new_tokens)
+    with cli.user_errors():
+        data = check_args(args)
+        device = cli.device(args.device)
+        cfg, tok = cli.checkpoint(args.model)
+        predictor = cli.load_predictor(args.predictor, cfg, device)
+        records = read_records(data, args, cfg, tok)
+        first = next(r for r in records if not r["skip"])
+        for m in args.methods:  # every option checked on a real record before the weights load
+            generate.prepare(cfg, tok, [first["image"]], [first["prompt"]], device, **options(args, m, predictor))
+        log(f"{len(records)} records ({data}), task {args.task}")
+        llava = cli.load_model(args.model, device, cli.dtype(args.dtype, device), log)
         try:
-            records = load_captions(data, args.images) if args.captions else \
-                load_questions(data, args.images, args.task, args.suffix)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{data} is not valid JSON ({e}).") from None
-        records = records[:args.limit] if args.limit else records
-        for r in records:
-            r["skip"] = check_record(r)
-            if not r["skip"] and len(tok.encode_prompt(r["prompt"], args.conv)[0]) + args.max_new_tokens > \
-                    cfg.text.max_position_embeddings:
-                r["skip"] = "longer than the context"
-        if not any(not r["skip"] for r in records):
-            raise ValueError(f"{data}: none of its {len(records)} records can be evaluated "
-                             f"({dict(Counter(r['skip'] for r in records))}).")
-        os.makedirs(args.out, exist_ok=True)
-        generate.check_writable_folder(os.path.join(args.out, "metrics.json"), "--out")
-        for m in methods:
-            path = os.path.join(args.out, f"predictions-{m}.jsonl")
-            if os.path.isfile(path) and not args.resume:
-                raise ValueError(f"{path} exists: pass --resume to continue that run, or another --out.")
-        dtype = getattr(generate.torch, args.dtype or generate.default_dtype(device))
-        log(f"{len(records)} records ({data}), task {args.task}; loading {args.model} on {device} in {dtype} ...")
-        llava = Llava.from_pretrained(args.model, device=device, dtype=dtype)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    results = []
-    try:
-        for m in methods:
-            results.append(run_method(llava, tok, records, m, args, predictor, log))
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    except (KeyboardInterrupt, Stop) as e:
-        print(file=sys.stderr)
-        sys.exit(f"interrupted: the predictions so far are in {args.out}; rerun with --resume to continue"
-                 if isinstance(e, KeyboardInterrupt) else "stopped by SIGTERM: rerun with --resume to continue")
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+            with cli.sigterm_raises_stop():
+                results = [run_method(llava, tok, records, m, args, predictor, log) for m in args.methods]
+        except cli.INTERRUPTS as e:
+            print(file=sys.stderr)
+            sys.exit(f"interrupted: the predictions so far are in {args.out}; rerun with --resume to continue"
+                     if isinstance(e, KeyboardInterrupt) else "stopped by SIGTERM: rerun with --resume to continue")
     if len(results) > 1:
-        keys = [k for k in ("cider", "bleu4", "accuracy", "f1") if k in results[0]]
-        log("\n" + f"{'method':10}" + "".join(f"{k:>10}" for k in keys) + f"{'FLOPs':>8}{'no-cache':>10}{'mean KV':>9}"
-            f"{'kept':>7}")
-        for r in results:
-            log(f"{r['method']:10}" + "".join(f"{r[k]:10.4f}" for k in keys) + f"{r['flops_ratio']:8.3f}"
-                f"{r['nocache_ratio']:10.3f}{r['kv_ratio']:9.3f}{r['mean_kept_image_tokens']:7.1f}")
+        log("\n" + table(results))
     return results
 
 

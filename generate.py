@@ -6,23 +6,26 @@ Answer a prompt about an image with LLaVA-1.5 (model.py): prefill, then a decode
     python generate.py --image photo.jpg --model DIR --method dyrate --predictor FILE --viz out/photo --compile
 
 A batch (generate() with several image/prompt pairs) pads each row at its end and every cache row keeps its own
-length, so no row ever attends to padding and each row computes what it would alone. Streams the answer, then prints
-one summary line (prompt tokens, new tokens, prefill ms, decode tokens/s, peak memory) on stderr.
+length, so no row ever attends to padding and each row computes what it would alone. generate() is prepare() (every
+check, the prompts and images; no weights needed) then run(); the command line prepares before it loads the weights.
+Streams the answer, then prints one summary line (prompt tokens, new tokens, prefill ms, decode tokens/s, peak
+memory) on stderr.
 """
 import argparse
 import json
 import math
 import os
-import resource
 import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+import cli
 import dyrate
-from model import Llava, check_device, read_config
-from processing import Tokenizer, load_image, preprocess
+import memory
+from model import Llava
+from processing import TEMPLATES, Tokenizer, preprocess
 
 
 @dataclass
@@ -31,7 +34,7 @@ class Generation:
     rows: list = field(default_factory=list)  # text, token_ids (new tokens, EOS included), prompt_tokens, costs, ...
     prefill_ms: float = 0.0  # vision tower + prompt forward + first token
     decode_ms_per_token: float = 0.0
-    peak_memory_bytes: int = 0  # CUDA: max allocated; CPU: the process's peak resident set
+    peak_memory_bytes: int = 0  # CUDA: max allocated; CPU: the process's peak resident set (memory.py)
 
 
 class StreamDecoder:
@@ -91,43 +94,58 @@ def decode(model, input_ids, lengths, pixel_values, caches, n_new, pruner=None, 
         logits = model.decode_step(token, lengths + t, caches, pruner)
 
 
-def check_options(cfg, method="none", k=None, ratio=0.5, predictor=None, schedule=None, max_new_tokens=64,
-                  temperature=0.0, top_k=0, top_p=1.0):
-    """Every generation option checked against the model's config (no weights needed). Returns K."""
-    dyrate.check_method(method, ratio, predictor, schedule)
-    if predictor is not None and k is not None and k != predictor.k:
-        raise ValueError(f"The predictor was trained for K={predictor.k}; drop --k or pass --k {predictor.k}.")
+@dataclass
+class Request:
+    """A batch of image/prompt pairs made ready for generation without the weights (prepare()): every option
+    checked, the prompts encoded, the images preprocessed, the pruner made. Used once: the pruner keeps its state."""
+    input_ids: torch.Tensor  # (B, T) on the device, rows padded at their end
+    lengths: torch.Tensor  # (B,) real tokens of each row
+    image_starts: list  # index of each row's first image token
+    pixel_values: torch.Tensor  # (B, 3, S, S) float32, on the CPU
+    pruner: dyrate.Pruner
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+
+
+def check_sampling(max_new_tokens, temperature, top_k, top_p):
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}.")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}.")
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}.")
     if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-        raise ValueError(f"--top-p must lie in (0, 1], got {top_p!r}.")
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p!r}.")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"--top-k must be a whole number >= 0 (0 = all tokens), got {top_k!r}.")
-    layers = cfg.text.num_hidden_layers
-    k = (predictor.k if predictor is not None else min(2, max(1, layers - 1))) if k is None else k
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= max(1, layers - 1):
-        raise ValueError(f"K must lie in [1, {max(1, layers - 1)}] for this {layers}-layer model: layer K-1 ranks the "
-                         f"image tokens and layers K.. see the kept ones; got {k!r}.")
-    return k
+        raise ValueError(f"top_k must be a whole number >= 0 (0 = all tokens), got {top_k!r}.")
 
 
-def check_writable_folder(path, what, make=False):
-    """The folder a file will be written to must exist (make=True: is made) and be writable; checked before any long
-    work, so that no result is lost at the end."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if make:
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as e:
-            raise ValueError(f"{what} {path!r}: cannot make the folder {folder!r} ({e.strerror}).") from None
-    if not os.path.isdir(folder):
-        raise ValueError(f"{what} {path!r}: the folder {folder!r} does not exist; create it first.")
-    if not os.access(folder, os.W_OK):
-        raise ValueError(f"{what} {path!r}: the folder {folder!r} is not writable.")
-    if os.path.isdir(path):
-        raise ValueError(f"{what} {path!r} is a folder; give a file name.")
+def prepare(cfg, tokenizer, images, prompts, device="cpu", max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0,
+            seed=0, conv="llava-hf", pad=False, method="none", k=None, ratio=0.5, predictor=None, schedule=None,
+            stats=True):
+    """Everything generate() does before the weights are needed, so that a command line finds every mistake before
+    loading them (minutes for 7B). images: paths or PIL images; prompts: one question each. method/k/ratio/predictor/
+    schedule choose the visual-token pruning (dyrate.Pruner; K defaults to the predictor's or dyrate.DEFAULT_K);
+    stats records the type shares at every step."""
+    if isinstance(images, (str, os.PathLike)) or isinstance(prompts, str):
+        raise ValueError("Give a list of images and a list of prompts, one prompt per image.")
+    if len(images) != len(prompts) or not images:
+        raise ValueError(f"Give one prompt per image: got {len(images)} images and {len(prompts)} prompts.")
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    k = dyrate.pruning_layer(cfg.text.num_hidden_layers, k, predictor)
+    encoded = [tokenizer.encode_prompt(p, conv) for p in prompts]
+    lengths = torch.tensor([len(ids) for ids, _ in encoded], device=device)  # (B,)
+    B, T = len(encoded), int(lengths.max())
+    cfg.check_length(T + max_new_tokens)
+    input_ids = torch.full((B, T), cfg.pad_token_id, dtype=torch.long, device=device)  # rows padded at their end
+    for b, (ids, _) in enumerate(encoded):
+        input_ids[b, :len(ids)] = torch.tensor(ids)
+    pixel_values = torch.stack([preprocess(im, cfg.vision.image_size, pad) for im in images])
+    starts = [start for _, start in encoded]
+    pruner = dyrate.Pruner(method, cfg.n_image_tokens, torch.tensor(starts, device=device), lengths, k, ratio,
+                           predictor, schedule, stats)
+    return Request(input_ids, lengths, starts, pixel_values, pruner, max_new_tokens, temperature, top_k, top_p, seed)
 
 
 def sync(device):
@@ -136,43 +154,27 @@ def sync(device):
 
 
 @torch.inference_mode()
-def generate(model: Llava, tokenizer: Tokenizer, images, prompts, max_new_tokens=64, temperature=0.0, top_k=0,
-             top_p=1.0, seed=0, conv="llava-hf", pad=False, on_text=None, method="none", k=None, ratio=0.5,
-             predictor=None, schedule=None, stats=True):
-    """Generate for a batch of image/prompt pairs. on_text(row, piece) receives the text as it is produced.
-    method/k/ratio/predictor/schedule choose the visual-token pruning (dyrate.Pruner); stats records the type
-    shares at every step. Each row reports its pruning history, FLOPs and KV-cache bytes next to those of `none`."""
-    if isinstance(images, (str, os.PathLike)) or isinstance(prompts, str):
-        raise ValueError("Give a list of images and a list of prompts, one prompt per image.")
-    if len(images) != len(prompts) or not images:
-        raise ValueError(f"Give one prompt per image: got {len(images)} images and {len(prompts)} prompts.")
+def run(model: Llava, tokenizer: Tokenizer, request: Request, on_text=None):
+    """Generate a prepared batch. on_text(row, piece) receives the text as it is produced. Each row reports its
+    pruning history, FLOPs and KV-cache bytes next to those of `none`."""
     cfg, device = model.config, model.language_model.lm_head.weight.device
-    k = check_options(cfg, method, k, ratio, predictor, schedule, max_new_tokens, temperature, top_k, top_p)
-    encoded = [tokenizer.encode_prompt(p, conv) for p in prompts]
-    lengths = torch.tensor([len(ids) for ids, _ in encoded], device=device)  # (B,)
-    B, T = len(encoded), int(lengths.max())
-    cfg.check_length(T + max_new_tokens)
-    input_ids = torch.full((B, T), cfg.pad_token_id, dtype=torch.long, device=device)  # rows padded at their end
-    for b, (ids, _) in enumerate(encoded):
-        input_ids[b, :len(ids)] = torch.tensor(ids)
     dtype = model.language_model.lm_head.weight.dtype
-    pixel_values = torch.stack([preprocess(im, cfg.vision.image_size, pad) for im in images]).to(device, dtype)
-    caches = model.new_caches(B, max_new_tokens)
-    starts = torch.tensor([start for _, start in encoded], device=device)
-    pruner = dyrate.Pruner(method, cfg.n_image_tokens, starts, lengths, k, ratio, predictor, schedule, stats)
-    generator = torch.Generator(device).manual_seed(seed)
-    if torch.device(device).type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    r, pruner = request, request.pruner
+    assert r.input_ids.device == device, "prepare() the request for the model's device"
+    B = len(r.input_ids)
+    caches = model.new_caches(B, r.max_new_tokens)
+    generator = torch.Generator(device).manual_seed(r.seed)
+    memory.reset_peak(device)
 
     def choose(t, logits):
-        return sample_next_token(logits, temperature, top_k, top_p, generator)
+        return sample_next_token(logits, r.temperature, r.top_k, r.top_p, generator)
 
     streams, new_tokens = [StreamDecoder(tokenizer) for _ in range(B)], []
     done = torch.zeros(B, dtype=torch.bool, device=device)
     sync(device)
     t0 = t1 = time.perf_counter()
-    for token, _ in decode(model, input_ids, lengths, pixel_values, caches, max_new_tokens, pruner, choose,
-                           cfg.eos_token_id):
+    for token, _ in decode(model, r.input_ids, r.lengths, r.pixel_values.to(device, dtype), caches, r.max_new_tokens,
+                           pruner, choose, cfg.eos_token_id):
         if not new_tokens:  # prefill: vision tower + prompt forward + the first token
             sync(device)
             t1 = time.perf_counter()
@@ -188,54 +190,44 @@ def generate(model: Llava, tokenizer: Tokenizer, images, prompts, max_new_tokens
         for b in range(B):
             on_text(b, streams[b].flush())
 
-    out = Generation(prefill_ms=(t1 - t0) * 1e3, decode_ms_per_token=(t2 - t1) * 1e3 / max(len(new_tokens) - 1, 1))
-    if torch.device(device).type == "cuda":
-        out.peak_memory_bytes = torch.cuda.max_memory_allocated(device)
-    else:
-        out.peak_memory_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    out = Generation(prefill_ms=(t1 - t0) * 1e3, decode_ms_per_token=(t2 - t1) * 1e3 / max(len(new_tokens) - 1, 1),
+                     peak_memory_bytes=memory.peak(device))
     all_tokens = torch.stack(new_tokens, dim=1).tolist()  # (B, n_new)
-    for b, (ids, start) in enumerate(encoded):
-        row = all_tokens[b]
+    for b, start in enumerate(r.image_starts):
+        row, prompt_len = all_tokens[b], int(r.lengths[b])
         if cfg.eos_token_id in row:
             row = row[:row.index(cfg.eos_token_id) + 1]
-        out.rows.append(dict(text=tokenizer.decode(row), token_ids=row, prompt_tokens=len(ids), image_token_start=start,
-                             method=method, k=k, **pruner.row_summary(b, len(row), cfg, len(ids), dtype)))
+        out.rows.append(dict(text=tokenizer.decode(row), token_ids=row, prompt_tokens=prompt_len,
+                             image_token_start=start, method=pruner.method, k=pruner.k,
+                             **pruner.row_summary(b, len(row), cfg, prompt_len, dtype)))
     return out
 
 
-SHAPES_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "shapes")
+def generate(model: Llava, tokenizer: Tokenizer, images, prompts, max_new_tokens=64, on_text=None, **options):
+    """Generate for a batch of image/prompt pairs: prepare() (options: its sampling, template and pruning
+    arguments), then run()."""
+    device = model.language_model.lm_head.weight.device
+    return run(model, tokenizer, prepare(model.config, tokenizer, images, prompts, device, max_new_tokens, **options),
+               on_text)
 
 
-def default_dtype(device):
-    return "float16" if torch.device(device).type == "cuda" else "float32"
+# ----------------------------------------------------------------------------------------------------------------------
+# the command line
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Answer a prompt about an image with LLaVA-1.5.")
     g = p.add_argument_group("input")
     g.add_argument("--image", required=True, help="image file (anything Pillow opens)")
     g.add_argument("--prompt", default="Provide a one-sentence caption for the provided image.", help="the question")
-    g.add_argument("--conv", choices=["llava-hf", "vicuna_v1"], default="llava-hf",
+    g.add_argument("--conv", choices=sorted(TEMPLATES), default="llava-hf",
                    help="prompt template: llava-hf's 'USER: <image>\\n... ASSISTANT:' or the original with a system "
                         "prompt")
     g.add_argument("--pad", action="store_true", help="pad the image to a square first (original LLaVA evaluation)")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=SHAPES_MODEL, help="llava-hf checkpoint folder (config.json, safetensors, "
-                   "tokenizer.json); default: the shipped shapes model (models/shapes), e.g. llava-1.5-7b-hf for "
-                   "the real one")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:1, cpu, ...")
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="default: float16 on CUDA, float32 on CPU (use bfloat16 for 7B on CPU: ~14 GB)")
+    g = cli.add_model_args(p)
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step (static shapes in buckets "
                    "of 64 cache slots, CUDA graphs on GPU): slower first steps, faster tokens after them")
-    g = p.add_argument_group("visual-token pruning (dyrate.py)")
-    g.add_argument("--method", choices=dyrate.METHODS, default="none",
-                   help="none; fastv: drop --ratio of the image tokens once at prefill; vtw: drop them all at prefill; "
-                        "dyrate: a learned rate at every step (needs --predictor)")
-    g.add_argument("--k", type=int, default=None, help="pruning layer K: layers >= K see only kept image tokens "
-                   "(default 2, or the predictor's)")
-    g.add_argument("--ratio", type=float, default=0.5, help="FastV's R: fraction of the image tokens dropped")
-    g.add_argument("--predictor", default=None, help="DyRate rate predictor file written by train.py")
+    cli.add_pruning_args(p)
     g = p.add_argument_group("sampling")
     g.add_argument("--max-new-tokens", type=int, default=64, help="stop after this many new tokens (or at EOS)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -246,55 +238,55 @@ def main(argv=None):
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     g.add_argument("--viz", default=None, metavar="OUT", help="write OUT.gif (kept patches per step with the text so "
                    "far), OUT_strip.png and OUT_shares.png (attention mass per token type over the steps)")
-    args = p.parse_args(argv)
-    if args.method == "dyrate" and args.predictor is None:
-        p.error("--method dyrate needs --predictor FILE (train one with train.py)")
+    return p.parse_args(argv)
 
-    try:  # everything that can be checked before the weights load (minutes for 7B)
-        device = check_device(args.device)
-        cfg = read_config(args.model)
-        tokenizer = Tokenizer(args.model, cfg)
-        image = load_image(args.image)
-        predictor = args.predictor and dyrate.RatePredictor.load(args.predictor, cfg, device)
-        check_options(cfg, args.method, args.k, args.ratio, predictor or None, None, args.max_new_tokens,
-                      args.temperature, args.top_k, args.top_p)
-        ids = tokenizer.encode_prompt(args.prompt, args.conv)[0]
-        cfg.check_length(len(ids) + args.max_new_tokens)
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def summary_line(out, n_image):
+    """The one line on stderr after a streamed answer: speed, memory, what was kept, costs against none."""
+    row = out.rows[0]
+    n_new = len(row["token_ids"])
+    speed = f"{1e3 / out.decode_ms_per_token:.1f} tok/s" if n_new > 1 else "n/a (one new token)"
+    return (f"prompt tokens {row['prompt_tokens']} | new tokens {n_new} | prefill {out.prefill_ms:.1f} ms | decode "
+            f"{speed} | peak memory {out.peak_memory_bytes / 2**30:.2f} GiB | {row['method']}: image tokens kept "
+            f"{row['kept_visual'][0]} -> {row['kept_visual'][-1]} of {n_image}, {row['flops'] / 1e12:.3f} TFLOPs "
+            f"({row['flops_ratio']:.2f} of none), KV cache {row['kv_cache_bytes'] / 2**20:.1f} MiB "
+            f"({row['kv_cache_bytes'] / row['kv_cache_bytes_none']:.2f} of none)")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with cli.user_errors():
+        # every check before the weights load (minutes for 7B): flags, files, then the request itself
+        cli.check_pruning_flags([args.method], args.predictor)
+        device = cli.device(args.device)
+        cfg, tokenizer = cli.checkpoint(args.model)
+        predictor = cli.load_predictor(args.predictor, cfg, device)
+        request = prepare(cfg, tokenizer, [args.image], [args.prompt], device, args.max_new_tokens, args.temperature,
+                          args.top_k, args.top_p, args.seed, args.conv, args.pad, args.method, args.k, args.ratio,
+                          predictor, stats=bool(args.json or args.viz))
         if args.viz:
-            check_writable_folder(args.viz + ".gif", "--viz", make=True)
-        dtype = getattr(torch, args.dtype or default_dtype(device))
-        print(f"loading {args.model} on {device} in {dtype} ...", file=sys.stderr)
-        model = Llava.from_pretrained(args.model, device=device, dtype=dtype)
+            cli.check_writable_folder(args.viz + ".gif", "--viz", make=True)
+        model = cli.load_model(args.model, device, cli.dtype(args.dtype, device), log)
         if args.compile:
             model.compile_decode()
         if predictor:
-            print(predictor.describe(model.config), file=sys.stderr)
-        stream = None if args.json else (lambda b, piece: print(piece, end="", flush=True))
-        out = generate(model, tokenizer, [image], [args.prompt], args.max_new_tokens, args.temperature, args.top_k,
-                       args.top_p, args.seed, args.conv, args.pad, stream, args.method, args.k, args.ratio,
-                       predictor or None, stats=bool(args.json or args.viz))
-        if not args.json:
-            print()  # the streamed answer ends its line
+            log(predictor.describe(cfg))
+        out = run(model, tokenizer, request, None if args.json else lambda b, piece: print(piece, end="", flush=True))
         if args.viz:
             import viz
-            for path in viz.save(args.viz, image, out.rows[0], tokenizer, model.config, args.pad):
-                print(f"wrote {path}", file=sys.stderr)
-    except (ValueError, FileNotFoundError) as e:  # a user mistake: the message says what to do
-        sys.exit(f"error: {e}")
-    row = out.rows[0]
+            for path in viz.save(args.viz, args.image, out.rows[0], tokenizer, cfg, args.pad):
+                log(f"wrote {path}")
     if args.json:
-        print(json.dumps(dict(row, prefill_ms=round(out.prefill_ms, 3),
+        print(json.dumps(dict(out.rows[0], prefill_ms=round(out.prefill_ms, 3),
                               decode_ms_per_token=round(out.decode_ms_per_token, 3),
-                              new_tokens=len(row["token_ids"]), peak_memory_bytes=out.peak_memory_bytes)))
-        return out
-    n_new = len(row["token_ids"])
-    speed = f"{1e3 / out.decode_ms_per_token:.1f} tok/s" if n_new > 1 else "n/a (one new token)"
-    print(f"prompt tokens {row['prompt_tokens']} | new tokens {n_new} | prefill {out.prefill_ms:.1f} ms | decode "
-          f"{speed} | peak memory "
-          f"{out.peak_memory_bytes / 2**30:.2f} GiB | {row['method']}: image tokens kept {row['kept_visual'][0]} -> "
-          f"{row['kept_visual'][-1]} of {model.config.n_image_tokens}, {row['flops'] / 1e12:.3f} TFLOPs "
-          f"({row['flops_ratio']:.2f} of none), KV cache {row['kv_cache_bytes'] / 2**20:.1f} MiB "
-          f"({row['kv_cache_bytes'] / row['kv_cache_bytes_none']:.2f} of none)", file=sys.stderr)
+                              new_tokens=len(out.rows[0]["token_ids"]), peak_memory_bytes=out.peak_memory_bytes)))
+    else:
+        print()  # the streamed answer ends its line
+        log(summary_line(out, cfg.n_image_tokens))
     return out
 
 

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from safetensors import SafetensorError, safe_open
 
 import dyrate
-import processing
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Configs. Defaults are LLaVA-1.5-7B's; the hub config.json lists only some fields, the rest are these.
@@ -439,21 +439,26 @@ class LlamaModel(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hs)
         return emb.cos().to(dtype), emb.sin().to(dtype), positions
 
-    def run(self, lo, hi, x, positions, n_valid, caches=None, probe_rows=None, key_weight=None):
+    def run(self, lo, hi, x, positions, n_valid, caches=None, probe_rows=None, key_weight=None, checkpoint=False):
         """Layers lo .. hi-1 on x (B, T, C); the last of them also returns the attention probabilities of the query
         rows probe_rows (B, R), else None. The caches' host-side counts move here, outside compiled code; a one-token
-        step runs the compiled layers once Llava.compile_decode was called."""
+        step runs the compiled layers once Llava.compile_decode was called. checkpoint=True (training): each layer
+        keeps only its inputs for the backward pass and runs again there (activation checkpointing)."""
         for cache in caches[lo:hi] if caches is not None else ():
             cache.reserve(x.shape[1])
         layers = self.compiled_layers if x.shape[1] == 1 and self.compiled_layers is not None else self.layers_forward
-        return layers(lo, hi, x, positions, n_valid, caches, probe_rows, key_weight)
+        return layers(lo, hi, x, positions, n_valid, caches, probe_rows, key_weight, checkpoint)
 
-    def layers_forward(self, lo, hi, x, positions, n_valid, caches, probe_rows, key_weight):
+    def layers_forward(self, lo, hi, x, positions, n_valid, caches, probe_rows, key_weight, checkpoint=False):
         rope = self.rope(positions, x.dtype)
         probs = None
         for i in range(lo, hi):
-            x, probs = self.layers[i](x, rope, caches[i] if caches is not None else None, n_valid,
-                                      probe_rows if i == hi - 1 else None, key_weight)
+            inputs = (x, rope, caches[i] if caches is not None else None, n_valid, probe_rows if i == hi - 1 else None,
+                      key_weight)
+            if checkpoint:
+                x, probs = torch.utils.checkpoint.checkpoint(self.layers[i], *inputs, use_reentrant=False)
+            else:
+                x, probs = self.layers[i](*inputs)
         return x, probs
 
     def forward(self, x, positions, n_valid=None, caches=None, pruner=None):
@@ -493,13 +498,13 @@ def check_device(device):
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"--device {device!r} is not a device torch knows ({e}); use cpu, cuda or cuda:N.") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: this machine has no CUDA GPU that torch can use; use --device cpu.")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA devices.")
+        raise ValueError(f"{device!r} is not a device torch knows ({e}); use cpu, cuda or cuda:N.") from None
     if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {device}: only cpu and cuda are supported.")
+        raise ValueError(f"only cpu and cuda devices are supported, not {device!r}.")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("this machine has no CUDA GPU that torch can use; use cpu.")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"there are only {torch.cuda.device_count()} CUDA devices.")
     return dev
 
 
@@ -510,8 +515,7 @@ def read_config(model_dir):
         raise ValueError(f"{os.fspath(model_dir)!r} is a file: pass the checkpoint folder (with config.json and the "
                          f"safetensors files).")
     if not os.path.isdir(model_dir) or not os.path.isfile(config_path):
-        raise FileNotFoundError(f"No LLaVA checkpoint at {os.fspath(model_dir)!r} (no config.json). "
-                                f"{processing.GET_WEIGHTS}")
+        raise FileNotFoundError(f"No LLaVA checkpoint at {os.fspath(model_dir)!r} (no config.json).")
     return LlavaConfig.from_json(config_path)
 
 
@@ -523,14 +527,14 @@ def checkpoint_files(model_dir):
         missing = [n for n in names if not os.path.isfile(os.path.join(model_dir, n))]
         if missing:
             raise FileNotFoundError(f"{model_dir}: shard(s) {missing} listed in model.safetensors.index.json are "
-                                    f"missing (partial download?). {processing.GET_WEIGHTS}")
+                                    f"missing (partial download?).")
         return [os.path.join(model_dir, n) for n in names]
     if os.path.isfile(os.path.join(model_dir, "model.safetensors")):
         return [os.path.join(model_dir, "model.safetensors")]
     pickled = any(n.endswith((".bin", ".pt", ".pth")) for n in os.listdir(model_dir))
     raise FileNotFoundError(f"{model_dir}: no model.safetensors or model.safetensors.index.json"
                             + (" (pickled .bin weights are not loaded; use safetensors)" if pickled else "")
-                            + f". {processing.GET_WEIGHTS}")
+                            + ".")
 
 
 def canonical_key(key):
@@ -668,7 +672,7 @@ class Llava(nn.Module):
                 f = safe_open(path, framework="pt", device=str(device))
             except (SafetensorError, OSError) as e:
                 raise ValueError(f"{path} is not a readable safetensors file ({e}): the download is incomplete or "
-                                 f"corrupt. {processing.GET_WEIGHTS}") from None
+                                 f"corrupt.") from None
             with f:
                 for key in f.keys():
                     name = canonical_key(key)
@@ -685,7 +689,7 @@ class Llava(nn.Module):
         missing = sorted(set(expected) - set(state))
         if missing:
             raise ValueError(f"{model_dir}: {len(missing)} tensor(s) missing from the checkpoint, e.g. {missing[:3]}; "
-                             f"the download is partial or not a LLaVA-1.5 checkpoint. {processing.GET_WEIGHTS}")
+                             f"the download is partial or not a LLaVA-1.5 checkpoint.")
         model.load_state_dict(state, strict=True, assign=True)
         model.language_model.model.inv_freq = rope_inv_freq(cfg.text).to(device)  # meta buffer -> real one
         return model.eval().requires_grad_(False)

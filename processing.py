@@ -1,8 +1,9 @@
 """
 What goes into LLaVA-1.5 (model.py) and what comes out to disk: an image as pixel values, bit-exact with llava-hf's
 processor; a question as prompt ids in llava-hf's or the original LLaVA's template, with the tokenizers library on the
-checkpoint's tokenizer.json (build_tokenizer writes one of the same structure for a new model); and atomic_write, the
-one way files are saved here.
+checkpoint's tokenizer.json (build_tokenizer writes one of the same structure for a new model); and the two ways files
+are saved here: atomic_write (a whole file) and append_lines/read_lines (a JSONL stream that long runs extend as they
+go, so that an interrupt loses at most the last batch).
 
     pixels = preprocess("photo.jpg")                                  # (3, 336, 336)
     ids, image_start = Tokenizer("llava-1.5-7b-hf", model.config).encode_prompt("What is this?")
@@ -14,10 +15,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tokenizers import Tokenizer as HFTokenizer
-
-GET_WEIGHTS = ("Download a checkpoint with `hf download llava-hf/llava-1.5-7b-hf --local-dir DIR` "
-               "(or llava-hf/llava-1.5-13b-hf) and pass that DIR.")
-
 
 def atomic_write(path, write):
     """write(tmp_path) writes the file; it then replaces `path` in one step, so a reader (or a crash, Ctrl-C, SIGKILL)
@@ -33,6 +30,34 @@ def atomic_write(path, write):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def append_lines(f, objects):
+    """Append JSON objects, one per line, to an open file and make them durable (flush + fsync): a batch's results
+    are on disk before the next batch starts."""
+    for obj in objects:
+        f.write(json.dumps(obj) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def read_lines(path):
+    """The JSON objects of a file append_lines wrote; a last line cut off by a kill is dropped, from the file too, so
+    that appending continues on a whole line."""
+    objects, good = [], 0
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                break
+            try:
+                objects.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+            good += len(line)
+    if good < os.path.getsize(path):
+        with open(path, "rb+") as f:
+            f.truncate(good)
+    return objects
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Image preprocessing, bit-exact with llava-hf (transformers' CLIPImageProcessorPil)
@@ -119,7 +144,7 @@ class Tokenizer:
     def __init__(self, model_dir, cfg):
         path = os.path.join(os.fspath(model_dir), "tokenizer.json")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"No tokenizer.json in {model_dir!r}. {GET_WEIGHTS}")
+            raise FileNotFoundError(f"No tokenizer.json in {model_dir!r}.")
         try:
             self.tok, self.cfg = HFTokenizer.from_file(path), cfg
         except Exception as e:  # the tokenizers library raises its own exception type

@@ -80,7 +80,8 @@ def test_bench_checks_its_arguments_before_building_anything(ckpt, tmp_path, mon
                            (["--batch-sizes", "1,x"], "--batch-sizes"), (["--batch-sizes", "0"], "--batch-sizes"),
                            (["--new-tokens", "1"], "--new-tokens must be at least 2"),
                            (["--repeats", "0"], "--repeats"), (["--ratio", "2"], "--ratio"),
-                           (["--k", "40"], r"--k must lie in \[1, 7\]"), (["--memory-gib", "-1"], "--memory-gib"),
+                           (["--k", "40"], r"K must lie in \[1, 7\] for this 8-layer model"),
+                           (["--memory-gib", "-1"], "--memory-gib"),
                            (["--out", str(tmp_path / "a_file" / "b.json")], "cannot make the folder"),
                            (["--device", "cuda:5"], "--device"), (["--predictor", str(tmp_path / "none")], "not a"),
                            (["--new-tokens", "4000"], "exceed the model's context of 4096")):

@@ -265,8 +265,8 @@ def test_straight_through_gradient_reaches_predictor(ours):
     seq, L = torch.tensor([ids + answer]), len(ids)
     px = processing.preprocess(random_image(14), IMAGE_SIZE)[None]
     predictor = dyrate.RatePredictor(4, [0.0, 0.25, 0.5, 0.75, 1.0], K)
-    pruner = dyrate.TrainMask(predictor, N_IMAGE, torch.tensor([start]), torch.tensor([L]), tau=1.0,
-                              generator=torch.Generator().manual_seed(0))
+    noise = torch.rand((1, seq.shape[1], 5), generator=torch.Generator().manual_seed(0))
+    pruner = dyrate.TrainMask(predictor, N_IMAGE, torch.tensor([start]), torch.tensor([L]), tau=1.0, noise=noise)
     logits = llava(seq, px, pruner=pruner)
     loss = F.cross_entropy(logits[0, L - 1:-1], seq[0, L:])
     loss.backward()

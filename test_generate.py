@@ -103,9 +103,8 @@ def test_cli_pruning_json_and_viz(ckpt, ours, tmp_path, capsys):
     with pytest.raises(SystemExit, match="error: .*trained for a different model"):
         generate.main(["--image", str(path), "--model", ckpt[0], "--method", "dyrate", "--predictor",
                        str(tmp_path / "wrong.safetensors")])
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="error: .*needs --predictor"):
         generate.main(["--image", str(path), "--model", ckpt[0], "--method", "dyrate"])
-    assert "needs --predictor" in capsys.readouterr().err
 
 
 def test_bad_options_fail_before_the_model_loads(ckpt, ours, tmp_path, monkeypatch, capsys):
@@ -117,18 +116,19 @@ def test_bad_options_fail_before_the_model_loads(ckpt, ours, tmp_path, monkeypat
 
     def no_load(*a, **kw):
         raise AssertionError("the model was loaded before the options were checked")
-    monkeypatch.setattr(generate.Llava, "from_pretrained", no_load)
+    monkeypatch.setattr(model.Llava, "from_pretrained", no_load)
     base = ["--image", str(path), "--model", ckpt[0]]
-    for extra, message in ((["--temperature", "-1"], "--temperature must be a finite number >= 0"),
-                           (["--temperature", "nan"], "--temperature"),
-                           (["--top-p", "0"], r"--top-p must lie in \(0, 1\]"),
-                           (["--top-p", "1.5"], "--top-p"), (["--top-k", "-2"], "--top-k must be a whole number >= 0"),
+    for extra, message in ((["--temperature", "-1"], "temperature must be a finite number >= 0"),
+                           (["--temperature", "nan"], "temperature"),
+                           (["--top-p", "0"], r"top_p must lie in \(0, 1\]"),
+                           (["--top-p", "1.5"], "top_p"), (["--top-k", "-2"], "top_k must be a whole number >= 0"),
                            (["--max-new-tokens", "0"], "max_new_tokens must be"),
                            (["--max-new-tokens", "600"], "exceed the model's context of 512"),
                            (["--method", "none", "--predictor", str(tmp_path / "p")], "used by --method dyrate only"),
                            (["--method", "fastv", "--ratio", "1.5"], r"R must lie in \[0, 1\]"),
                            (["--k", "9"], r"K must lie in \[1, 3\]"), (["--device", "cuda:3"], "--device cuda:3"),
-                           (["--device", "tpu"], "--device 'tpu'"), (["--image", str(tmp_path)], "is a folder"),
+                           (["--device", "tpu"], "--device tpu: 'tpu' is not a device torch knows"),
+                           (["--image", str(tmp_path)], "is a folder"),
                            (["--image", str(tmp_path / "none.png")], "does not exist"),
                            (["--viz", "/proc/nope/v"], "--viz")):
         with pytest.raises(SystemExit, match=f"error: .*{message}"):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import generate
+import cli
 import model
 from conftest import assert_close, make_hf, prompt_inputs, random_image, save_checkpoint
 
@@ -184,8 +185,10 @@ def test_checkpoint_errors(ckpt, tmp_path):
     import shutil
     from safetensors.torch import load_file, save_file
     folder, hf = ckpt
-    with pytest.raises(FileNotFoundError, match="llava-hf/llava-1.5-7b-hf"):
+    with pytest.raises(FileNotFoundError, match="No LLaVA checkpoint"):
         model.Llava.from_pretrained(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="llava-hf/llava-1.5-7b-hf"):  # the command lines add how to get one
+        cli.checkpoint(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="is a file: pass the checkpoint folder"):
         model.Llava.from_pretrained(os.path.join(folder, "config.json"))
     with pytest.raises(ValueError, match="dtype must be a torch dtype"):

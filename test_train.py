@@ -3,21 +3,25 @@ Tests of train.py on a tiny random LLaVA (conftest.py): data reading and skippin
 and the FLOPs ratio moving toward the target, checkpoint round trip, exact resume after Ctrl-C, the predictor in
 generate.py, and a two-process torchrun. CPU, about 20 s.
 """
+import dataclasses
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import dyrate
 import generate
 import model
 import train
-from conftest import random_image
+from conftest import assert_close, random_image
+from test_dyrate import K, N_IMAGE
 
 N_TRAIN = 24
 
@@ -59,8 +63,8 @@ def test_records_are_read_skipped_and_distilled_once(ckpt, ours, data, capsys):
     assert all(s.answer and (i % 3 == 0 or len(s.answer) <= 8) for i, s in enumerate(samples))
     answered = samples[0]  # img0 carries its own answer: tokenised, EOS appended
     assert answered.answer == tok.tok.encode("A red circle and a blue square.", add_special_tokens=False).ids + [2]
-    cache = json.loads((data / "train.jsonl.answers.json").read_text())
-    assert len(cache) == N_TRAIN - N_TRAIN // 3
+    cache = train.read_answers(str(data / "train.jsonl"))
+    assert len(cache) == N_TRAIN - N_TRAIN // 3 + 1  # the distilled answers, and the image that did not decode
     first = generate.generate(llava, tok, [samples[1].image], [samples[1].prompt],
                               max_new_tokens=8).rows[0]["token_ids"]
     assert samples[1].answer == first  # the unpruned model's own greedy answer
@@ -79,7 +83,7 @@ def test_llava_conversation_json(tmp_path):
 
 
 def test_training_moves_flops_to_target_and_loss_down(ckpt, data, tmp_path, capsys):
-    predictor, best = train.main(argv(ckpt, data, tmp_path / "p", "--max-iters", "40", "--compare"))
+    predictor, held_out = train.main(argv(ckpt, data, tmp_path / "p", "--max-iters", "40", "--compare"))
     log = capsys.readouterr().out
     steps = [line for line in log.splitlines() if line.startswith("step ")]
     losses = [float(line.split("loss ")[1].split()[0]) for line in steps]
@@ -87,7 +91,7 @@ def test_training_moves_flops_to_target_and_loss_down(ckpt, data, tmp_path, caps
     assert len(steps) == 40
     assert sum(losses[-10:]) < sum(losses[:10])
     assert abs(sum(ratios[-10:]) / 10 - 0.78) < abs(sum(ratios[:10]) / 10 - 0.78)
-    assert abs(best["flops_ratio"] - 0.78) < 0.03  # held out, hard decisions, real inference path
+    assert abs(held_out["flops_ratio"] - 0.78) < 0.03  # held out, hard decisions, real inference path
     assert "fastv R=" in log and "dyrate (learned)" in log and "vtw" in log
 
 
@@ -103,7 +107,7 @@ def test_state_round_trip(tmp_path):
     p2, g2 = dyrate.RatePredictor(4, [0.0, 0.5, 1.0]), torch.Generator()
     o2 = torch.optim.AdamW(p2.parameters(), lr=0.1)
     meta = train.load_state(str(tmp_path / "s"), p2, o2, g2)
-    assert meta["iter"] == 7 and meta["best"] == {"agreement": 0.5}
+    assert meta["iter"] == 7 and meta["held_out"] == {"agreement": 0.5}
     assert all(torch.equal(a, b) for a, b in zip(predictor.state_dict().values(), p2.state_dict().values()))
     for key in ("exp_avg", "exp_avg_sq", "step"):
         assert torch.equal(optimizer.state_dict()["state"][0][key], o2.state_dict()["state"][0][key])
@@ -115,7 +119,7 @@ def test_interrupt_saves_and_resume_is_exact(ckpt, data, tmp_path, monkeypatch, 
     """Ctrl-C (or SIGTERM, what cluster schedulers send) before a step's loss or after it drew the step's Gumbel
     noise: the state of the last step boundary is saved, and --resume gives the uninterrupted run's predictor."""
     straight, _ = train.main(argv(ckpt, data, tmp_path / "a", "--max-iters", "6"))
-    real, calls = train.train_loss, []
+    real, calls = train.train_step, []
 
     def interrupted(*a, **kw):
         calls.append(1)
@@ -128,12 +132,12 @@ def test_interrupt_saves_and_resume_is_exact(ckpt, data, tmp_path, monkeypatch, 
             else:
                 raise KeyboardInterrupt
         return out
-    monkeypatch.setattr(train, "train_loss", interrupted)
+    monkeypatch.setattr(train, "train_step", interrupted)
     with pytest.raises(SystemExit) as stop:
         train.main(argv(ckpt, data, tmp_path / "b", "--max-iters", "6"))
     assert stop.value.code == (143 if signal_name else 130)
     assert os.path.isfile(tmp_path / "b.state") and os.path.isfile(tmp_path / "b")
-    monkeypatch.setattr(train, "train_loss", real)
+    monkeypatch.setattr(train, "train_step", real)
     resumed, _ = train.main(argv(ckpt, data, tmp_path / "b", "--max-iters", "6", "--resume"))
     assert torch.equal(straight.linear.weight, resumed.linear.weight)
     assert torch.equal(straight.linear.bias, resumed.linear.bias)
@@ -154,7 +158,7 @@ def test_resume_refuses_other_options_and_nothing_to_train(ckpt, data, tmp_path,
 def test_bad_options_fail_before_the_model_loads(ckpt, data, tmp_path, monkeypatch):
     def no_load(*a, **kw):
         raise AssertionError("the model was loaded before the options were checked")
-    monkeypatch.setattr(train.Llava, "from_pretrained", no_load)
+    monkeypatch.setattr(model.Llava, "from_pretrained", no_load)
     for extra, message in ((["--max-iters", "0"], "--max-iters must be at least 1.*--eval-only"),
                            (["--rates", "1:0"], "--rates '1:0'"), (["--rates", "0,1,0.5"], "increasing"),
                            (["--target", "0"], "--target"), (["--lr", "nan"], "--lr"),
@@ -209,3 +213,163 @@ def test_torchrun_two_processes(ckpt, data, tmp_path):
     assert run.stdout.count("step 3/3") == 1  # only rank 0 logs
     assert dyrate.RatePredictor.load(tmp_path / "ddp",
                                      model.Llava.from_pretrained(ckpt[0]).config).meta["trained_iters"] == 3
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the memory-bounded step: layers < K once without autograd, checkpointing, micro-batches
+
+
+@pytest.fixture(scope="module")
+def four(ours, tmp_path_factory):
+    """Four answered samples of different lengths."""
+    llava, tok = ours
+    folder = tmp_path_factory.mktemp("four")
+    prompts = ["Describe the picture.", "How many shapes are there?", "What is in the image?", "Describe the picture."]
+    answers = ["A red circle and a blue square.", "Two.", "A green triangle above a yellow circle on white.", "Shapes."]
+    samples = []
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        random_image(300 + i, (100 + 10 * i, 120)).save(folder / f"img{i}.png")
+        ids, start = tok.encode_prompt(p)
+        samples.append(train.Sample(str(folder / f"img{i}.png"), p, ids, start,
+                                    tok.tok.encode(a, add_special_tokens=False).ids + [2]))
+    return samples
+
+
+def step_gradient(llava, samples, *extra, budget="kv"):
+    """train_step's loss, fit, ratio and the predictor's gradient, for a predictor with varied rates and fixed noise."""
+    args = train.parse_args(["--model", "m", "--data", "d", "--out", "o", "--device", "cpu", "--budget", budget,
+                             "--target", "0.5", "--k", "2", *extra])
+    torch.manual_seed(0)
+    predictor = dyrate.RatePredictor(4, [i / 8 for i in range(9)], 2)
+    with torch.no_grad():
+        predictor.linear.weight.normal_(0, 3.0)
+    out = train.train_step(llava, predictor, samples, args, 0.7, torch.Generator().manual_seed(5), Counter())
+    return out, predictor.linear.weight.grad, predictor.linear.bias.grad
+
+
+def test_gradient_is_the_same_with_checkpointing_and_micro_batches(ours, four):
+    """One batch of 4 against checkpointing and micro-batches of 1, 2 and 4 (their gradients accumulated), with the
+    same Gumbel draws: the same predictor gradient, to fp32 rounding (exactly, where the arithmetic is the same)."""
+    llava, _ = ours
+    (loss, fit, ratio), w, b = step_gradient(llava, four)
+    assert w.abs().max() > 1e-3 and 0 < ratio < 1
+    for extra in (["--checkpoint"], ["--micro-batch-size", "4"], ["--micro-batch-size", "4", "--checkpoint"]):
+        (l2, _, r2), w2, b2 = step_gradient(llava, four, *extra)
+        assert torch.equal(w2, w) and torch.equal(b2, b) and (l2, r2) == (loss, ratio), extra
+    for extra in (["--micro-batch-size", "1"], ["--micro-batch-size", "2"], ["--micro-batch-size", "2", "--checkpoint"],
+                  ["--micro-batch-size", "3"]):
+        (l2, f2, r2), w2, b2 = step_gradient(llava, four, *extra)
+        assert_close(w2, w, 1e-6 * float(w.abs().max()), f"weight gradient {extra}")
+        assert_close(b2, b, 1e-6 * float(b.abs().max()), f"bias gradient {extra}")
+        assert abs(l2 - loss) < 1e-6 * loss and abs(r2 - ratio) < 1e-9 and abs(f2 - fit) < 1e-7, extra
+
+
+def test_layers_below_k_run_once_without_autograd_and_the_loss_is_the_full_forwards(ours, four):
+    """Layers < K run once per micro-batch, without autograd, for teacher and student alike; layers >= K run twice
+    (the student with autograd, the teacher without). The loss and gradient equal those of the plain path: a full
+    forward of the student with the TrainMask hook (autograd everywhere) and a full forward of the teacher."""
+    llava, _ = ours
+    lm, calls = llava.language_model.model, []
+    hooks = [layer.register_forward_hook(lambda m, a, o, i=i: calls.append((i, torch.is_grad_enabled())))
+             for i, layer in enumerate(lm.layers)]
+    try:
+        (loss, fit, ratio), w, b = step_gradient(llava, four, "--micro-batch-size", "2", budget="flops")
+    finally:
+        for h in hooks:
+            h.remove()
+    for i in range(len(lm.layers)):
+        grads = [g for j, g in calls if j == i]
+        assert grads == ([False, False] if i < K else [True, False, True, False]), (i, grads)
+    # the plain path: every layer of the student with autograd, the teacher's every layer again
+    args = train.parse_args(["--model", "m", "--data", "d", "--out", "o", "--budget", "flops", "--target", "0.5"])
+    torch.manual_seed(0)
+    predictor = dyrate.RatePredictor(4, [i / 8 for i in range(9)], 2)
+    with torch.no_grad():
+        predictor.linear.weight.normal_(0, 3.0)
+    ids, lengths, starts, n_answer = train.batch_tensors(four, llava.config.pad_token_id, "cpu")
+    B, T = ids.shape
+    noise = torch.rand((B, T, 9), generator=torch.Generator().manual_seed(5))
+    px = train.load_pixels(four, llava, args, Counter())[1]
+    positions = torch.arange(T).expand(B, T)
+    mask = dyrate.TrainMask(predictor, N_IMAGE, starts, lengths, 0.7, noise)
+    rows = (lengths - 1)[:, None] + torch.arange(int(n_answer.max()))
+    valid = torch.arange(int(n_answer.max())) < n_answer[:, None]
+
+    def logits(pruner):
+        h, _ = lm(llava.embed(ids, px), positions, pruner=pruner)
+        return llava.language_model.lm_head(h.gather(1, rows.clamp(max=T - 1)[..., None].expand(-1, -1, 64))).float()
+    student = logits(mask)
+    with torch.no_grad():
+        teacher = logits(None)
+    per_token = F.kl_div(student.log_softmax(-1), teacher.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+    plain_fit = (per_token * valid).sum() / valid.sum()
+    cost, none = train.budget_cost(llava.config, mask.kept_count, lengths, n_answer, predictor, "flops")
+    plain = plain_fit + args.budget_weight * (cost / none - args.target) ** 2
+    plain.backward()
+    assert abs(plain.detach().item() - loss) < 1e-6 * loss and abs((cost / none).detach().item() - ratio) < 1e-6
+    assert_close(predictor.linear.weight.grad, w, 1e-6 * float(w.abs().max()), "gradient against the plain path")
+
+
+def test_resume_is_exact_after_an_interrupt_inside_an_accumulation(ckpt, data, tmp_path, monkeypatch):
+    """Ctrl-C in the second of two micro-batches of step 3: the state of step 2's end is saved and the resumed run
+    ends with the uninterrupted run's predictor."""
+    common = ("--max-iters", "5", "--micro-batch-size", "2", "--checkpoint")
+    straight, _ = train.main(argv(ckpt, data, tmp_path / "a", *common))
+    real, calls = train.micro_batch_loss, []
+
+    def interrupted(*a, **kw):
+        calls.append(1)
+        if len(calls) == 6:  # step 3, micro-batch 2: micro-batch 1's gradient is accumulated already
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    monkeypatch.setattr(train, "micro_batch_loss", interrupted)
+    with pytest.raises(SystemExit):
+        train.main(argv(ckpt, data, tmp_path / "b", *common))
+    monkeypatch.setattr(train, "micro_batch_loss", real)
+    resumed, _ = train.main(argv(ckpt, data, tmp_path / "b", *common, "--resume"))
+    assert torch.equal(straight.linear.weight, resumed.linear.weight)
+    assert torch.equal(straight.linear.bias, resumed.linear.bias)
+
+
+def test_batched_distillation_streams_to_the_cache_and_survives_an_interrupt(ckpt, ours, data, tmp_path,
+                                                                             monkeypatch, capsys):
+    """Distilling in batches of 5 gives the answers of one at a time; an interrupt after two batches leaves their
+    answers in the cache, and the rerun distils only the rest; the unreadable image is skipped and counted."""
+    import shutil
+    llava, tok = ours
+    for name, size in (("one", "1"), ("five", "5")):
+        shutil.copytree(data, tmp_path / name, ignore=shutil.ignore_patterns("*.answers*"))
+    one = train.load_samples(str(tmp_path / "one" / "train.jsonl"), llava, tok, train.parse_args(
+        argv(ckpt, tmp_path / "one", tmp_path / "p", "--distill-batch-size", "1")), print)[0]
+    real, calls = generate.generate, []
+
+    def interrupted(*a, **kw):
+        calls.append(len(a[2]))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    monkeypatch.setattr(generate, "generate", interrupted)
+    args = train.parse_args(argv(ckpt, tmp_path / "five", tmp_path / "p", "--distill-batch-size", "5"))
+    with pytest.raises(KeyboardInterrupt):
+        train.load_samples(str(tmp_path / "five" / "train.jsonl"), llava, tok, args, print)
+    assert len(train.read_answers(str(tmp_path / "five" / "train.jsonl"))) == 10  # two batches of 5, on disk
+    calls.clear()
+    capsys.readouterr()
+    monkeypatch.setattr(generate, "generate", lambda *a, **kw: calls.append(len(a[2])) or real(*a, **kw))
+    five, skipped = train.load_samples(str(tmp_path / "five" / "train.jsonl"), llava, tok, args, print)
+    assert sum(calls) == N_TRAIN - N_TRAIN // 3 - 10  # the rest only (the unreadable image never reaches generate)
+    assert "distilled 7/7 answers" in capsys.readouterr().out
+    assert [s.answer for s in five] == [s.answer for s in one] and len(five) == N_TRAIN
+    assert skipped["unreadable image"] == 1
+
+
+def test_an_image_that_does_not_decode_is_left_out_when_first_used(ours, four, tmp_path):
+    llava, _ = ours
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    broken = dataclasses.replace(four[0], image=str(tmp_path / "broken.png"))
+    args = train.parse_args(["--model", "m", "--data", "d", "--out", "o", "--k", "2"])
+    skipped = Counter()
+    for _ in range(2):
+        kept, px = train.load_pixels([broken, *four[1:]], llava, args, skipped)
+        assert kept == list(four[1:]) and px.shape[0] == 3
+    assert skipped == {"unreadable image": 1} and broken.bad

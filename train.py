@@ -1,32 +1,36 @@
 """
-Train the DyRate rate predictor end to end under a FLOPs budget; the VLM stays frozen.
+Train the DyRate rate predictor end to end under a budget (FLOPs, mean KV-cache size or no-cache FLOPs); the VLM
+stays frozen and only the predictor (1161 parameters for LLaVA-1.5-7B) learns.
 
     python train.py --model DIR --data train.jsonl --out predictor --target 0.5                # a FLOPs budget
     python train.py --model DIR --data train.jsonl --out predictor --budget kv --target 0.4    # a mean KV-cache budget
+    python train.py --model llava-1.5-7b-hf --data train.jsonl --out predictor --dtype bfloat16 \\
+        --micro-batch-size 1 --checkpoint                                                       # 7B on one 24 GB GPU
     torchrun --nproc_per_node=8 train.py --model DIR --data train.jsonl --out predictor --target 0.5
-    python train.py --model DIR --data train.jsonl --out predictor --compare     # the evaluation table only
+    python train.py --model DIR --data train.jsonl --out predictor --eval-only     # the comparison table only
 
 Data: JSONL records {"image": path, "prompt": text, "answer": text (optional)} (paths relative to the file's folder),
 or LLaVA's conversation JSON (a list of {"image", "conversations": [{"from": "human", "value": "<image>\\n..."},
 {"from": "gpt", ...}]}). Records without an answer are answered by the frozen unpruned model itself (greedy,
-self-distillation), once: the answers are cached next to the data. Bad records are skipped and counted.
+self-distillation, in batches, sharded over torchrun's ranks), once: the answers are appended to DATA.answers.jsonl
+as each batch finishes. Images are decoded when first used; bad records are skipped and counted.
 
-Loss per batch: KL(unpruned || pruned) over the response tokens (or --loss ce: cross-entropy to the answer), plus
---budget-weight * (cost ratio - target)^2, the cost ratio (--budget: FLOPs with a KV cache, mean KV-cache size, or
-no-cache FLOPs, each / none's) counted by dyrate.costs from the kept counts sampled by the straight-through
-Gumbel-Softmax (so its gradient reaches the predictor). The Gumbel temperature anneals from
---tau-start to --tau-end. Every --eval-interval steps the held-out set runs through the real inference path with hard
-decisions: achieved cost ratios, agreement of the greedy tokens with the unpruned model, KL. The training state is
-saved atomically (safetensors + JSON, never a pickle) to OUT.state, --resume continues exactly, Ctrl-C saves first.
+A step (train_step): for each micro-batch, the vision tower and layers < K run once without autograd (the teacher
+and the student compute the same thing there) and layer K-1's statistics give each row's sampled rate; then, micro-
+batch by micro-batch, the student's layers >= K (with the keep mask; --checkpoint: recomputed in the backward pass)
+and the teacher's, the loss KL(unpruned || pruned) over the response tokens (--loss ce: cross-entropy to the answer)
+plus --budget-weight * (cost ratio - target)^2 over the whole batch, and its backward. The cost ratio is counted by
+dyrate.costs from the straight-through kept counts, so its gradient reaches the predictor. Every --eval-interval
+steps the held-out set runs through the real inference path with hard decisions. The training state is saved
+atomically (safetensors + JSON, never a pickle) to OUT.state; --resume continues exactly; Ctrl-C and SIGTERM save the
+state of the last step boundary first.
 """
 import argparse
 import copy
 import json
 import math
 import os
-import signal
 import sys
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -37,11 +41,11 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+import cli
 import dyrate
-from generate import check_writable_folder, decode, default_dtype
-from model import Llava, check_device, read_config
-from processing import Tokenizer, atomic_write, preprocess
-
+import generate
+import memory
+import processing
 
 # ----------------------------------------------------------------------------------------------------------------------
 # data
@@ -53,7 +57,9 @@ class Sample:
     prompt: str
     ids: list  # prompt ids, image tokens expanded
     start: int  # index of the first image token
-    answer: list  # answer ids, EOS included
+    answer: list | None  # answer ids, EOS included (None: to be distilled)
+    key: str = ""  # its answer's key in the answers cache (self-distilled samples)
+    bad: bool = False  # its image did not decode when first used
 
 
 def read_records(path, image_folder=None):
@@ -96,114 +102,225 @@ def read_records(path, image_folder=None):
     return records, skipped
 
 
-def load_samples(path, model, tok, args, log):
-    """Tokenised samples; records without an answer get the unpruned model's greedy answer, cached next to the data
-    (PATH.answers.json, keyed by model, template and prompt) so a rerun does not regenerate it."""
+def answers_file(data, rank=0):
+    """Where a rank appends the answers it distils (one file per rank: no two processes write one file)."""
+    return f"{data}.answers.jsonl" if rank == 0 else f"{data}.answers.rank{rank}.jsonl"
+
+
+def read_answers(data):
+    """{key: answer ids, or None for a sample whose image did not decode} from every rank's answers file."""
+    folder, name = os.path.split(os.path.abspath(data))
+    answers = {}
+    for f in sorted(os.listdir(folder)):
+        if f.startswith(name + ".answers") and f.endswith(".jsonl"):
+            answers.update((line["key"], line.get("answer")) for line in processing.read_lines(os.path.join(folder, f)))
+    return answers
+
+
+def load_samples(path, model, tok, args, log, rank=0, world=1):
+    """Tokenised samples and a Counter of the records skipped. Records without an answer get the unpruned model's
+    greedy answer (distil), kept in the answers cache next to the data and keyed by model, template and prompt, so a
+    rerun does not regenerate it. Images are only checked to exist here: they are decoded when first used."""
     records, skipped = read_records(path, args.image_folder)
-    cache_path = path + ".answers.json"
-    cache = json.load(open(cache_path)) if os.path.isfile(cache_path) else {}
-    samples, todo, limit = [], [], model.config.text.max_position_embeddings
+    cfg, limit = model.config, model.config.text.max_position_embeddings
+    samples = []
     for image, prompt, answer in records:
         if not os.path.isfile(image):
             skipped["image not found"] += 1
-            continue
-        try:
-            preprocess(image, model.config.vision.image_size, args.pad)
-        except (ValueError, OSError):
-            skipped["unreadable image"] += 1
             continue
         try:
             ids, start = tok.encode_prompt(prompt, args.conv)
         except ValueError as e:
             skipped[f"bad prompt ({e})"] += 1
             continue
-        answer_ids = None
-        if answer:
-            answer_ids = tok.tok.encode(answer, add_special_tokens=False).ids + [model.config.eos_token_id]
+        answer_ids = tok.tok.encode(answer, add_special_tokens=False).ids + [cfg.eos_token_id] if answer else None
         if len(ids) + (len(answer_ids) if answer_ids else args.distill_max_new_tokens) > limit:
             skipped[f"longer than the context ({limit})"] += 1
             continue
-        samples.append(Sample(image, prompt, ids, start, answer_ids))
-        if answer_ids is None:
-            key = json.dumps([dyrate.fingerprint(model.config), args.conv, args.pad, args.distill_max_new_tokens, image,
-                              prompt])
-            todo.append((samples[-1], key))
-    new = [(s, key) for s, key in todo if key not in cache]
-    for i, (s, key) in enumerate(new):
-        cache[key] = unpruned_answer(model, s, args)
-        if i % 10 == 9 or i == len(new) - 1:
-            log(f"distilled {i + 1}/{len(new)} answers with the unpruned model")
-            atomic_json(cache, cache_path)
-    for s, key in todo:
-        s.answer = cache[key]
+        key = json.dumps([dyrate.fingerprint(cfg), args.conv, args.pad, args.distill_max_new_tokens, image, prompt])
+        samples.append(Sample(image, prompt, ids, start, answer_ids, key))
+    answers = read_answers(path)
+    todo = [s for s in samples if s.answer is None and s.key not in answers]
+    distill(model, tok, todo[rank::world], answers_file(path, rank), args, log)
+    if world > 1:
+        dist.barrier()  # every rank's share is on disk
+    answers = read_answers(path)
+    for s in samples:
+        if s.answer is None:
+            s.answer = answers[s.key]
+    skipped["unreadable image"] += sum(s.answer is None for s in samples)
+    samples = [s for s in samples if s.answer is not None]
+    skipped = Counter({why: n for why, n in skipped.items() if n})
     log(f"{path}: {len(samples)} samples" + (f", skipped {sum(skipped.values())}: " +
         ", ".join(f"{n} {why}" for why, n in skipped.items()) if skipped else ""))
     return samples, skipped
 
 
-def pixels(samples, model, args):
-    dtype = model.language_model.lm_head.weight.dtype
-    px = torch.stack([preprocess(s.image, model.config.vision.image_size, args.pad) for s in samples])
-    return px.to(args.device, dtype)  # (B, 3, S, S)
-
-
-@torch.inference_mode()
-def unpruned_answer(model, s, args):
-    """Greedy answer ids of the frozen unpruned model (EOS included if reached)."""
-    logits, tokens = forced_decode(model, s, pixels([s], model, args), None, args.distill_max_new_tokens)
-    return tokens
+def distill(model, tok, todo, path, args, log):
+    """The unpruned model's greedy answers for `todo`, in batches through generate(), each batch appended to `path`
+    when it finishes (an interrupt loses at most one batch); a sample whose image does not decode is recorded as
+    such. A progress line (done/total, samples/s, ETA) every 10 s."""
+    t0 = last = time.perf_counter()
+    with open(path, "a") as f:
+        for i in range(0, len(todo), args.distill_batch_size):
+            chunk, images, lines = [], [], []
+            for s in todo[i:i + args.distill_batch_size]:
+                try:
+                    images.append(processing.load_image(s.image))
+                    chunk.append(s)
+                except (ValueError, OSError):
+                    lines.append(dict(key=s.key, skipped="unreadable image"))
+            if chunk:
+                rows = generate.generate(model, tok, images, [s.prompt for s in chunk], args.distill_max_new_tokens,
+                                         conv=args.conv, pad=args.pad, stats=False).rows
+                lines += [dict(key=s.key, answer=row["token_ids"]) for s, row in zip(chunk, rows)]
+            processing.append_lines(f, lines)
+            done, now = min(i + args.distill_batch_size, len(todo)), time.perf_counter()
+            if now - last >= 10 or done == len(todo):
+                rate = done / (now - t0)
+                log(f"distilled {done}/{len(todo)} answers with the unpruned model | {rate:.2f} samples/s | ETA "
+                    f"{(len(todo) - done) / rate / 60:.1f} min")
+                last = now
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # the training step
 
 
-def batch_tensors(samples, model, args):
-    """input ids (B, T) padded at the end, prompt lengths, image starts, answer lengths (B,)."""
+def load_pixels(samples, model, args, skipped):
+    """The samples whose image decodes, and their pixel values (B, 3, S, S) on the device; an image that does not
+    decode is counted in `skipped` the first time it is used and its sample left out from then on."""
+    kept, px = [], []
+    for s in samples:
+        if s.bad:
+            continue
+        try:
+            px.append(processing.preprocess(s.image, model.config.vision.image_size, args.pad))
+            kept.append(s)
+        except (ValueError, OSError):
+            s.bad = True
+            skipped["unreadable image"] += 1
+    dtype = model.language_model.lm_head.weight.dtype
+    return kept, torch.stack(px).to(args.device, dtype) if px else None
+
+
+def batch_tensors(samples, pad_id, device):
+    """input ids (B, T) of prompt + answer padded at the end, prompt lengths, image starts, answer lengths (B,)."""
     seqs = [s.ids + s.answer for s in samples]
     T = max(map(len, seqs))
-    ids = torch.full((len(seqs), T), model.config.pad_token_id, dtype=torch.long)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     for b, seq in enumerate(seqs):
         ids[b, :len(seq)] = torch.tensor(seq)
-    as_tensor = lambda values: torch.tensor(values, device=args.device)  # noqa: E731
-    return (ids.to(args.device), as_tensor([len(s.ids) for s in samples]), as_tensor([s.start for s in samples]),
+    as_tensor = lambda values: torch.tensor(values, device=device)  # noqa: E731
+    return (ids.to(device), as_tensor([len(s.ids) for s in samples]), as_tensor([s.start for s in samples]),
             as_tensor([len(s.answer) for s in samples]))
 
 
-def response_logits(model, ids, px, lengths, n_answer, pruner=None):
-    """Logits (B, R, V) of the rows that predict the answer tokens (row L-1+i predicts answer token i) and a (B, R)
-    mask of the real ones; the LM head runs on those rows only."""
+@dataclass
+class MicroBatch:
+    """A micro-batch after layers < K: what its teacher and its student both start from at layer K."""
+    ids: torch.Tensor  # (b, T) prompt + answer, padded at the end
+    lengths: torch.Tensor  # (b,) prompt tokens
+    starts: torch.Tensor  # (b,) index of the first image token
+    n_answer: torch.Tensor  # (b,) answer tokens
+    k: int  # the pruning layer K
+    x: torch.Tensor  # (b, T, C) the hidden state entering layer K
+    shares: torch.Tensor  # (b, T, H, 4) what each row's rate is decided from (TrainMask.statistics)
+    scores: torch.Tensor  # (b, T, N) each row's ranking of the image tokens
+    noise: torch.Tensor  # (b, T, n_rates) the Gumbel noise's uniform samples for its rows
+    cost: float  # the budget's cost of its sampled decisions, summed over its rows
+    cost_none: float  # the same with every image token kept
+
+
+def budget_cost(cfg, kept_count, lengths, n_answer, predictor, budget):
+    """Σ over the rows of the budget's cost (dyrate.costs) of each response step's straight-through kept count: a
+    tensor the predictor's gradient flows through; and Σ of none's, a number."""
+    rows = []
+    for b in range(len(lengths)):
+        L, n = int(lengths[b]), int(n_answer[b])
+        rows.append(dyrate.costs(cfg, L, kept_count[b, L - 1:L - 1 + n], predictor.k, n, predictor.flops()))
+    key = dyrate.COSTS[budget]
+    return sum(r[key] for r in rows), sum(r[f"{key}_none"] for r in rows)
+
+
+@torch.no_grad()
+def prefix(model, predictor, samples, pixels, noise, args, tau):
+    """The vision tower and layers < K of a micro-batch, without autograd: no gradient reaches the predictor there
+    (its input, the type shares, is data, not a function of its parameters), and the teacher and the student both
+    start from what they compute. Also samples the rows' rates once, for the cost of the whole batch."""
+    cfg, lm, k = model.config, model.language_model.model, predictor.k
+    ids, lengths, starts, n_answer = batch_tensors(samples, cfg.pad_token_id, args.device)
     B, T = ids.shape
-    h, _ = model.language_model.model(model.embed(ids, px), torch.arange(T, device=ids.device).expand(B, T),
-                                      pruner=pruner)
-    R = int(n_answer.max())
-    rows = (lengths - 1)[:, None] + torch.arange(R, device=ids.device)  # (B, R)
-    valid = torch.arange(R, device=ids.device) < n_answer[:, None]
-    h = h.gather(1, rows.clamp(max=T - 1)[..., None].expand(-1, -1, h.shape[2]))  # (B, R, C)
+    positions = torch.arange(T, device=ids.device).expand(B, T)
+    mask = dyrate.TrainMask(predictor, cfg.n_image_tokens, starts, lengths, tau, noise[:, :T])
+    x, probs = lm.run(0, k, model.embed(ids, pixels), positions, None, probe_rows=mask.probe_rows(lengths, T))
+    shares, scores = mask.statistics(probs)  # (B, T, H, 4), (B, T, N)
+    mask.decide(shares, scores, T)
+    cost, none = budget_cost(cfg, mask.kept_count, lengths, n_answer, predictor, args.budget)
+    return MicroBatch(ids, lengths, starts, n_answer, k, x, shares, scores, noise[:, :T], float(cost), float(none))
+
+
+def response_logits(model, mb, key_weight=None, checkpoint=False):
+    """Layers >= K from the micro-batch's hidden state (with the student's key weight, or none for the teacher):
+    logits (b, R, V) of the rows that predict the answer tokens (row L-1+i predicts answer token i) and a (b, R) mask
+    of the real ones; the LM head runs on those rows only."""
+    lm, (B, T) = model.language_model.model, mb.ids.shape
+    positions = torch.arange(T, device=mb.ids.device).expand(B, T)
+    h, _ = lm.run(mb.k, len(lm.layers), mb.x, positions, None, key_weight=key_weight, checkpoint=checkpoint)
+    R = int(mb.n_answer.max())
+    rows = (mb.lengths - 1)[:, None] + torch.arange(R, device=h.device)  # (B, R)
+    valid = torch.arange(R, device=h.device) < mb.n_answer[:, None]
+    h = lm.norm(h).gather(1, rows.clamp(max=T - 1)[..., None].expand(-1, -1, h.shape[2]))  # (B, R, C)
     return model.language_model.lm_head(h).float(), valid
 
 
-def train_loss(model, predictor, samples, args, tau, generator):
-    cfg, N = model.config, model.config.n_image_tokens
-    ids, lengths, starts, n_answer = batch_tensors(samples, model, args)
-    px = pixels(samples, model, args)
-    pruner = dyrate.TrainMask(predictor, N, starts, lengths, tau, generator)
-    logits, valid = response_logits(model, ids, px, lengths, n_answer, pruner)
+def micro_batch_loss(model, predictor, mb, args, tau, n_tokens, cost_rest, cost_none):
+    """One micro-batch's share of the batch's loss: its tokens' fit divided by the batch's n_tokens, plus the budget
+    term of the batch's cost ratio in which the other micro-batches' costs (cost_rest) are constants. Each share's
+    gradient is the micro-batch's part of the batch's gradient, so their sum is the whole batch's. Returns the share
+    and the micro-batch's summed fit (a number)."""
+    cfg = model.config
+    mask = dyrate.TrainMask(predictor, cfg.n_image_tokens, mb.starts, mb.lengths, tau, mb.noise)
+    weight = mask.decide(mb.shares, mb.scores, mb.ids.shape[1])  # (b, T, T): the Gumbel sample prefix() drew
+    logits, valid = response_logits(model, mb, weight, args.checkpoint)
     if args.loss == "kl":
         with torch.no_grad():
-            teacher, _ = response_logits(model, ids, px, lengths, n_answer)
+            teacher, _ = response_logits(model, mb)
         per_token = F.kl_div(logits.log_softmax(-1), teacher.log_softmax(-1), log_target=True, reduction="none").sum(-1)
     else:
-        answer_rows = lengths[:, None] + torch.arange(logits.shape[1], device=ids.device)  # (B, R)
-        targets = ids.gather(1, answer_rows.clamp(max=ids.shape[1] - 1))
+        answer_rows = mb.lengths[:, None] + torch.arange(logits.shape[1], device=logits.device)  # (b, R)
+        targets = mb.ids.gather(1, answer_rows.clamp(max=mb.ids.shape[1] - 1))
         per_token = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-    fit = (per_token * valid).sum() / valid.sum()
-    rows = []  # the straight-through kept count of each response step: the FLOPs term's gradient reaches the predictor
-    for b in range(len(samples)):
-        L, n = int(lengths[b]), int(n_answer[b])
-        rows.append(dyrate.costs(cfg, L, pruner.kept_count[b, L - 1:L - 1 + n], predictor.k, n, predictor.flops()))
-    ratio = dyrate.cost_ratio(rows, dyrate.COSTS[args.budget])
-    return fit + args.budget_weight * (ratio - args.target) ** 2, fit, ratio
+    fit = (per_token * valid).sum()
+    cost, _ = budget_cost(cfg, mask.kept_count, mb.lengths, mb.n_answer, predictor, args.budget)
+    ratio = (cost + cost_rest) / cost_none
+    return fit / n_tokens + args.budget_weight * (ratio - args.target) ** 2, fit.detach().item()
+
+
+def train_step(model, predictor, samples, args, tau, generator, skipped):
+    """The forward and backward passes of one optimizer step over a batch, in micro-batches of
+    --micro-batch-size: first the cheap part of each (prefix: layers < K) and the batch's cost ratio from the rates
+    sampled there, then the expensive part of each (micro_batch_loss: layers >= K, teacher and student) and its
+    backward. The gradient accumulates in the predictor. The Gumbel noise is drawn once for the whole batch, as one
+    (B, T, n_rates) tensor, so the samples do not depend on the micro-batch size. Returns the batch's loss, fit and
+    cost ratio (numbers), or None if no sample's image decoded."""
+    samples, pixels = load_pixels(samples, model, args, skipped)
+    if not samples:
+        return None
+    B, T = len(samples), max(len(s.ids) + len(s.answer) for s in samples)
+    noise = torch.rand((B, T, len(predictor.rates)), generator=generator, device=args.device)
+    m = args.micro_batch_size or B
+    parts = [prefix(model, predictor, samples[i:i + m], pixels[i:i + m], noise[i:i + m], args, tau)
+             for i in range(0, B, m)]
+    n_tokens = sum(int(mb.n_answer.sum()) for mb in parts)
+    cost, cost_none = sum(mb.cost for mb in parts), sum(mb.cost_none for mb in parts)
+    fit = 0.0
+    for mb in parts:
+        share, mb_fit = micro_batch_loss(model, predictor, mb, args, tau, n_tokens, cost - mb.cost, cost_none)
+        share.backward()
+        fit += mb_fit
+    ratio = cost / cost_none
+    return fit / n_tokens + args.budget_weight * (ratio - args.target) ** 2, fit / n_tokens, ratio
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -217,25 +334,35 @@ def forced_decode(model, s, px, pruner, n_steps, tokens=None):
     ids = torch.tensor([s.ids], device=px.device)
     caches = model.new_caches(1, n_steps)
     choose = None if tokens is None else (lambda t, logits: torch.tensor([tokens[t]], device=px.device))
-    steps = list(decode(model, ids, torch.tensor([len(s.ids)], device=px.device), px, caches, n_steps, pruner, choose,
-                        None if tokens is not None else model.config.eos_token_id))
+    eos = None if tokens is not None else model.config.eos_token_id
+    lengths = torch.tensor([len(s.ids)], device=px.device)
+    steps = list(generate.decode(model, ids, lengths, px, caches, n_steps, pruner, choose, eos))
     return torch.stack([logits[0] for _, logits in steps]).float(), [int(token[0]) for token, _ in steps]
 
 
-def reference(model, samples, args):
-    """The unpruned model's greedy tokens and logits on each held-out sample (computed once)."""
-    return [forced_decode(model, s, pixels([s], model, args), None, args.eval_max_new_tokens) for s in samples]
+def reference(model, samples, args, log):
+    """The unpruned model's greedy tokens and logits on each held-out sample, computed once: (sample, logits,
+    tokens) triples. A sample whose image does not decode is left out and counted."""
+    refs, skipped = [], Counter()
+    for s in samples:
+        kept, px = load_pixels([s], model, args, skipped)
+        if kept:
+            refs.append((s, *forced_decode(model, s, px, None, args.eval_max_new_tokens)))
+    if skipped:
+        log(f"held-out set: left out {skipped['unreadable image']} sample(s) whose image does not decode")
+    return refs
 
 
-def evaluate(model, samples, refs, make_pruner, args):
-    """Hard decisions through the inference path, teacher-forced with the unpruned greedy tokens: achieved FLOPs ratio
-    (sum over samples / sum for none), top-1 agreement with those tokens, KL(unpruned || pruned) per token."""
+def evaluate(model, refs, make_pruner, args):
+    """Hard decisions through the inference path, teacher-forced with the unpruned greedy tokens: achieved cost
+    ratios (sum over samples / sum for none), top-1 agreement with those tokens, KL(unpruned || pruned) per token."""
     rows, agree, kl, count = [], 0, 0, 0
-    for s, (ref_logits, ref_tokens) in zip(samples, refs):
+    for s, ref_logits, ref_tokens in refs:
         dev = torch.device(args.device)
         pruner = make_pruner(torch.tensor([s.start], device=dev), torch.tensor([len(s.ids)], device=dev),
                              len(ref_tokens))
-        logits, _ = forced_decode(model, s, pixels([s], model, args), pruner, len(ref_tokens), ref_tokens)
+        px = load_pixels([s], model, args, Counter())[1]
+        logits, _ = forced_decode(model, s, px, pruner, len(ref_tokens), ref_tokens)
         rows.append(pruner.row_summary(0, len(ref_tokens), model.config, len(s.ids)))
         agree += (logits.argmax(-1).cpu() == torch.tensor(ref_tokens)).sum().item()
         kl += F.kl_div(logits.log_softmax(-1), ref_logits.log_softmax(-1), log_target=True, reduction="sum").item()
@@ -253,24 +380,24 @@ def pruner_factory(model, method, k, ramp_from=None, **kw):
     return lambda start, length, n: dyrate.Pruner(method, N, start, length, k, stats=False, **kw)
 
 
-def compare(model, predictor, samples, refs, args, log, budget=None):
+def compare(model, predictor, refs, args, log, budget=None):
     """The README table: the learned predictor against FastV and a hand-set ramp at the same cost (the predictor's
     budget), VTW, none; every row with all three cost ratios."""
     N, k = model.config.n_image_tokens, predictor.k
     budget = budget or getattr(predictor, "meta", {}).get("budget", args.budget)
-    rows = {"none": evaluate(model, samples, refs, pruner_factory(model, "none", k), args)}
-    rows["dyrate (learned)"] = evaluate(model, samples, refs, pruner_factory(model, "dyrate", k, predictor=predictor),
+    rows = {"none": evaluate(model, refs, pruner_factory(model, "none", k), args)}
+    rows["dyrate (learned)"] = evaluate(model, refs, pruner_factory(model, "dyrate", k, predictor=predictor),
                                         args)
     target = rows["dyrate (learned)"][f"{budget}_ratio"]
-    lengths = [(len(s.ids), len(tokens)) for s, (_, tokens) in zip(samples, refs)]
+    lengths = [(len(s.ids), len(tokens)) for s, _, tokens in refs]
     keep = dyrate.matched_keep(model.config, lengths, target, k, cost=dyrate.COSTS[budget])
     rows[f"fastv R={1 - keep / N:.3f} (= constant-rate dyrate)"] = evaluate(
-        model, samples, refs, pruner_factory(model, "fastv", k, ratio=1 - keep / N), args)
+        model, refs, pruner_factory(model, "fastv", k, ratio=1 - keep / N), args)
     start = dyrate.matched_keep(model.config, lengths, target, k, ramp=True, cost=dyrate.COSTS[budget])
     rows[f"dyrate hand-set ramp {1 - start / N:.3f} -> 1"] = evaluate(
-        model, samples, refs, pruner_factory(model, "dyrate", k, ramp_from=1 - start / N), args)
-    rows["vtw"] = evaluate(model, samples, refs, pruner_factory(model, "vtw", k), args)
-    log(f"matched on the {budget} budget; ratios to none ({len(samples)} held-out samples)")
+        model, refs, pruner_factory(model, "dyrate", k, ramp_from=1 - start / N), args)
+    rows["vtw"] = evaluate(model, refs, pruner_factory(model, "vtw", k), args)
+    log(f"matched on the {budget} budget; ratios to none ({len(refs)} held-out samples)")
     log(f"{'method':42}{'FLOPs':>8}{'mean KV':>9}{'no-cache':>9}{'agreement':>11}{'KL/token':>10}")
     for name, r in rows.items():
         log(f"{name:42}{r['flops_ratio']:8.3f}{r['kv_ratio']:9.3f}{r['nocache_ratio']:9.3f}{r['agreement']:11.3f}"
@@ -282,22 +409,15 @@ def compare(model, predictor, samples, refs, args, log, budget=None):
 # training state: safetensors + JSON, written atomically
 
 
-def atomic_json(obj, path):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f)
-    atomic_write(path, write)
-
-
-def save_state(path, predictor, optimizer, generator, it, args, best):
+def save_state(path, predictor, optimizer, generator, it, args, held_out):
     tensors = {f"predictor.{k}": v.detach().cpu().contiguous() for k, v in predictor.state_dict().items()}
     opt = optimizer.state_dict()
     for i, state in opt["state"].items():
         tensors.update({f"optimizer.{i}.{k}": torch.as_tensor(v).cpu().contiguous() for k, v in state.items()})
     tensors["generator"] = generator.get_state().cpu()
-    meta = dict(iter=it, args=vars(args), param_groups=opt["param_groups"], best=best,
+    meta = dict(iter=it, args=vars(args), param_groups=opt["param_groups"], held_out=held_out,
                 predictor=dict(n_heads=predictor.n_heads, rates=predictor.rates, k=predictor.k))
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"train_state": json.dumps(meta)}))
+    processing.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"train_state": json.dumps(meta)}))
 
 
 def load_state(path, predictor, optimizer, generator):
@@ -341,36 +461,182 @@ def batch_indices(it, n, batch, rank=0, world=1, seed=0):
     return [perm[(start + j) % n] for j in range(batch)]
 
 
+@dataclass
+class Progress:
+    """Where training stands: what a checkpoint saves and an interrupt goes back to."""
+    it: int = 0  # optimizer steps done
+    held_out: dict | None = None  # the latest held-out evaluation (evaluate())
+
+
+def snapshot(progress, predictor, optimizer, generator):
+    """The whole training state at a step boundary (the predictor is tiny: a copy costs nothing)."""
+    return (copy.deepcopy(progress), {k: v.clone() for k, v in predictor.state_dict().items()},
+            copy.deepcopy(optimizer.state_dict()), generator.get_state())
+
+
+def restore(state, predictor, optimizer, generator):
+    progress, weights, opt_state, rng = state
+    predictor.load_state_dict(weights)
+    optimizer.load_state_dict(opt_state)
+    generator.set_state(rng)
+    return progress
+
+
+def save_checkpoint(progress, predictor, optimizer, generator, args, cfg, rank):
+    """The predictor file (what generate.py reads) and the training state (what --resume reads), by rank 0."""
+    if rank == 0:
+        predictor.save(args.out, dyrate.fingerprint(cfg), dict(trained_iters=progress.it, budget=args.budget,
+                                                                target=args.target, held_out=progress.held_out))
+        save_state(args.out + ".state", predictor, optimizer, generator, progress.it, args, progress.held_out)
+
+
+class Meter:
+    """Samples/s and the peak memory of the training steps, for the log: CUDA, the allocator's peak; CPU, the process's
+    peak resident set since training started and what a GPU would hold: the weights plus the peak of the live tensors
+    a step creates (memory.LiveTensors)."""
+
+    def __init__(self, model, device):
+        self.device, self.cpu = device, torch.device(device).type == "cpu"
+        self.weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        self.samples, self.seconds, self.live_peak = 0, 0.0, 0
+        memory.reset_peak(device)
+
+    def measure(self, step, n_samples):
+        """Run step() and count it: its time, its samples and, on CPU, its live tensors."""
+        t0 = time.perf_counter()
+        if self.cpu:
+            with memory.LiveTensors() as live:
+                out = step()
+            self.live_peak = max(self.live_peak, live.peak)
+        else:
+            out = step()
+        generate.sync(self.device)
+        self.samples, self.seconds = self.samples + n_samples, self.seconds + time.perf_counter() - t0
+        return out
+
+    def line(self):
+        """samples/s and memory since the last line."""
+        gpu = f" (a GPU would hold {(self.weights + self.live_peak) / 2**30:.2f})" if self.cpu else ""
+        text = (f"{self.samples / max(self.seconds, 1e-9):.2f} samples/s | peak memory "
+                f"{memory.peak(self.device) / 2**30:.2f} GiB{gpu}")
+        self.samples, self.seconds = 0, 0.0
+        return text
+
+
+def optimizer_step(model, predictor, optimizer, batch, it, generator, args, skipped, world):
+    """One step: the batch's gradient (train_step, micro-batch by micro-batch), averaged over the ranks once (the
+    accumulating micro-batches communicate nothing, as DDP's no_sync), then AdamW. Returns (loss, fit, cost ratio)
+    averaged over the ranks."""
+    for group in optimizer.param_groups:
+        group["lr"] = get_lr(it, args)
+    optimizer.zero_grad(set_to_none=True)
+    out = train_step(model, predictor, batch, args, get_tau(it, args), generator, skipped)
+    stats = torch.tensor(out or (0.0, 0.0, 0.0), device=args.device)
+    if world > 1:
+        for p in predictor.parameters():
+            p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+            dist.all_reduce(p.grad)
+            p.grad /= world
+        dist.all_reduce(stats)
+        stats /= world
+    optimizer.step()
+    return stats.tolist()
+
+
+def train(model, predictor, samples, refs, args, log, rank=0, world=1, meta=None):
+    """The loop: AdamW with warmup and cosine decay, the Gumbel temperature annealed, a log line every
+    --log-interval steps, a held-out evaluation and a checkpoint every --eval-interval. Ctrl-C or SIGTERM: the state
+    of the last step boundary is saved, so a resume redoes the interrupted step exactly. Returns the latest held-out
+    evaluation."""
+    cfg = model.config
+    optimizer = torch.optim.AdamW(predictor.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    generator = torch.Generator(args.device).manual_seed(args.seed * 1000 + rank)
+    progress = Progress()
+    if meta is not None:
+        progress = Progress(load_state(args.out + ".state", predictor, optimizer, generator)["iter"],
+                            meta.get("held_out"))
+        log(f"resumed from {args.out}.state at step {progress.it}")
+    if progress.it >= args.max_iters:
+        log(f"the state at {args.out}.state is already at step {progress.it} of {args.max_iters}: nothing to train")
+        return progress.held_out
+    cost_name = {"flops": "FLOPs", "kv": "mean KV", "nocache": "no-cache FLOPs"}[args.budget]
+    skipped, meter = Counter(), Meter(model, args.device)
+    boundary = snapshot(progress, predictor, optimizer, generator)
+    try:
+        with cli.sigterm_raises_stop():
+            while progress.it < args.max_iters:
+                it, t0 = progress.it, time.perf_counter()
+                batch = [samples[i] for i in batch_indices(it, len(samples), args.batch_size, rank, world, args.seed)]
+                loss, fit, ratio = meter.measure(lambda: optimizer_step(
+                    model, predictor, optimizer, batch, it, generator, args, skipped, world), len(batch))
+                progress.it += 1
+                if progress.it % args.log_interval == 0 or progress.it == 1:
+                    log(f"step {progress.it}/{args.max_iters}: loss {loss:.4f} | {args.loss} {fit:.4f} | {cost_name} "
+                        f"ratio {ratio:.3f} (target {args.target}) | tau {get_tau(it, args):.3f} | lr "
+                        f"{get_lr(it, args):.2e} | {(time.perf_counter() - t0) * 1e3:.0f} ms | {meter.line()}"
+                        + (f" | skipped {skipped['unreadable image']} unreadable images" if skipped else ""))
+                if progress.it % args.eval_interval == 0 or progress.it == args.max_iters:
+                    if rank == 0:
+                        progress.held_out = evaluate(model, refs, pruner_factory(model, "dyrate", args.k,
+                                                                                 predictor=predictor), args)
+                        log(held_out_line(progress.held_out, args, cost_name))
+                    save_checkpoint(progress, predictor, optimizer, generator, args, cfg, rank)
+                    if world > 1:
+                        dist.barrier()
+                boundary = snapshot(progress, predictor, optimizer, generator)
+    except (*cli.INTERRUPTS, torch.OutOfMemoryError) as e:  # back to the last step boundary, saved
+        progress = restore(boundary, predictor, optimizer, generator)
+        save_checkpoint(progress, predictor, optimizer, generator, args, cfg, rank)
+        if isinstance(e, torch.OutOfMemoryError):
+            sys.exit(f"error: out of memory at step {progress.it + 1} (state saved to {args.out}.state): resume with "
+                     f"--checkpoint and a smaller --micro-batch-size (docs/training.md gives the memory per setting)")
+        log(f"\ninterrupted at step {progress.it}: state saved to {args.out}.state; rerun with --resume to continue")
+        sys.exit(143 if isinstance(e, cli.Stop) else 130)
+    log(f"predictor written to {args.out}")
+    return progress.held_out
+
+
+def held_out_line(r, args, cost_name):
+    return (f"held-out, hard decisions: {cost_name} ratio {r[f'{args.budget}_ratio']:.3f} (target {args.target}) | "
+            f"FLOPs {r['flops_ratio']:.3f}, mean KV {r['kv_ratio']:.3f}, no-cache FLOPs {r['nocache_ratio']:.3f} | "
+            f"agreement with unpruned {r['agreement']:.3f} | KL/token {r['kl']:.4f}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the command line
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train the DyRate rate predictor under a FLOPs budget (the VLM frozen).")
-    g = p.add_argument_group("model and data")
-    g.add_argument("--model", required=True, help="llava-hf checkpoint folder")
+    p = argparse.ArgumentParser(description="Train the DyRate rate predictor under a budget (the VLM frozen).")
+    cli.add_model_args(p, default_model=None, required=True)
+    g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help="JSONL ({image, prompt, answer?}) or LLaVA conversation JSON")
     g.add_argument("--val-data", default=None, help="held-out file (default: --val-size samples held out of --data)")
     g.add_argument("--val-size", type=int, default=32, help="held-out samples taken from --data without --val-data")
     g.add_argument("--image-folder", default=None, help="folder image paths are relative to (default: the data file's)")
-    g.add_argument("--conv", choices=["llava-hf", "vicuna_v1"], default="llava-hf", help="prompt template")
+    g.add_argument("--conv", choices=sorted(processing.TEMPLATES), default="llava-hf", help="prompt template")
     g.add_argument("--pad", action="store_true", help="pad images to a square first (original LLaVA)")
     g.add_argument("--distill-max-new-tokens", type=int, default=64, help="length of self-distilled answers")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="model dtype")
+    g.add_argument("--distill-batch-size", type=int, default=8, help="samples per generate() call when distilling")
     g = p.add_argument_group("predictor and objective")
     g.add_argument("--out", required=True, help="predictor file to write (generate.py --predictor reads it)")
-    g.add_argument("--k", type=int, default=2, help="pruning layer K")
+    cli.add_k_arg(g)
     g.add_argument("--rates", default="0:1:9", help="candidate drop rates: 'start:stop:count' or a comma list")
     g.add_argument("--budget", choices=sorted(dyrate.COSTS), default="flops", help="the cost the budget is on: "
                    "flops (with a KV cache), kv (mean KV-cache size over the steps) or nocache (FLOPs when every "
                    "step recomputes the kept sequence)")
-    g.add_argument("--target", "--target-flops", type=float, default=0.5, dest="target",
-                   help="the budget as a fraction of none's cost")
-    g.add_argument("--budget-weight", "--flops-weight", type=float, default=20.0, dest="budget_weight",
-                   help="weight of (cost ratio - target)^2")
+    g.add_argument("--target", type=float, default=0.5, help="the budget as a fraction of none's cost")
+    g.add_argument("--budget-weight", type=float, default=20.0, help="weight of (cost ratio - target)^2")
     g.add_argument("--loss", choices=["kl", "ce"], default="kl", help="KL to the unpruned model, or CE to the answer")
     g.add_argument("--tau-start", type=float, default=1.0, help="Gumbel temperature at the start")
     g.add_argument("--tau-end", type=float, default=0.1, help="Gumbel temperature at the end")
     g = p.add_argument_group("optimisation")
     g.add_argument("--max-iters", type=int, default=300, help="training steps")
     g.add_argument("--batch-size", type=int, default=8, help="samples per step (per rank under torchrun)")
+    g.add_argument("--micro-batch-size", type=int, default=None, help="samples per forward/backward pass, their "
+                   "gradients accumulated over the batch (default: the whole batch at once; 1 or 2 for 7B on 24 GB)")
+    g.add_argument("--checkpoint", action="store_true", help="activation checkpointing of the layers >= K: each keeps "
+                   "only its input for the backward pass and runs again there (less memory, more time)")
     g.add_argument("--lr", type=float, default=0.05, help="peak learning rate (AdamW)")
     g.add_argument("--min-lr", type=float, default=0.005, help="learning rate at the end of the cosine")
     g.add_argument("--warmup-iters", type=int, default=10, help="linear warmup steps")
@@ -382,7 +648,7 @@ def parse_args(argv=None):
     g.add_argument("--eval-interval", type=int, default=100, help="steps between held-out evaluations (and saves)")
     g.add_argument("--eval-max-new-tokens", type=int, default=32, help="answer length evaluated per held-out sample")
     g.add_argument("--compare", action="store_true", help="at the end: learned vs FastV and a hand-set ramp at the "
-                   "same FLOPs, VTW and none, on the held-out set")
+                   "same cost, VTW and none, on the held-out set")
     g.add_argument("--eval-only", action="store_true", help="no training: the comparison for the predictor at --out")
     return p.parse_args(argv)
 
@@ -407,7 +673,8 @@ def parse_rates(text):
     return rates
 
 
-# the options that decide what is trained: a resumed run must keep them
+# the options that decide what is trained: a resumed run must keep them (--micro-batch-size and --checkpoint only
+# change how it is computed: a run that ran out of memory resumes with smaller ones)
 SAME_ON_RESUME = ("model", "data", "val_data", "val_size", "image_folder", "conv", "pad", "distill_max_new_tokens",
                   "dtype", "k", "rates", "budget", "target", "budget_weight", "loss", "tau_start", "tau_end",
                   "max_iters", "batch_size", "lr", "min_lr", "warmup_iters", "weight_decay", "seed")
@@ -421,16 +688,18 @@ def check_args(args):
             raise FileNotFoundError(f"{name} {path!r} does not exist{folder}.")
     if args.image_folder is not None and not os.path.isdir(args.image_folder):
         raise FileNotFoundError(f"--image-folder {args.image_folder!r} is not a folder.")
-    check_writable_folder(args.out, "--out")
+    cli.check_writable_folder(args.out, "--out")
     if args.eval_only:
         if not os.path.isfile(args.out):
             raise FileNotFoundError(f"--eval-only evaluates the predictor at --out, but {args.out!r} does not exist.")
         return
     for name, value, low in (("--max-iters", args.max_iters, 1), ("--batch-size", args.batch_size, 1),
+                             ("--micro-batch-size", args.micro_batch_size or 1, 1),
                              ("--warmup-iters", args.warmup_iters, 0), ("--log-interval", args.log_interval, 1),
                              ("--eval-interval", args.eval_interval, 1), ("--val-size", args.val_size, 1),
                              ("--eval-max-new-tokens", args.eval_max_new_tokens, 1),
-                             ("--distill-max-new-tokens", args.distill_max_new_tokens, 1)):
+                             ("--distill-max-new-tokens", args.distill_max_new_tokens, 1),
+                             ("--distill-batch-size", args.distill_batch_size, 1)):
         if value < low:
             raise ValueError(f"{name} must be at least {low}, got {value}" + (
                 " (to evaluate an existing predictor use --eval-only)" if name == "--max-iters" else "") + ".")
@@ -449,14 +718,23 @@ def check_args(args):
                                 f"afresh.")
 
 
-def check_resume(meta, args):
-    """Refuse a resume whose options change what is being trained, naming them."""
+def resumed_state(args):
+    """With --resume: the saved state's metadata, if its options are the same as these (else the ones that differ
+    are named); without: None."""
+    if not args.resume:
+        return None
+    try:
+        with safe_open(args.out + ".state", framework="pt") as f:
+            meta = json.loads(f.metadata()["train_state"])
+    except (SafetensorError, OSError, KeyError, TypeError) as e:
+        raise ValueError(f"{args.out}.state is not a training state written by train.py ({e}).") from None
     saved = meta["args"]
     changed = [f"--{k.replace('_', '-')} {getattr(args, k)!r} (the state has {saved.get(k)!r})"
                for k in SAME_ON_RESUME if saved.get(k) != getattr(args, k)]
     if changed:
         raise ValueError(f"--resume with other options than the run in {args.out}.state: {'; '.join(changed)}. "
                          f"Resume with the same options, or train afresh to another --out.")
+    return meta
 
 
 def hold_out(samples, args, log):
@@ -474,147 +752,58 @@ def hold_out(samples, args, log):
     return [samples[i] for i in order[size:]], [samples[i] for i in order[:size]]
 
 
-class Stop(Exception):
-    """SIGTERM (what cluster schedulers send before they kill a job), handled like Ctrl-C."""
+def load_data(model, tok, args, log, rank, world):
+    """The training samples and the held-out ones (--val-data, or part of --data)."""
+    samples = load_samples(args.data, model, tok, args, log, rank, world)[0]
+    if args.val_data:
+        val = load_samples(args.val_data, model, tok, args, log, rank, world)[0]
+    else:
+        samples, val = hold_out(samples, args, log)
+    if not samples or not val:
+        raise ValueError(f"need training and held-out samples: got {len(samples)} and {len(val)} usable ones")
+    return samples, val
 
 
-def on_sigterm(signum, frame):
-    raise Stop
+def make_predictor(args, cfg, samples):
+    """The predictor at --out (--eval-only), or a new one, its target checked against what dropping every image
+    token reaches on this data."""
+    if args.eval_only:
+        return dyrate.RatePredictor.load(args.out, cfg, args.device)
+    predictor = dyrate.RatePredictor(cfg.text.num_attention_heads, parse_rates(args.rates), args.k).to(args.device)
+    floor = dyrate.cost_ratio([dyrate.costs(cfg, len(s.ids), [0] * len(s.answer), args.k) for s in samples],
+                              dyrate.COSTS[args.budget])
+    if not floor < args.target <= 1:
+        raise ValueError(f"--target {args.target} is out of reach: dropping every image token gives {floor:.3f} of "
+                         f"none's cost ({args.budget} budget) on this data; choose a target in ({floor:.3f}, 1].")
+    return predictor
 
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
+    with cli.user_errors():  # set up: every check that needs no weights, then torchrun, then the checkpoint's files
         check_args(args)
-        check_device(args.device)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    if world > 1:  # torchrun: every rank holds a frozen model copy; only the predictor's gradients are all-reduced
-        cuda = torch.cuda.is_available() and args.device.startswith("cuda")
-        dist.init_process_group("nccl" if cuda else "gloo")
-        if cuda:
-            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-            torch.cuda.set_device(args.device)
+        rank, world, device = cli.distributed(cli.device(args.device))
+        args.device = str(device)
+        cfg, tok = cli.checkpoint(args.model)
+        args.k = dyrate.pruning_layer(cfg.text.num_hidden_layers, args.k)
+        meta = resumed_state(args)
     log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
-    state_path = args.out + ".state"
-    try:
-        cfg = read_config(args.model)
-        layers = cfg.text.num_hidden_layers
-        if not args.eval_only and not 1 <= args.k <= max(1, layers - 1):
-            raise ValueError(f"--k must lie in [1, {max(1, layers - 1)}] for this {layers}-layer model.")
-        meta = None
-        if args.resume:
-            meta = json.loads(safe_open(state_path, framework="pt").metadata()["train_state"])
-            check_resume(meta, args)
+    with cli.user_errors():  # load: the weights, the data (self-distilled where needed), the predictor
         torch.manual_seed(args.seed)
-        model = Llava.from_pretrained(args.model, args.device, getattr(torch, args.dtype or default_dtype(args.device)))
-        tok = Tokenizer(args.model, model.config)
-        if rank != 0:
-            dist.barrier()  # rank 0 distils the missing answers first; the others then read its cache
-        samples, _ = load_samples(args.data, model, tok, args, log)
-        val = load_samples(args.val_data, model, tok, args, log)[0] if args.val_data else None
-        if rank == 0 and world > 1:
-            dist.barrier()
-        if val is None:
-            samples, val = hold_out(samples, args, log)
-        if not samples or not val:
-            raise ValueError(f"need training and held-out samples: got {len(samples)} and {len(val)} usable ones")
-        if args.eval_only:
-            predictor = dyrate.RatePredictor.load(args.out, cfg, args.device)
-        else:
-            predictor = dyrate.RatePredictor(cfg.text.num_attention_heads, parse_rates(args.rates), args.k)
-            predictor = predictor.to(args.device)
-            floor = dyrate.cost_ratio([dyrate.costs(cfg, len(s.ids), [0] * len(s.answer), args.k) for s in samples],
-                                      dyrate.COSTS[args.budget])
-            if not floor < args.target <= 1:
-                raise ValueError(f"--target {args.target} is out of reach: dropping every image token gives "
-                                 f"{floor:.3f} of none's cost ({args.budget} budget) on this data; choose a target in "
-                                 f"({floor:.3f}, 1].")
-        log(predictor.describe(cfg))
-    except (ValueError, FileNotFoundError, SafetensorError) as e:
-        sys.exit(f"error: {e}")
+        model = cli.load_model(args.model, device, cli.dtype(args.dtype, device), log)
+        samples, val = load_data(model, tok, args, log, rank, world)
+        predictor = make_predictor(args, cfg, samples)
+    log(predictor.describe(cfg))
     log(f"unpruned references for {len(val)} held-out samples ...")
-    refs = reference(model, val, args) if rank == 0 else None
+    refs = reference(model, val, args, log) if rank == 0 else None
     if args.eval_only:
-        return compare(model, predictor, val, refs, args, log)
-
-    optimizer = torch.optim.AdamW(predictor.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    generator = torch.Generator(args.device).manual_seed(args.seed * 1000 + rank)
-    it, best = 0, None
-    if meta is not None:
-        it, best = load_state(state_path, predictor, optimizer, generator)["iter"], meta.get("best")
-        log(f"resumed from {state_path} at step {it}")
-
-    def snapshot():  # the whole training state at a step boundary (the predictor is tiny: a copy costs nothing)
-        return (it, {k: v.clone() for k, v in predictor.state_dict().items()}, copy.deepcopy(optimizer.state_dict()),
-                generator.get_state(), best)
-
-    def checkpoint():
-        if rank == 0:
-            predictor.save(args.out, dyrate.fingerprint(cfg), dict(trained_iters=it, budget=args.budget,
-                                                                     target=args.target, held_out=best))
-            save_state(state_path, predictor, optimizer, generator, it, args, best)
-
-    if it >= args.max_iters:
-        log(f"the state at {state_path} is already at step {it} of {args.max_iters}: nothing to train")
-        return predictor, best
-    cost_name = {"flops": "FLOPs", "kv": "mean KV", "nocache": "no-cache FLOPs"}[args.budget]
-    previous = signal.signal(signal.SIGTERM, on_sigterm) if threading.current_thread() is threading.main_thread() \
-        else None
-    boundary = snapshot()
-    try:
-        while it < args.max_iters:
-            t0 = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = get_lr(it, args)
-            tau = get_tau(it, args)
-            batch = [samples[i] for i in batch_indices(it, len(samples), args.batch_size, rank, world, args.seed)]
-            loss, fit, ratio = train_loss(model, predictor, batch, args, tau, generator)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            stats = torch.stack([loss.detach(), fit.detach(), ratio.detach()]).float()
-            if world > 1:
-                for p in predictor.parameters():
-                    dist.all_reduce(p.grad)
-                    p.grad /= world
-                dist.all_reduce(stats)
-                stats /= world
-            optimizer.step()
-            it += 1
-            if it % args.log_interval == 0 or it == 1:
-                log(f"step {it}/{args.max_iters}: loss {stats[0]:.4f} | {args.loss} {stats[1]:.4f} | {cost_name} ratio "
-                    f"{stats[2]:.3f} (target {args.target}) | tau {tau:.3f} | lr {get_lr(it - 1, args):.2e} | "
-                    f"{(time.perf_counter() - t0) * 1e3:.0f} ms")
-            if it % args.eval_interval == 0 or it == args.max_iters:
-                if rank == 0:
-                    learned = pruner_factory(model, "dyrate", args.k, predictor=predictor)
-                    best = evaluate(model, val, refs, learned, args)
-                    log(f"held-out, hard decisions: {cost_name} ratio {best[f'{args.budget}_ratio']:.3f} (target "
-                        f"{args.target}) | FLOPs {best['flops_ratio']:.3f}, mean KV {best['kv_ratio']:.3f}, no-cache "
-                        f"FLOPs {best['nocache_ratio']:.3f} | agreement with unpruned {best['agreement']:.3f} | "
-                        f"KL/token {best['kl']:.4f}")
-                checkpoint()
-                if world > 1:
-                    dist.barrier()
-            boundary = snapshot()
-    except (KeyboardInterrupt, Stop) as e:  # back to the last step boundary: a resume redoes the step exactly
-        it, weights, opt_state, rng, best = boundary
-        predictor.load_state_dict(weights)
-        optimizer.load_state_dict(opt_state)
-        generator.set_state(rng)
-        checkpoint()
-        log(f"\ninterrupted at step {it}: state saved to {state_path}; rerun with --resume to continue")
-        sys.exit(143 if isinstance(e, Stop) else 130)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-    log(f"predictor written to {args.out}")
+        return compare(model, predictor, refs, args, log)
+    held_out = train(model, predictor, samples, refs, args, log, rank, world, meta)
     if args.compare and rank == 0:
-        compare(model, predictor, val, refs, args, log)
+        compare(model, predictor, refs, args, log)
     if world > 1:
         dist.destroy_process_group()
-    return predictor, best
+    return predictor, held_out
 
 
 if __name__ == "__main__":

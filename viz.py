@@ -14,10 +14,10 @@ import textwrap
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from dyrate import TYPES
 from processing import CLIP_MEAN, CLIP_STD, preprocess
 
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14)]  # system, image, instruction, response
-TYPES = ("system", "image", "instruction", "response")
 
 
 def model_view(image, image_size, pad):

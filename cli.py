@@ -1,0 +1,189 @@
+"""
+What the command lines (generate.py, train.py, eval.py, bench.py) share: the model, device, dtype and pruning flags,
+the checks only a command line knows (flag combinations, files and folders), loading a checkpoint with the hint on how
+to get one, user mistakes printed as one line, SIGTERM handled like Ctrl-C, and torchrun's set-up.
+
+The library (model.py, dyrate.py, generate.generate) checks its own arguments and raises ValueError in its own terms;
+a command line runs its steps inside `user_errors()`, which prints those errors and exits.
+"""
+import contextlib
+import os
+import signal
+import sys
+import threading
+
+import torch
+import torch.distributed as dist
+
+import dyrate
+import model
+import processing
+
+SHAPES_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "shapes")
+GET_WEIGHTS = ("Download a checkpoint with `hf download llava-hf/llava-1.5-7b-hf --local-dir DIR` "
+               "(or llava-hf/llava-1.5-13b-hf) and pass that DIR.")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# flags
+
+
+def add_model_args(p, default_model=SHAPES_MODEL, required=False, default_device=None):
+    """--model, --device, --dtype, in a group of their own."""
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=default_model, required=required,
+                   help="llava-hf checkpoint folder (config.json, safetensors, tokenizer.json)"
+                   + (", default: the shipped shapes model (models/shapes)" if default_model == SHAPES_MODEL else ""))
+    g.add_argument("--device", default=default_device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                   help="cuda, cuda:1, cpu, ...")
+    g.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="default: float16 on CUDA, float32 on CPU (bfloat16 for 7B on CPU: ~14 GB)")
+    return g
+
+
+def add_pruning_args(p, method=True):
+    """--method (several=True: --methods, comma-separated), --k, --ratio, --predictor."""
+    g = p.add_argument_group("visual-token pruning (dyrate.py)")
+    if method == "several":
+        g.add_argument("--methods", default="none", help=f"comma-separated: {', '.join(dyrate.METHODS)}")
+    elif method:
+        g.add_argument("--method", choices=dyrate.METHODS, default="none",
+                       help="none; fastv: drop --ratio of the image tokens once at prefill; vtw: drop them all at "
+                            "prefill; dyrate: a learned rate at every step (needs --predictor)")
+    add_k_arg(g)
+    g.add_argument("--ratio", type=float, default=0.5, help="FastV's R: the fraction of the image tokens dropped")
+    g.add_argument("--predictor", default=None, help="DyRate rate predictor file written by train.py")
+    return g
+
+
+def add_k_arg(group):
+    group.add_argument("--k", type=int, default=None, help=f"pruning layer K: layers >= K see only the kept image "
+                       f"tokens (default {dyrate.DEFAULT_K}, or the predictor's)")
+
+
+def check_pruning_flags(methods, predictor):
+    """The flag combinations: dyrate needs --predictor, and --predictor needs dyrate."""
+    if "dyrate" in methods and predictor is None:
+        raise ValueError("--method dyrate needs --predictor FILE (train one with train.py)")
+    if predictor is not None and "dyrate" not in methods:
+        raise ValueError("--predictor is used by --method dyrate only")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# what a command line loads, with the command line's words around the library's errors
+
+
+@contextlib.contextmanager
+def user_errors():
+    """A user mistake (ValueError, FileNotFoundError from any step) becomes one line on stderr and exit status 1."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+
+def device(name):
+    """--device as a torch.device this machine has."""
+    try:
+        return model.check_device(name)
+    except ValueError as e:
+        raise ValueError(f"--device {name}: {e}") from None
+
+
+def dtype(name, dev):
+    """--dtype, or float16 on CUDA and float32 on CPU."""
+    return getattr(torch, name or ("float16" if dev.type == "cuda" else "float32"))
+
+
+@contextlib.contextmanager
+def hint_on_missing_files():
+    try:
+        yield
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e} {GET_WEIGHTS}") from None
+
+
+def config(folder):
+    """The checkpoint's config (no weights read), or an error with the hint on how to get a checkpoint."""
+    with hint_on_missing_files():
+        return model.read_config(folder)
+
+
+def checkpoint(folder):
+    """The checkpoint's config and tokenizer (no weights read), or an error with the hint on how to get one."""
+    cfg = config(folder)
+    with hint_on_missing_files():
+        return cfg, processing.Tokenizer(folder, cfg)
+
+
+def load_model(folder, dev, dt, log=None):
+    """The weights (minutes for 7B), or an error with the hint on how to get them."""
+    if log:
+        log(f"loading {folder} on {dev} in {dt} ...")
+    try:
+        return model.Llava.from_pretrained(folder, device=dev, dtype=dt)
+    except (FileNotFoundError, ValueError) as e:
+        raise type(e)(f"{e} {GET_WEIGHTS}") from None
+
+
+def load_predictor(path, cfg, dev):
+    """--predictor as a RatePredictor, or None."""
+    return None if path is None else dyrate.RatePredictor.load(path, cfg, dev)
+
+
+def check_writable_folder(path, what, make=False):
+    """The folder a file will be written to must exist (make=True: is made) and be writable; checked before any long
+    work, so that no result is lost at the end."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if make:
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"{what} {path!r}: cannot make the folder {folder!r} ({e.strerror}).") from None
+    if not os.path.isdir(folder):
+        raise ValueError(f"{what} {path!r}: the folder {folder!r} does not exist; create it first.")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{what} {path!r}: the folder {folder!r} is not writable.")
+    if os.path.isdir(path):
+        raise ValueError(f"{what} {path!r} is a folder; give a file name.")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# long runs: interrupts and torchrun
+
+
+class Stop(Exception):
+    """SIGTERM (what cluster schedulers send before they kill a job), raised like Ctrl-C's KeyboardInterrupt."""
+
+
+INTERRUPTS = (KeyboardInterrupt, Stop)
+
+
+@contextlib.contextmanager
+def sigterm_raises_stop():
+    """Inside: SIGTERM raises Stop, so a long run saves its work as it does on Ctrl-C (main thread only: signal
+    handlers can be set nowhere else)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Stop
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def distributed(dev):
+    """Under torchrun (WORLD_SIZE > 1): join the process group (nccl on CUDA, one GPU per rank; gloo on CPU).
+    Returns (rank, world size, this rank's device)."""
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if world > 1:
+        if dev.type == "cuda":
+            dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+            torch.cuda.set_device(dev)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return rank, world, dev

@@ -39,6 +39,7 @@ import processing
 import viz
 
 GEOMETRIES = {  # (vision: hidden, layers, heads, intermediate), (text: hidden, layers, heads, intermediate)
+    "tiny": ((64, 2, 2, 128), (64, 4, 4, 128)),  # for dry runs of scripts (scripts/gpu_check.py --dry-run)
     "mid": ((512, 6, 8, 2048), (1024, 8, 16, 2816)),
     "7b": ((1024, 24, 16, 4096), (4096, 32, 32, 11008)),
     "13b": ((1024, 24, 16, 4096), (5120, 40, 40, 13824)),
@@ -155,6 +156,8 @@ def parse_args(argv=None):
                    help="comma-separated: none, fastv, vtw, dyrate, dyrate-ramp, transformers; add +compile to one of "
                         "ours for the compiled decode path (e.g. none+compile). --ratio is also dyrate's constant "
                         "rate and where the ramp starts")
+    g.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the +compile methods "
+                   "(eager or aot_eager check the path without compiling code)")
     g = p.add_argument_group("workload")
     g.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated per run")
     g.add_argument("--prompt-tokens", type=int, default=40, help="text tokens around the 576 image tokens")
@@ -235,7 +238,7 @@ def build_models(args, methods, dev, dtype):
     if any(m.endswith("+compile") for m in methods):
         with torch.device("meta"):
             compiled = model.Llava(ours.config)
-        compiled = share_weights(compiled, ours.state_dict(), dev).compile_decode()
+        compiled = share_weights(compiled, ours.state_dict(), dev).compile_decode(args.compile_backend)
     return hf, ours, compiled
 
 
@@ -248,7 +251,7 @@ class Workload:
         self.cfg, N = ours.config, ours.config.n_image_tokens
         self.predictor = predictor or constant_predictor(self.cfg.text.num_attention_heads, args.ratio, args.k, dev)
         torch.manual_seed(1)
-        text = torch.randint(3, self.cfg.image_token_index, (args.prompt_tokens,)).tolist()
+        text = torch.randint(3, self.cfg.image_token_index, (args.prompt_tokens,), device="cpu").tolist()
         self.prompt = [self.cfg.bos_token_id] + text[:5] + [self.cfg.image_token_index] * N + text[5:]  # image at 6
         n = args.new_tokens
         # the ramp: rates rising from R to 1 on the 9 candidates 0, 1/8, .., 1 (compaction at several steps)

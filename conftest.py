@@ -1,7 +1,12 @@
 """
 Shared test fixtures: tiny random LLaVA checkpoints built with transformers (the reference) in llava-hf's formats,
-with a tokenizer.json built by the `tokenizers` library in llava-hf's structure.
+with a tokenizer.json built by the `tokenizers` library in llava-hf's structure; and the placements (device, dtype)
+the device-parametrised tests run in, with the tolerance of each dtype.
+
+    python -m pytest -q                      # CPU float32, and CUDA float32/float16/bfloat16 where a GPU is
+    python -m pytest -q --half-on-cpu        # also CPU bfloat16 and float16
 """
+import copy
 import json
 import os
 
@@ -19,6 +24,45 @@ IMAGE_SIZE, PATCH = 112, 14  # 8 x 8 = 64 image tokens
 def assert_close(actual, expected, atol, what=""):
     diff = (actual.double() - expected.double()).abs()
     assert diff.max() <= atol, f"{what}: max|diff| {diff.max():.3g} (mean {diff.mean():.3g}) > {atol}"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# placements: where the device-parametrised tests run (a `placement` argument), and what each dtype may differ by
+
+CUDA = torch.cuda.is_available()
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# How far two computations of the same logits (or gradients) may be apart, as a fraction of their largest magnitude:
+# the one place tolerances are stated. float32: measured 2e-7 against transformers on the CPU; GPU kernels round
+# differently (cuDNN's TF32 convolution in CLIP's patch embedding, other attention kernels), hence 1e-4. Half
+# precision: one rounding of a logit near 1 is 2^-8 (bfloat16) or 2^-11 (float16); a forward through a few layers
+# compounds several, and transformers' own eager and sdpa paths differ by ~10 roundings (REFERENCE.md section 2).
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 8e-2}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--half-on-cpu", action="store_true", default=False,
+                     help="also run the device-parametrised tests in bfloat16 and float16 on the CPU")
+
+
+def pytest_generate_tests(metafunc):
+    """A test with a `placement` argument runs on the CPU in float32, with --half-on-cpu in half precision too, and
+    on CUDA in every dtype (skipped, with the reason, where there is no GPU)."""
+    if "placement" not in metafunc.fixturenames:
+        return
+    params = [pytest.param(("cpu", torch.float32), id="cpu-float32")]
+    if metafunc.config.getoption("half_on_cpu"):
+        params += [pytest.param(("cpu", DTYPES[n]), id=f"cpu-{n}") for n in ("bfloat16", "float16")]
+    params += [pytest.param(("cuda", dt), id=f"cuda-{n}", marks=pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU"))
+               for n, dt in DTYPES.items()]
+    metafunc.parametrize("placement", params)
+
+
+def greedy_agrees(logits, tokens, reference_logits, dtype):
+    """Our logits (n, V) of n greedy steps choose the reference's tokens (n,) wherever the reference decides: a step
+    whose two best reference logits lie within the dtype's tolerance of each other is a tie either may break."""
+    top2 = reference_logits.float().topk(2, dim=-1).values
+    decisive = (top2[:, 0] - top2[:, 1]) > 2 * TOLERANCE[dtype] * reference_logits.float().abs().max()
+    return bool(((logits.argmax(-1) == tokens) | ~decisive).all())
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -94,6 +138,21 @@ def ckpt(tmp_path_factory):
 def ours(ckpt):
     llava = model.Llava.from_pretrained(ckpt[0])
     return llava, processing.Tokenizer(ckpt[0], llava.config)
+
+
+@pytest.fixture(scope="session")
+def placed(ckpt):
+    """placed((device, dtype)) -> our Llava loaded from the tiny checkpoint and transformers' reference, both there
+    (each made once)."""
+    made = {}
+
+    def get(placement):
+        if placement not in made:
+            device, dtype = placement
+            made[placement] = (model.Llava.from_pretrained(ckpt[0], device, dtype),
+                               copy.deepcopy(ckpt[1]).to(device, dtype))
+        return made[placement]
+    return get
 
 
 def random_image(seed, size=(160, 120)):

@@ -140,7 +140,7 @@ def prepare(cfg, tokenizer, images, prompts, device="cpu", max_new_tokens=64, te
     cfg.check_length(T + max_new_tokens)
     input_ids = torch.full((B, T), cfg.pad_token_id, dtype=torch.long, device=device)  # rows padded at their end
     for b, (ids, _) in enumerate(encoded):
-        input_ids[b, :len(ids)] = torch.tensor(ids)
+        input_ids[b, :len(ids)] = torch.tensor(ids, device=device)
     pixel_values = torch.stack([preprocess(im, cfg.vision.image_size, pad) for im in images])
     starts = [start for _, start in encoded]
     pruner = dyrate.Pruner(method, cfg.n_image_tokens, torch.tensor(starts, device=device), lengths, k, ratio,

@@ -73,8 +73,9 @@ class LiveTensors(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):  # a view or an in-place result shares an input's storage: nothing allocated
+            if isinstance(t, torch.Tensor) and t.device.type != "meta" and t.untyped_storage()._cdata not in inputs:
                 self.track(t.untyped_storage())
         return out
 
@@ -92,16 +93,21 @@ class LiveTensors(TorchDispatchMode):
 
 
 class SavedTensors(torch.autograd.graph.saved_tensors_hooks):
-    """Inside: the bytes autograd keeps for the backward pass (each storage once), counted as they are saved. Inside
-    an activation-checkpointed region only its inputs are kept, and they are not seen here."""
+    """Inside: the bytes autograd keeps for the backward pass (each storage once), counted as they are saved, of the
+    tensors created inside `live` (a LiveTensors entered first: the weights autograd keeps are not activations).
+    Inside an activation-checkpointed region only its inputs are kept, and they are not seen here."""
 
-    def __init__(self):
-        self.bytes, self.seen = 0, set()
+    def __init__(self, live):
+        self.bytes, self.seen, self.created = 0, set(), live.live
         super().__init__(self.pack, lambda t: t)
+
+    def __enter__(self):
+        super().__enter__()
+        return self
 
     def pack(self, t):
         storage = t.untyped_storage()
-        if storage._cdata not in self.seen and not isinstance(t, torch.nn.Parameter):
+        if storage._cdata not in self.seen and storage._cdata in self.created:
             self.seen.add(storage._cdata)
             self.bytes += storage.nbytes()
         return t

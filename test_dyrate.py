@@ -15,7 +15,7 @@ import dyrate
 import generate
 import model
 import processing
-from conftest import IMAGE_SIZE, PATCH, assert_close, prompt_inputs, random_image
+from conftest import IMAGE_SIZE, PATCH, TOLERANCE, assert_close, prompt_inputs, random_image
 
 @register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)
 def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
@@ -38,11 +38,18 @@ def random_predictor(n_heads=4, seed=0, scale=300.0, center=None):
     return predictor
 
 
-def two_rows(ours):
+def two_rows(ours, placement=("cpu", torch.float32)):
+    """Two ragged prompts with their images, on the placement's device (pixels in its dtype), and image starts."""
+    device, dtype = placement
     ids, lengths, px = prompt_inputs(ours, ["What is in the image?", "How many shapes are there? Answer in detail."],
                                      [12, 13])
     starts = (ids == ours[0].config.image_token_index).int().argmax(1)
-    return ids, lengths, px, starts
+    return ids.to(device), lengths.to(device), px.to(device, dtype), starts.to(device)
+
+
+def atol(placement, reference):
+    """The tests' CPU float32 tolerance (1e-5), elsewhere the placement dtype's share of the reference's scale."""
+    return 1e-5 if placement == ("cpu", torch.float32) else TOLERANCE[placement[1]] * float(reference.abs().max())
 
 
 def run_steps(llava, ids, lengths, px, pruner, steps):
@@ -70,17 +77,18 @@ class KeyMask:
 @pytest.mark.parametrize("method,kw", [("fastv", dict(ratio=0.5)), ("vtw", {}),
                                        ("dyrate", dict(schedule=[0.25, 0.25, 0.5, 0.5, 0.75, 0.875, 1.0])),
                                        ("dyrate", "predictor")])
-def test_pruned_decoding_equals_mask_reference(method, kw, ours):
+def test_pruned_decoding_equals_mask_reference(method, kw, ours, placement, placed):
     """Physically dropping tokens (prefill gather, cache compaction, RoPE positions with gaps) gives the logits of a
     full forward in which layers >= K cannot see the dropped image keys: prompt rows those dropped at step 0, the
     query of step t those dropped by step t. Two ragged rows, each compared with a forward over it alone."""
-    llava, _ = ours
-    ids, lengths, px, starts = two_rows(ours)
+    llava, _ = placed(placement)
+    ids, lengths, px, starts = two_rows(ours, placement)
     steps = 8
     if kw == "predictor":  # rates that differ between rows and steps
         stats = dyrate.Pruner("none", N_IMAGE, starts, lengths, K)
         run_steps(llava, ids, lengths, px, stats, steps)
-        kw = dict(predictor=random_predictor(center=torch.stack([h.shares for h in stats.history]).mean((0, 1))))
+        center = torch.stack([h.shares for h in stats.history]).mean((0, 1))
+        kw = dict(predictor=random_predictor(center=center.cpu()).to(placement[0]))
     pruner = dyrate.Pruner(method, N_IMAGE, starts, lengths, K, **kw)
     logits, tokens, _ = run_steps(llava, ids, lengths, px, pruner, steps)
     kept_counts = torch.stack([h.kept_count for h in pruner.history])  # (steps, B)
@@ -90,12 +98,12 @@ def test_pruned_decoding_equals_mask_reference(method, kw, ours):
         L, s = int(lengths[b]), int(starts[b])
         seq = torch.cat([ids[b, :L], tokens[b, :-1]])[None]  # prompt + the tokens fed back
         kept = ~torch.cumsum(torch.stack([h.dropped_mask[b] for h in pruner.history]), 0).bool()  # (steps, N)
-        weight = torch.ones(1, seq.shape[1], seq.shape[1])
+        weight = torch.ones(1, seq.shape[1], seq.shape[1], device=seq.device)
         for i in range(seq.shape[1]):
             weight[0, i, s:s + N_IMAGE] = kept[max(0, i - L + 1)].float()
         with torch.no_grad():
             ref = llava(seq, px[b:b + 1], pruner=KeyMask(weight))[0, L - 1:]  # rows of steps 0 .. steps-1
-        assert_close(logits[:, b], ref, 1e-5, f"{method} row {b}")
+        assert_close(logits[:, b], ref, atol(placement, ref), f"{method} row {b} {placement}")
 
 
 def test_zero_drops_equal_unpruned_decoding_exactly(ours):
@@ -130,21 +138,22 @@ def test_kept_counts_monotone_and_caches_physically_shorter(ours):
     assert held == dyrate.kv_cache_bytes(llava.config, int(lengths[0]), steps, 0, K, torch.float32)
 
 
-def test_compaction_moves_equal_the_reference_gather():
+def test_compaction_moves_equal_the_reference_gather(placement):
     """compaction_moves + KVCache.move leave every row with exactly the slots the order-keeping gather (kept_slots,
     the prefill's) keeps, each slot's keys, values and position together, moving only the holes' worth of slots.
     Ragged rows, image tokens already out of order from an earlier compaction, a row that drops nothing."""
+    device, dtype = placement
     torch.manual_seed(0)
-    B, S, N, start = 3, 40, 16, torch.tensor([3, 5, 2])
-    cache = model.KVCache(B, 8, 2, 4, torch.float32, "cpu")
+    B, S, N, start = 3, 40, 16, torch.tensor([3, 5, 2], device=device)
+    cache = model.KVCache(B, 8, 2, 4, dtype, device)
     cache.reserve(S - 8)
-    lengths = torch.tensor([30, 32, 25])
-    pos = torch.full((B, S - 8), -1)
+    lengths = torch.tensor([30, 32, 25], device=device)
+    pos = torch.full((B, S - 8), -1, device=device)
     for b, n in enumerate(lengths.tolist()):  # a permutation of each row's positions 0 .. n-1
-        pos[b, :n] = torch.randperm(n)
-    k, v = torch.randn(2, B, 2, S - 8, 4)
+        pos[b, :n] = torch.randperm(n, device=device)
+    k, v = torch.randn(2, B, 2, S - 8, 4, device=device, dtype=dtype)
     cache.update(k, v, pos, lengths)
-    drop = torch.rand(B, N) < 0.5
+    drop = torch.rand(B, N, device=device) < 0.5
     drop[2] = False
     ref_slots, ref_length = dyrate.kept_slots(cache.pos, cache.length, drop, start, N)
     src, dst, length, longest = dyrate.compaction_moves(cache.pos, cache.length, drop, start, N)
@@ -179,31 +188,34 @@ def bucketed_run(llava, ids, lengths, px, pruner, steps):
     return torch.stack(out), caches, windows
 
 
-def test_bucketed_compiled_decode_recompiles_per_bucket_and_equals_eager(ckpt, ours):
+def test_bucketed_compiled_decode_recompiles_per_bucket_and_equals_eager(ckpt, ours, placement, placed):
     """Llava.compile_decode: caches read in buckets of 16 slots; decode steps compile once per (segment, bucket),
     a compacted cache runs the smaller step, a second generation compiles nothing, and the logits are eager's.
     Rows that keep different numbers of tokens (a random predictor) and drops at several steps."""
-    compiled, graphs = model.Llava.from_pretrained(ckpt[0]), []
+    device, dtype = placement
+    eager_model = placed(placement)[0]
+    compiled, graphs = model.Llava.from_pretrained(ckpt[0], device, dtype), []
 
     def count_graphs(gm, example_inputs):  # a torch.compile backend that runs the captured graph as is
         graphs.append(gm)
         return gm.forward
     compiled.compile_decode(backend=count_graphs, bucket=16)
-    ids, lengths, px, starts = two_rows(ours)
+    ids, lengths, px, starts = two_rows(ours, placement)
     stats = dyrate.Pruner("none", N_IMAGE, starts, lengths, K)
-    run_steps(ours[0], ids, lengths, px, stats, 8)
-    predictor = random_predictor(center=torch.stack([h.shares for h in stats.history]).mean((0, 1)))
+    run_steps(eager_model, ids, lengths, px, stats, 8)
+    center = torch.stack([h.shares for h in stats.history]).mean((0, 1)).cpu()
+    predictor = random_predictor(center=center).to(device)
     seen = set()  # (segment, window): the graphs compiled so far
     try:
         for method, kw in (("none", None), ("dyrate", dict(schedule=[0.25, 0.5, 0.5, 0.75, 1.0])),
                            ("dyrate", dict(predictor=predictor))):
             def pruner():
                 return kw and dyrate.Pruner(method, N_IMAGE, starts, lengths, K, **kw)
-            eager, _, _ = run_steps(ours[0], ids, lengths, px, pruner(), 8)
+            eager, _, _ = run_steps(eager_model, ids, lengths, px, pruner(), 8)
             for i in range(2):
                 before, hook = len(graphs), pruner()
                 got, caches, windows = bucketed_run(compiled, ids, lengths, px, hook, 8)
-                assert_close(got, eager, 1e-5, f"compiled {method}")
+                assert_close(got, eager, atol(placement, eager), f"compiled {method} {placement}")
                 assert all(c.window % 16 == 0 or c.window == c.k.shape[2] for c in caches)
                 segments = {("all", w[0]) for w in windows} if kw is None else \
                     {("0..K", w[0]) for w in windows} | {("K..L", w[1]) for w in windows}

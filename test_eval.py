@@ -126,10 +126,11 @@ def test_clear_errors(shapes_data, tmp_path):
             eval.main(["--model", SHAPES, "--out", str(tmp_path / "o"), *extra])
 
 
-def test_shapes_stand_in_end_to_end(shapes_data, tmp_path, capsys):
+def test_shapes_stand_in_end_to_end(shapes_data, tmp_path, capsys, placement):
     """The README's eval commands on a handful of records: captions (CIDEr) and questions (accuracy) for several
     methods, a table, and the files."""
-    results = run(shapes_data, tmp_path / "c", "--methods", "none,vtw,fastv", "--ratio", "0.75")
+    where = ["--device", placement[0], "--dtype", str(placement[1]).removeprefix("torch.")]
+    results = run(shapes_data, tmp_path / "c", "--methods", "none,vtw,fastv", "--ratio", "0.75", *where)
     by = {r["method"]: r for r in results}
     assert by["none"]["cider"] > by["vtw"]["cider"] and by["vtw"]["flops_ratio"] < by["fastv"]["flops_ratio"] < 1
     assert by["fastv"]["mean_kept_image_tokens"] == 64 and by["none"]["flops_ratio"] == 1.0
@@ -138,5 +139,5 @@ def test_shapes_stand_in_end_to_end(shapes_data, tmp_path, capsys):
     assert len(coco) == 6 and set(coco[0]) == {"image_id", "caption"}
     q = eval.main(["--model", SHAPES, "--questions", str(shapes_data / "test_questions.jsonl"), "--task", "short",
                 "--suffix", "", "--images", str(shapes_data), "--out", str(tmp_path / "q"), "--limit", "8",
-                "--methods", "none,vtw"])
+                "--methods", "none,vtw", *where])
     assert q[0]["records"] == 8 and q[0]["accuracy"] >= q[1]["accuracy"]

@@ -12,7 +12,7 @@ import torch
 import generate
 import cli
 import model
-from conftest import assert_close, make_hf, prompt_inputs, random_image, save_checkpoint
+from conftest import TOLERANCE, assert_close, make_hf, prompt_inputs, random_image, save_checkpoint
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -71,6 +71,19 @@ def test_logits_and_features_match_transformers(layout, ckpt, ours, tmp_path):
         ref_features = hf.model.get_image_features(pixel_values=px).pooler_output[0]
         hf.set_attn_implementation("eager")
         assert torch.equal(llava.image_features(px)[0], ref_features)
+
+
+def test_logits_match_transformers_on_every_device(ours, placement, placed):
+    """Our forward against transformers' (eager) on the same weights, device and dtype, within the dtype's
+    tolerance (conftest.TOLERANCE)."""
+    device, dtype = placement
+    llava, hf = placed(placement)
+    ids, _, px = prompt_inputs(ours, ["What is in the image?"], [0])
+    ids, px = ids.to(device), px.to(device, dtype)
+    with torch.no_grad():
+        ref, got = hf(input_ids=ids, pixel_values=px).logits, llava(ids, px)
+    assert got.dtype == ref.dtype == dtype and got.device.type == device
+    assert_close(got, ref, TOLERANCE[dtype] * float(ref.abs().max()), f"logits {placement}")
 
 
 def test_bf16_logits_within_transformers_own_error(ckpt, ours):

@@ -208,11 +208,9 @@ def batch_tensors(samples, pad_id, device):
     """input ids (B, T) of prompt + answer padded at the end, prompt lengths, image starts, answer lengths (B,)."""
     seqs = [s.ids + s.answer for s in samples]
     T = max(map(len, seqs))
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    for b, seq in enumerate(seqs):
-        ids[b, :len(seq)] = torch.tensor(seq)
+    ids = torch.tensor([seq + [pad_id] * (T - len(seq)) for seq in seqs], device=device)
     as_tensor = lambda values: torch.tensor(values, device=device)  # noqa: E731
-    return (ids.to(device), as_tensor([len(s.ids) for s in samples]), as_tensor([s.start for s in samples]),
+    return (ids, as_tensor([len(s.ids) for s in samples]), as_tensor([s.start for s in samples]),
             as_tensor([len(s.answer) for s in samples]))
 
 
@@ -364,7 +362,7 @@ def evaluate(model, refs, make_pruner, args):
         px = load_pixels([s], model, args, Counter())[1]
         logits, _ = forced_decode(model, s, px, pruner, len(ref_tokens), ref_tokens)
         rows.append(pruner.row_summary(0, len(ref_tokens), model.config, len(s.ids)))
-        agree += (logits.argmax(-1).cpu() == torch.tensor(ref_tokens)).sum().item()
+        agree += (logits.argmax(-1).cpu() == torch.tensor(ref_tokens, device="cpu")).sum().item()
         kl += F.kl_div(logits.log_softmax(-1), ref_logits.log_softmax(-1), log_target=True, reduction="sum").item()
         count += len(ref_tokens)
     ratios = {f"{budget}_ratio": dyrate.cost_ratio(rows, cost) for budget, cost in dyrate.COSTS.items()}
@@ -413,7 +411,7 @@ def save_state(path, predictor, optimizer, generator, it, args, held_out):
     tensors = {f"predictor.{k}": v.detach().cpu().contiguous() for k, v in predictor.state_dict().items()}
     opt = optimizer.state_dict()
     for i, state in opt["state"].items():
-        tensors.update({f"optimizer.{i}.{k}": torch.as_tensor(v).cpu().contiguous() for k, v in state.items()})
+        tensors.update({f"optimizer.{i}.{k}": torch.as_tensor(v, device="cpu").contiguous() for k, v in state.items()})
     tensors["generator"] = generator.get_state().cpu()
     meta = dict(iter=it, args=vars(args), param_groups=opt["param_groups"], held_out=held_out,
                 predictor=dict(n_heads=predictor.n_heads, rates=predictor.rates, k=predictor.k))
@@ -456,7 +454,8 @@ def batch_indices(it, n, batch, rank=0, world=1, seed=0):
     run at step `it` gets exactly the batch an uninterrupted one would."""
     per_epoch = max(1, n // (batch * world))
     epoch, i = divmod(it, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000003 + epoch)).tolist()
+    order = torch.Generator("cpu").manual_seed(seed * 1000003 + epoch)
+    perm = torch.randperm(n, generator=order, device="cpu").tolist()
     start = (i * world + rank) * batch
     return [perm[(start + j) % n] for j in range(batch)]
 
@@ -493,7 +492,7 @@ def save_checkpoint(progress, predictor, optimizer, generator, args, cfg, rank):
 class Meter:
     """Samples/s and the peak memory of the training steps, for the log: CUDA, the allocator's peak; CPU, the process's
     peak resident set since training started and what a GPU would hold: the weights plus the peak of the live tensors
-    a step creates (memory.LiveTensors)."""
+    of a step (memory.LiveTensors, tracked on the steps that are logged: its per-op bookkeeping costs time)."""
 
     def __init__(self, model, device):
         self.device, self.cpu = device, torch.device(device).type == "cpu"
@@ -501,10 +500,10 @@ class Meter:
         self.samples, self.seconds, self.live_peak = 0, 0.0, 0
         memory.reset_peak(device)
 
-    def measure(self, step, n_samples):
-        """Run step() and count it: its time, its samples and, on CPU, its live tensors."""
+    def measure(self, step, n_samples, track):
+        """Run step() and count it: its time, its samples and (track, on CPU) its live tensors."""
         t0 = time.perf_counter()
-        if self.cpu:
+        if self.cpu and track:
             with memory.LiveTensors() as live:
                 out = step()
             self.live_peak = max(self.live_peak, live.peak)
@@ -515,7 +514,7 @@ class Meter:
         return out
 
     def line(self):
-        """samples/s and memory since the last line."""
+        """samples/s since the last line, and the peak memory so far."""
         gpu = f" (a GPU would hold {(self.weights + self.live_peak) / 2**30:.2f})" if self.cpu else ""
         text = (f"{self.samples / max(self.seconds, 1e-9):.2f} samples/s | peak memory "
                 f"{memory.peak(self.device) / 2**30:.2f} GiB{gpu}")
@@ -567,10 +566,11 @@ def train(model, predictor, samples, refs, args, log, rank=0, world=1, meta=None
             while progress.it < args.max_iters:
                 it, t0 = progress.it, time.perf_counter()
                 batch = [samples[i] for i in batch_indices(it, len(samples), args.batch_size, rank, world, args.seed)]
+                logged = (it + 1) % args.log_interval == 0 or it == 0
                 loss, fit, ratio = meter.measure(lambda: optimizer_step(
-                    model, predictor, optimizer, batch, it, generator, args, skipped, world), len(batch))
+                    model, predictor, optimizer, batch, it, generator, args, skipped, world), len(batch), logged)
                 progress.it += 1
-                if progress.it % args.log_interval == 0 or progress.it == 1:
+                if logged:
                     log(f"step {progress.it}/{args.max_iters}: loss {loss:.4f} | {args.loss} {fit:.4f} | {cost_name} "
                         f"ratio {ratio:.3f} (target {args.target}) | tau {get_tau(it, args):.3f} | lr "
                         f"{get_lr(it, args):.2e} | {(time.perf_counter() - t0) * 1e3:.0f} ms | {meter.line()}"
@@ -748,7 +748,7 @@ def hold_out(samples, args, log):
         size = max(1, n // 5)
         log(f"only {n} samples: holding out {size} of them for evaluation (--val-size {args.val_size} would hold out "
             f"all; give --val-data for a separate held-out set)")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed)).tolist()
+    order = torch.randperm(n, generator=torch.Generator("cpu").manual_seed(args.seed), device="cpu").tolist()
     return [samples[i] for i in order[size:]], [samples[i] for i in order[:size]]
 
 

@@ -304,3 +304,45 @@ def test_detail_answers_are_a_function_of_the_caption():
         assert data.detail(other)[len(data.caption(other)):] != text[len(cap):]
     one = dict(items=scene["items"][:1], background=0, texture=False, seed=0)
     assert data.derived_sentences(data.caption(one)) == ["There is one shape: a circle.", "It is orange."]
+
+
+class Scores:
+    """A pruner hook that records layer K-1's image-token scores of each row's last prompt token and drops nothing."""
+    k = dyrate.DEFAULT_K
+
+    def __init__(self, image_start, n_image):
+        self.image_start, self.n_image, self.scores = image_start, n_image, None
+
+    def probe_rows(self, n_valid, T):
+        return (n_valid - 1)[:, None]
+
+    def __call__(self, probs, x, positions, n_valid, caches):
+        self.scores = dyrate.image_scores(probs, self.image_start, self.n_image)[:, 0]  # (B, N)
+        return x, positions, n_valid, None
+
+
+def test_bf16_ranking_is_fp32s_around_the_keep_boundary(shipped):
+    """The probe computes its statistics in fp32 from the layer's queries and keys, so a bfloat16 model ranks the
+    image tokens as the fp32 model does: FastV at R = 0.75 keeps the same 64 of 256 patches, except where two
+    tokens' fp32 scores straddle the boundary by less than bfloat16's error."""
+    llava, tok = shipped
+    half = model.Llava.from_pretrained(SHIPPED, dtype=torch.bfloat16)
+    with open(os.path.join(EXAMPLES, "examples.json")) as f:
+        examples = json.load(f)
+    keep = 64
+    for e in examples:
+        ids, start = tok.encode_prompt(e["prompt"])
+        px = processing.preprocess(os.path.join(EXAMPLES, e["image"]), llava.config.vision.image_size)[None]
+        scores = {}
+        for dtype, m in ((torch.float32, llava), (torch.bfloat16, half)):
+            hook = Scores(torch.tensor([start]), llava.config.n_image_tokens)
+            with torch.no_grad():
+                m.prefill(torch.tensor([ids]), m.new_caches(1, 1), None, px.to(dtype), hook)
+            assert hook.scores.dtype == torch.float32
+            scores[dtype] = hook.scores[0]
+        ref = scores[torch.float32]
+        kept = {dt: set(s.argsort(descending=True)[:keep].tolist()) for dt, s in scores.items()}
+        boundary = ref.sort(descending=True).values[keep - 1:keep + 1].mean()
+        swapped = kept[torch.float32] ^ kept[torch.bfloat16]
+        assert all(abs(ref[i] - boundary) <= 0.01 * float(ref.max()) for i in swapped), (e["prompt"], swapped)
+        assert len(swapped) <= keep // 8, (e["prompt"], len(swapped))

@@ -22,7 +22,6 @@ largest batch is then timed with the rest, and --plot draws tokens/s against bat
 """
 import argparse
 import gc
-import json
 import os
 import statistics
 import sys
@@ -153,9 +152,9 @@ def parse_args(argv=None):
                    "(without --model)")
     g = cli.add_pruning_args(p, method=False)
     g.add_argument("--methods", default="none,fastv,vtw,dyrate,dyrate-ramp,transformers",
-                   help="comma-separated: none, fastv, vtw, dyrate, dyrate-ramp, transformers; add +compile to one of "
-                        "ours for the compiled decode path (e.g. none+compile). --ratio is also dyrate's constant "
-                        "rate and where the ramp starts")
+                   help="comma-separated: none, fastv, vtw, dyrate, dyrate-ramp, mass, transformers; add +compile to "
+                        "one of ours for the compiled decode path (e.g. none+compile), +beamN for beam search with N "
+                        "beams (e.g. fastv+beam5). --ratio is also dyrate's constant rate and where the ramp starts")
     g.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the +compile methods "
                    "(eager or aot_eager check the path without compiling code)")
     g = p.add_argument_group("workload")
@@ -169,10 +168,25 @@ def parse_args(argv=None):
     g.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
     g.add_argument("--out", default="bench.json", help="JSON results file")
     g.add_argument("--plot", default=None, help="also draw tokens/s against batch size per method into this PNG")
+    g.add_argument("--profile", action="store_true", help="also split each of our runs' decode ms/token into "
+                   "attention, MLP/projections, DyRate's own work and the rest (one profiled run each)")
+    g.add_argument("--prefill-rows", type=int, default=0, help="run prefills in chunks of this many rows "
+                   "(Llava.chunk_prefill): the largest batch is then set by the KV caches; 0: one pass")
     return p.parse_args(argv)
 
 
-METHODS = ("none", "fastv", "vtw", "dyrate", "dyrate-ramp", "transformers")
+METHODS = ("none", "fastv", "vtw", "dyrate", "dyrate-ramp", "mass", "transformers")
+
+
+def variant(method):
+    """'fastv+compile+beam5' -> ('fastv', True, 5): the method, compiled decode, beam search with N beams (0: none)."""
+    parts = method.split("+")
+    beams = [p for p in parts[1:] if p.startswith("beam")]
+    try:
+        n = int(beams[0][4:]) if beams else 0
+    except ValueError:
+        n = -1
+    return parts[0], "compile" in parts[1:], n if len(parts) == 1 + ("compile" in parts[1:]) + bool(beams) else -1
 
 
 def check_args(args):
@@ -180,9 +194,10 @@ def check_args(args):
     model's config and its predictor (None: bench makes one of a constant rate)."""
     methods = args.methods.split(",")
     for m in methods:
-        if m.removesuffix("+compile") not in METHODS or m == "transformers+compile" or not m:
+        base, compiled, beams = variant(m)
+        if base not in METHODS or base == "transformers" and (compiled or beams) or beams == 1 or not m:
             raise ValueError(f"unknown method {m!r} in --methods; choose from {', '.join(METHODS)}, with +compile "
-                             f"for ours")
+                             f"or +beamN (N >= 2 beams) for ours")
     try:
         batches = [int(b) for b in args.batch_sizes.split(",")]
     except ValueError:
@@ -190,7 +205,8 @@ def check_args(args):
     if not batches or min(batches) < 1:
         raise ValueError(f"--batch-sizes {args.batch_sizes!r}: give whole numbers >= 1, e.g. 1,8,32")
     for name, value, low in (("--new-tokens", args.new_tokens, 2), ("--prompt-tokens", args.prompt_tokens, 5),
-                             ("--repeats", args.repeats, 1), ("--threads", args.threads, 0)):
+                             ("--repeats", args.repeats, 1), ("--threads", args.threads, 0),
+                             ("--prefill-rows", args.prefill_rows, 0)):
         if value < low:
             raise ValueError(f"{name} must be at least {low}, got {value}" + (
                 " (decode is timed over the tokens after the first)" if name == "--new-tokens" else ""))
@@ -234,11 +250,13 @@ def build_models(args, methods, dev, dtype):
     log(f"building {args.model or args.geometry} on {dev} in {args.dtype} ...")
     hf, ours = checkpoint_models(args.model, dev, dtype, "transformers" in methods) if args.model else \
         random_models(args.geometry, dev, dtype)
+    ours.chunk_prefill(args.prefill_rows)
     compiled = None
-    if any(m.endswith("+compile") for m in methods):
+    if any(variant(m)[1] for m in methods):
         with torch.device("meta"):
             compiled = model.Llava(ours.config)
         compiled = share_weights(compiled, ours.state_dict(), dev).compile_decode(args.compile_backend)
+        compiled.chunk_prefill(args.prefill_rows)
     return hf, ours, compiled
 
 
@@ -265,33 +283,73 @@ class Workload:
         if method == "dyrate-ramp":
             return dyrate.Pruner("dyrate", N, start, length, k, schedule=self.ramp)
         return dyrate.Pruner(method, N, start, length, k, self.args.ratio,
-                             self.predictor if method == "dyrate" else None, stats=method == "dyrate")
+                             self.predictor if method == "dyrate" else None, stats=method == "dyrate",
+                             mass=self.args.mass)
+
+    def inputs(self, B):
+        """The prompt ids (B, T) and pixel values (B, 3, S, S) of B identical rows."""
+        ids = torch.tensor([self.prompt] * B, device=self.dev)
+        S = self.cfg.vision.image_size
+        px = torch.randn(1, 3, S, S, device=self.dev, generator=torch.Generator(self.dev).manual_seed(0))
+        return ids, px.to(self.ours.language_model.lm_head.weight.dtype).expand(B, -1, -1, -1)  # (B, 3, S, S)
+
+    def steps(self, method, B):
+        """Our generation as the one decode loop's iterator (prefill first), with its pruner; +beamN: beam search,
+        each of the B prompts with N beams (B * N rows), the decode loop's chooser transformers' beam search."""
+        base, compiled, beams = variant(method)
+        llava, rows = self.compiled if compiled else self.ours, B * max(beams, 1)
+        ids, px = self.inputs(rows)
+        hook, caches = self.pruner(base, rows), llava.new_caches(rows, self.args.new_tokens)
+        lengths = torch.full((rows,), len(self.prompt), device=self.dev)
+        choose = generate.BeamSearch(B, beams, self.args.new_tokens, None, caches, hook).choose if beams else None
+        steps = generate.decode(llava, ids, lengths, px, caches, self.args.new_tokens, hook, choose)
+        return ((token[::max(beams, 1)], logits) for token, logits in steps), hook  # each prompt's first beam
 
     @torch.inference_mode()
     def run(self, method, B):
-        dev, n = self.dev, self.args.new_tokens
-        ids = torch.tensor([self.prompt] * B, device=dev)
-        S = self.cfg.vision.image_size
-        px = torch.randn(1, 3, S, S, device=dev, generator=torch.Generator(dev).manual_seed(0))
-        px = px.to(self.ours.language_model.lm_head.weight.dtype).expand(B, -1, -1, -1)  # (B, 3, S, S)
-        memory.reset_peak(dev)
+        memory.reset_peak(self.dev)
         if method == "transformers":
-            return self.run_transformers(ids, px)
-        llava = self.compiled if method.endswith("+compile") else self.ours
-        hook, caches = self.pruner(method.removesuffix("+compile"), B), llava.new_caches(B, n)
-        lengths = torch.full((B,), len(self.prompt), device=dev)
-        generate.sync(dev)
-        t0 = t1 = time.perf_counter()
-        out = []
-        for token, _ in generate.decode(llava, ids, lengths, px, caches, n, hook):
-            if not out:
-                generate.sync(dev)
-                t1 = time.perf_counter()
-            out.append(token)
-        generate.sync(dev)
+            return self.run_transformers(*self.inputs(B))
+        steps, hook = self.steps(method, B)
+        generate.sync(self.dev)
+        t0 = time.perf_counter()
+        out = [next(steps)[0]]  # the prefill and the first token
+        generate.sync(self.dev)
+        t1 = time.perf_counter()
+        out += [token for token, _ in steps]
+        generate.sync(self.dev)
         t2 = time.perf_counter()
         return dict(prefill_s=t1 - t0, decode_s=t2 - t1, tokens=torch.stack(out, 1)[0].tolist(), hook=hook,
-                    memory=memory.peak(dev))
+                    memory=memory.peak(self.dev))
+
+    @torch.inference_mode()
+    def profile(self, method, B):
+        """One run's decode steps under torch's profiler: ms per token in attention, MLP and projections, DyRate's own
+        work (statistics, predictor, ranking, marking and compaction: the pruner), and the rest (norms, RoPE, cache
+        writes, embeddings, LM head, sampling, and the Python between them); their sum is what the profiler saw, and
+        the step time measured around the profiler should come near it (what it does not see: the decode loop's
+        Python between forwards)."""
+        steps, _ = self.steps(method, B)
+        next(steps)
+        cuda = self.dev.type == "cuda"
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+        generate.sync(self.dev)
+        with torch.profiler.profile(activities=activities) as prof:
+            t0 = time.perf_counter()
+            n = sum(1 for _ in steps)
+            generate.sync(self.dev)
+            seconds = time.perf_counter() - t0
+        cats = {"attention": "attention", "mlp": "mlp/projections", "projections": "mlp/projections",
+                "dyrate": "dyrate"}
+        split, total = dict.fromkeys(("attention", "mlp/projections", "dyrate", "rest"), 0.0), 0.0
+        for e in prof.events():
+            ms = (e.device_time_total if cuda and e.device_time_total else e.cpu_time_total) / 1e3 / n
+            if e.cpu_parent is None:  # the top-level events: the decoder's forward, the embedding, the LM head, ...
+                total += ms
+            if e.name in cats:  # the labels, which never nest in one another
+                split[cats[e.name]] += ms
+        split["rest"] = total - sum(split.values())
+        return dict(step_ms=seconds * 1e3 / n, **{f"{k}_ms": v for k, v in split.items()})
 
     def run_transformers(self, ids, px):
         """A 1-token generation times the prefill; the rest of an n-token one is decode."""
@@ -317,13 +375,17 @@ class Workload:
                 dyrate.costs(cfg, T, [N] * steps, self.args.k, dtype=dtype)
         whole, first = summary(n), summary(1)
         total_s = r["prefill_s"] + r["decode_s"]
+        weights = sum(p.numel() * p.element_size() for name, p in self.ours.language_model.named_parameters()
+                      if "embed_tokens" not in name)  # what every decode step reads, besides the KV caches
+        rows = B * max(variant(method)[2], 1)  # beam search: a row per beam
+        read, read_none = (weights + rows * whole[key] / (n - 1) for key in ("kv_bytes_read", "kv_bytes_read_none"))
         return dict(method=method, batch=B, prefill_ms=r["prefill_s"] * 1e3,
                     decode_ms_per_token=r["decode_s"] * 1e3 / (n - 1), total_ms=total_s * 1e3,
                     tokens_per_s=B * n / total_s, prefill_tflops=B * first["flops"] / 1e12,
                     tflops=B * whole["flops"] / 1e12, kept_visual=whole.get("kept_visual", [N] * n),
                     nocache_tflops=B * whole["nocache_flops"] / 1e12, mean_kv_bytes=B * whole["mean_kv_bytes"],
                     peak_memory_bytes=r["memory"], kv_cache_bytes=B * whole["kv_cache_bytes"], tokens=r["tokens"],
-                    largest=largest)
+                    largest=largest, bytes_read_per_step=read, bytes_read_limit=read / read_none)
 
 
 def measure(work, methods, batches, log):
@@ -344,6 +406,11 @@ def measure(work, methods, batches, log):
             jobs += extra
     rows = [work.row(m, B, r, B == searches.get(m, {}).get("largest") and B not in batches)
             for (m, B), r in zip(jobs, results)]
+    if args.profile:
+        for row in rows:
+            if row["method"] != "transformers":
+                log(f"profiling {row['method']} at batch {row['batch']}")
+                row["profile"] = work.profile(row["method"], row["batch"])
     return rows, searches
 
 
@@ -352,11 +419,7 @@ def save(rows, searches, args, work, dev):
     weights = sum(t.numel() * t.element_size() for t in work.ours.state_dict().values())
     result = dict(vars(args), prompt_tokens_total=len(work.prompt), weights_bytes=weights, device_name=device_name(dev),
                   results=rows, largest_batch=searches)
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=1)
-    processing.atomic_write(args.out, write)
+    processing.write_json(args.out, result)
     log(f"wrote {args.out}")
     if args.plot:
         title = f"{args.model or args.geometry + ' geometry'}, {device_name(dev)}, {args.dtype}: tokens/s vs batch" + (
@@ -396,7 +459,7 @@ def search_largest(args, methods, peaks, run, dev, log):
     out = {}
     try:
         for m in methods:
-            if m == "transformers" or m.endswith("+compile"):
+            if m == "transformers" or variant(m)[1] or variant(m)[2]:
                 continue
             tried = {}
 
@@ -447,8 +510,8 @@ def report(rows, args, cfg, T, searches):
           f"R={args.ratio}, median of {args.repeats} interleaved rounds; (x) = ratio to none at the same batch; "
           f"{mem}: the run's measured peak")
     print(f"{'method':20}{'batch':>6}{'prefill ms':>11}{'(x)':>6}{'prefill TF':>11}{'(x)':>6}{'decode ms/tok':>14}"
-          f"{'(x)':>6}{'total ms':>10}{'tok/s':>8}{'TFLOPs':>8}{'(x)':>6}{'no-cache':>9}{mem:>10}{'KV MiB':>8}"
-          f"{'mean KV':>8}{'(x)':>6}{'kept':>9}")
+          f"{'(x)':>6}{'limit':>6}{'total ms':>10}{'tok/s':>8}{'TFLOPs':>8}{'(x)':>6}{'no-cache':>9}{mem:>10}"
+          f"{'KV MiB':>8}{'mean KV':>8}{'(x)':>6}{'kept':>9}")
     by = {(r["method"], r["batch"]): r for r in rows}
     for r in rows:
         base = by.get(("none", r["batch"]))
@@ -457,7 +520,8 @@ def report(rows, args, cfg, T, searches):
             return f"{r[key] / base[key]:6.2f}" if base else f"{'-':>6}"
         print(f"{r['method']:20}{r['batch']:6d}{r['prefill_ms']:11.1f}{ratio('prefill_ms')}{r['prefill_tflops']:11.4f}"
               f"{ratio('prefill_tflops')}{r['decode_ms_per_token']:14.2f}{ratio('decode_ms_per_token')}"
-              f"{r['total_ms']:10.1f}{r['tokens_per_s']:8.1f}{r['tflops']:8.3f}{ratio('tflops')}"
+              f"{r['bytes_read_limit']:6.2f}{r['total_ms']:10.1f}{r['tokens_per_s']:8.1f}{r['tflops']:8.3f}"
+              f"{ratio('tflops')}"
               f"{ratio('nocache_tflops'):>9}{r['peak_memory_bytes'] / 2**20:10.0f}{r['kv_cache_bytes'] / 2**20:8.1f}"
               f"{r['mean_kv_bytes'] / 2**20:8.1f}{ratio('mean_kv_bytes')}"
               f"{str(r['kept_visual'][0]) + '->' + str(r['kept_visual'][-1]):>9}")
@@ -476,6 +540,17 @@ def report(rows, args, cfg, T, searches):
             print(f"batch {B}: dyrate-ramp (statistics + cache compaction at {len(set(r['kept_visual'])) - 1} steps, "
                   f"mean KV {r['mean_kv_bytes'] / fastv['mean_kv_bytes']:.2f}x fastv's): decode "
                   f"{r['decode_ms_per_token'] / fastv['decode_ms_per_token'] - 1:+.1%} vs fastv")
+    if any("profile" in r for r in rows):
+        print("decode ms/token, profiled (one run each): attention | MLP/projections | DyRate's own work | rest = sum "
+              "(step measured around the profiler)")
+    for r in rows:
+        if "profile" in r:
+            p = r["profile"]
+            parts = [p[f"{k}_ms"] for k in ("attention", "mlp/projections", "dyrate", "rest")]
+            print(f"{r['method']:20}{r['batch']:6d}" + " | ".join(f"{v:8.2f}" for v in parts) + f" = {sum(parts):8.2f} "
+                  f"({p['step_ms']:.2f}); DyRate {p['dyrate_ms'] / p['step_ms']:.1%} of the step")
+    print("limit: the decode step's bytes read (weights + KV caches, dyrate.kv_bytes_read) as a ratio to none's: what "
+          "a memory-bound step can reach")
     none = searches.get("none", {}).get("largest")
     for m, s in searches.items():
         B, top = s["largest"], by.get((m, s["largest"]))

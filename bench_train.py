@@ -35,6 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdp
 import bench
 import cli
 import dyrate
+import generate
 import memory
 import model
 import processing
@@ -132,17 +133,31 @@ def step_args(batch, setting, device, budget="kv"):
 
 def measure_step(llava, samples, setting, device):
     """One train_step under a setting: its peak live tensors, saved-for-backward bytes, resident (or CUDA allocator)
-    peak and seconds."""
-    args = step_args(len(samples), setting, device)
-    predictor = dyrate.RatePredictor(llava.config.text.num_attention_heads, train.parse_rates(args.rates),
-                                     args.k).to(device)
-    generator = torch.Generator(device).manual_seed(0)
+    peak and seconds (with the trackers' bookkeeping: time_step times a step alone)."""
+    args, predictor, generator = step_inputs(llava, len(samples), setting, device)
     memory.reset_peak(device)
     t0 = time.perf_counter()
     with memory.LiveTensors() as live, memory.SavedTensors(live) as saved:
         train.train_step(llava, predictor, samples, args, 1.0, generator, Counter())
     seconds = time.perf_counter() - t0
     return dict(live_peak=live.peak, saved=saved.bytes, process_peak=memory.peak(device), seconds=seconds)
+
+
+def step_inputs(llava, batch, setting, device):
+    args = step_args(batch, setting, device)
+    predictor = dyrate.RatePredictor(llava.config.text.num_attention_heads, train.parse_rates(args.rates),
+                                     args.k).to(device)
+    return args, predictor, torch.Generator(device).manual_seed(0)
+
+
+def time_step(llava, samples, setting, device):
+    """The seconds of one train_step under a setting, nothing else running in the process."""
+    args, predictor, generator = step_inputs(llava, len(samples), setting, device)
+    generate.sync(device)
+    t0 = time.perf_counter()
+    train.train_step(llava, predictor, samples, args, 1.0, generator, Counter())
+    generate.sync(device)
+    return time.perf_counter() - t0
 
 
 def step_flops(llava, sample, setting, device):
@@ -236,7 +251,7 @@ def time_sweep(args, device, dtype, log):
                  for i, s in enumerate(samples)]
 
     def step(setting):
-        return lambda: measure_step(llava, samples, setting, device)["seconds"]
+        return lambda: time_step(llava, samples, setting, device)
 
     def distil(batch):
         def run():
@@ -304,11 +319,8 @@ def main(argv=None):
         result = memory_sweep(args, device, dtype, log)
         report_memory(result, args)
 
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(dict(vars(args), device_name=bench.device_name(device), torch=torch.__version__, **result), f,
-                      indent=1)
-    processing.atomic_write(args.out, write)
+    processing.write_json(args.out, dict(vars(args), device_name=bench.device_name(device), torch=torch.__version__,
+                                         **result))
     log(f"wrote {args.out}")
     return result
 

@@ -50,9 +50,12 @@ def add_pruning_args(p, method=True):
     elif method:
         g.add_argument("--method", choices=dyrate.METHODS, default="none",
                        help="none; fastv: drop --ratio of the image tokens once at prefill; vtw: drop them all at "
-                            "prefill; dyrate: a learned rate at every step (needs --predictor)")
+                            "prefill, before layer K; dyrate: a learned rate at every step (needs --predictor); mass: "
+                            "a training-free rate at every step (--mass)")
     add_k_arg(g)
     g.add_argument("--ratio", type=float, default=0.5, help="FastV's R: the fraction of the image tokens dropped")
+    g.add_argument("--mass", type=float, default=0.05, help="the mass rule's eps: at every step the least attended "
+                   "kept image tokens go while the share of the attention they carry stays below eps")
     g.add_argument("--predictor", default=None, help="DyRate rate predictor file written by train.py")
     return g
 

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 import processing
 
-METHODS = ("none", "fastv", "vtw", "dyrate")
+METHODS = ("none", "fastv", "vtw", "dyrate", "mass")
 DEFAULT_K = 2  # the pruning layer of FastV's and the seed paper's LLaVA-1.5 experiments
 TYPES = ("system", "image", "instruction", "response")
 PREDICTOR_FORMAT = "dyrate-predictor-1"
@@ -164,28 +164,38 @@ def drop_tokens(x, positions, n_valid, drop_mask, image_start, n_image):
     return x.gather(1, idx[..., None].expand(-1, -1, x.shape[2])), positions.gather(1, idx), n_valid
 
 
-def compaction_moves(positions, length, drop_mask, image_start, n_image):
-    """Physical dropping from a KV cache at a decode step, by moving as few slots as possible: the slots of the
-    dropped image tokens (drop_mask (B, N)) that lie below a row's new length are holes, and the row's kept slots at
-    or past its new length move into them (the order of past keys does not matter to attention). positions (B, S):
-    the cache's RoPE position of each slot, length (B,) its rows' lengths. Returns src, dst (B, D) slot indices (D:
-    the most moves of any row, maybe 0; a row with fewer repeats its last move, or moves slot 0 onto itself), the new
-    lengths (B,), and the longest of them as a host int (one host sync)."""
-    real, gone = real_and_dropped(positions, length, drop_mask, image_start, n_image)  # (B, S) each
-    j = torch.arange(positions.shape[1], device=positions.device)
-    new_length = length - gone.sum(1)
-    hole = gone & (j < new_length[:, None])
-    mover = real & ~gone & (j >= new_length[:, None])  # as many as holes in every row
+def compaction_moves(alive, length, moves):
+    """Physical dropping from a KV cache after a decode step, moving as few slots as possible: alive (B, S) marks the
+    slots that hold a token (slots dropped at decode steps are dead), length (B,) how many slots each row has
+    written. A row's dead slots below its new length are holes, and its alive slots at or past the new length move
+    into them (the order of past keys does not matter to attention). moves: the most holes of any row (the host
+    knows it from next_compaction). Returns src, dst (B, moves) slot indices (a row with fewer holes repeats its last
+    move, or moves slot 0 onto itself) and the new lengths (B,)."""
+    j = torch.arange(alive.shape[1], device=alive.device)
+    real = j < length[:, None]  # (B, S)
+    keep = alive & real
+    new_length = keep.sum(1)
+    hole = real & ~alive & (j < new_length[:, None])
+    mover = keep & (j >= new_length[:, None])  # as many as holes in every row
     n_moves = hole.sum(1)
-    D, longest = torch.stack([n_moves.max(), new_length.max()]).tolist()
-    take = torch.minimum(torch.arange(D, device=j.device), (n_moves - 1).clamp(min=0)[:, None])  # (B, D)
+    take = torch.minimum(torch.arange(moves, device=j.device), (n_moves - 1).clamp(min=0)[:, None])  # (B, moves)
 
-    def slots(m):  # (B, S) bool -> (B, D): the first D slots where m holds, in order, by `take`
+    def slots(m):  # (B, S) bool -> (B, moves): the first `moves` slots where m holds, in order, by `take`
         return (~m).to(torch.int8).argsort(dim=1, stable=True).gather(1, take)
-    return slots(mover), slots(hole), new_length, longest
+    return slots(mover), slots(hole), new_length
 
 
-def check_method(method, ratio=0.5, predictor=None, schedule=None):
+def next_compaction(alive, length):
+    """What the compaction at the next decode step will need on the host, once every row holds one more token: a
+    (2,) device tensor of the most holes of any row and the longest row after it."""
+    j = torch.arange(alive.shape[1], device=alive.device)
+    real = j < length[:, None]
+    new_length = (alive & real).sum(1) + 1
+    holes = (real & ~alive & (j < new_length[:, None])).sum(1)
+    return torch.stack([holes.max(), new_length.max()])
+
+
+def check_method(method, ratio=0.5, predictor=None, schedule=None, mass=0.05):
     """A pruning method and the arguments it uses (the Pruner's check)."""
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; choose one of {METHODS}.")
@@ -197,6 +207,8 @@ def check_method(method, ratio=0.5, predictor=None, schedule=None):
         raise ValueError(f"FastV's drop ratio R must lie in [0, 1], got {ratio!r}.")
     if schedule is not None and (not len(schedule) or not all(0 <= float(r) <= 1 for r in schedule)):
         raise ValueError(f"A rate schedule is a non-empty list of drop rates in [0, 1], got {list(schedule)}.")
+    if method == "mass" and not (isinstance(mass, (int, float)) and 0 <= mass <= 1):
+        raise ValueError(f"The mass rule's eps is a share of the attention in [0, 1], got {mass!r}.")
 
 
 def pruning_layer(n_layers, k=None, predictor=None):
@@ -227,22 +239,27 @@ class Pruner:
     prompt_len: (B,) tensors; the image occupies token positions image_start .. image_start + n_image - 1 of each row.
 
     method: 'none' (statistics only), 'fastv' (drop `ratio` of the image tokens once, at prefill), 'vtw' (drop all at
-    prefill) or 'dyrate' (a rate per step from `predictor`, or from `schedule`, a list of rates per step: hand-set
-    baselines and tests). stats=True computes the type shares at every step (for --json / --viz)."""
+    prefill, before layer k), 'dyrate' (a rate per step from `predictor`, or from `schedule`, a list of rates per
+    step: hand-set baselines and tests) or 'mass' (training-free: at every step, drop the least attended still kept
+    image tokens while the attention they carry stays below `mass`). stats=True computes the type shares at every
+    step (for --json / --viz)."""
 
     def __init__(self, method, n_image, image_start, prompt_len, k=DEFAULT_K, ratio=0.5, predictor=None,
-                 schedule=None, stats=True):
-        check_method(method, ratio, predictor, schedule)
+                 schedule=None, stats=True, mass=0.05):
+        check_method(method, ratio, predictor, schedule, mass)
         assert predictor is None or predictor.k == k, "the predictor was trained for another K (pruning_layer)"
-        self.method, self.n_image, self.k, self.ratio = method, n_image, k, ratio
+        self.method, self.n_image, self.k, self.ratio, self.mass = method, n_image, k, ratio, mass
         self.image_start, self.prompt_len = image_start, prompt_len
         self.predictor, self.schedule, self.stats = predictor, schedule, stats
         self.kept_mask = torch.ones(len(image_start), n_image, dtype=torch.bool, device=image_start.device)  # (B, N)
         self.step = 0  # the next step: 0 = the prefill
         self.history: list[StepRecord] = []
+        self.alive = None  # (B, S) bool, the slots of layers >= k that hold a token (mark_dead)
+        self.counts = self.counted = None  # host copy of next_compaction's counts, and its CUDA event (mark_dead)
+        self.pending = False  # counts are on their way that compact() has not used yet
 
-    def ranks_this_step(self):  # dyrate ranks at every step, fastv at prefill only, vtw and none never
-        return self.method == "dyrate" or self.method == "fastv" and self.step == 0
+    def ranks_this_step(self):  # dyrate and mass rank at every step, fastv at prefill only, vtw and none never
+        return self.method in ("dyrate", "mass") or self.method == "fastv" and self.step == 0
 
     def needs_probe(self):
         return self.stats or self.ranks_this_step()
@@ -251,9 +268,13 @@ class Pruner:
         """The query rows whose layer K-1 attention this step needs: each row's last real token, or none."""
         return (n_valid - 1)[:, None] if self.needs_probe() else None
 
-    def rate(self, shares):
-        """(B,) drop rate chosen at this step."""
+    def rate(self, shares, scores):
+        """(B,) drop rate chosen at this step, from the type shares (B, H, 4) and the image tokens' scores (B, N)."""
         B, dev = len(self.kept_mask), self.kept_mask.device
+        if self.method == "mass":  # the least attended kept tokens go while the mass they carry stays below eps
+            ascending = scores.masked_fill(~self.kept_mask, float("inf")).sort(-1).values  # (B, N), gone ones last
+            keep = self.kept_mask.sum(1) - (ascending.cumsum(-1) < self.mass).sum(-1)
+            return 1 - keep / self.n_image
         if self.method == "dyrate":
             if self.schedule is not None:
                 return torch.full((B,), float(self.schedule[min(self.step, len(self.schedule) - 1)]), device=dev)
@@ -266,40 +287,98 @@ class Pruner:
         this step needs no ranking); x (B, T, C), positions (B, T), n_valid (B,): what enters layer k; caches: every
         layer's KVCache. Chooses the rate, then drops the lowest-ranked of the still kept image tokens: at the
         prefill from x itself (layers >= k never compute them), at a decode step from the caches of every layer >= k
-        (physically: they shrink). Kept counts never grow. Returns x, positions, n_valid and key mask (None) for
-        layers >= k."""
-        shares = scores = None
-        if probs is not None:
-            shares = type_shares(probs, self.image_start, self.n_image, self.prompt_len)[:, 0]  # (B, H, 4)
-            scores = image_scores(probs, self.image_start, self.n_image)[:, 0]  # (B, N)
-        rate = self.rate(shares)
+        (physically: their slots die at once and are compacted at a later step, compact()). Kept counts never grow.
+        A decode step reads nothing back to the host. Returns x, positions, n_valid and key mask (None) for layers
+        >= k."""
+        with torch.profiler.record_function("dyrate"):  # the method's own work (bench.py --profile)
+            prefill, ranks = self.step == 0, self.ranks_this_step()
+            if not prefill:
+                self.compact(caches)
+            shares = scores = None
+            if probs is not None:
+                shares = type_shares(probs, self.image_start, self.n_image, self.prompt_len)[:, 0]  # (B, H, 4)
+                scores = image_scores(probs, self.image_start, self.n_image)[:, 0]  # (B, N)
+            rate, keep, kept_mask = self.decide(shares, scores)
+            drop = self.kept_mask & ~kept_mask  # (B, N)
+            self.history.append(StepRecord(keep, drop, rate, shares, ranks))
+            self.kept_mask, self.step = kept_mask, self.step + 1
+            if prefill and bool(drop.any()):  # the dropped tokens never enter layers >= k
+                x, positions, n_valid = drop_tokens(x, positions, n_valid, drop, self.image_start, self.n_image)
+            elif not prefill and ranks:
+                self.mark_dead(drop, caches)
+            return x, positions, n_valid, None
+
+    def decide(self, shares, scores):
+        """This step's rate (B,), kept count (B,) and kept image tokens (B, N): the rate's kept count of the still kept
+        image tokens, the best-ranked by this step's scores (None: nothing or everything goes). Kept counts never
+        grow."""
+        rate = self.rate(shares, scores)
         kept_before = self.kept_mask.sum(1)  # (B,)
         keep = torch.minimum(kept_before, keep_count(rate, self.n_image).long())  # (B,): never grows
-        prefill, ranks = self.step == 0, self.ranks_this_step()
         if scores is None:  # no ranking needed: nothing or everything goes
-            assert not prefill or bool(((keep == 0) | (keep == kept_before)).all())
-            kept_mask = self.kept_mask & (keep[:, None] > 0)
-        else:  # keep the `keep` best-ranked of the still kept image tokens
-            kept_mask = rank_of(scores.masked_fill(~self.kept_mask, float("-inf"))) < keep[:, None]
-        drop = self.kept_mask & ~kept_mask  # (B, N)
-        self.history.append(StepRecord(keep, drop, rate, shares, ranks))
-        self.kept_mask, self.step = kept_mask, self.step + 1
-        if not (prefill or ranks) or not bool(drop.any()):  # fastv and vtw drop at the prefill only
-            return x, positions, n_valid, None
-        if prefill:
-            x, positions, n_valid = drop_tokens(x, positions, n_valid, drop, self.image_start, self.n_image)
-        else:  # every layer >= k holds the same slots: one set of moves serves them all
-            assert caches is not None, "a decode step drops from the KV caches"
-            ref = caches[self.k]
-            src, dst, length, longest = compaction_moves(ref.pos, ref.length, drop, self.image_start, self.n_image)
-            assert len({cache.used for cache in caches[self.k:]}) == 1
-            for cache in caches[self.k:]:
-                cache.move(src, dst, length, longest)
-        return x, positions, n_valid, None
+            assert self.step > 0 or bool(((keep == 0) | (keep == kept_before)).all())
+            return rate, keep, self.kept_mask & (keep[:, None] > 0)
+        return rate, keep, rank_of(scores.masked_fill(~self.kept_mask, float("-inf"))) < keep[:, None]
 
-    def row_summary(self, b, n_steps, cfg, prompt_len, dtype=torch.float16):
-        """Row b's first n_steps steps as plain lists, with their costs next to none's (costs()), for --json."""
-        steps = self.history[:n_steps]
+    def mark_dead(self, drop, caches):
+        """A decode step's drops (B, N): their slots in the layers >= k die at once (an `alive` mask on the device,
+        shared by those caches, which hold the same slots), and the counts the compaction will need are copied to the
+        host without waiting for them."""
+        ref = caches[self.k]
+        if self.alive is None:  # the first decode step that ranks: one mask for every layer >= k
+            self.alive = torch.ones(ref.pos.shape, dtype=torch.bool, device=ref.pos.device)  # (B, S)
+            torch._dynamo.mark_static_address(self.alive)
+            for cache in caches[self.k:]:
+                cache.alive = self.alive
+        _, gone = real_and_dropped(ref.pos, ref.length, drop, self.image_start, self.n_image)  # (B, S)
+        self.alive &= ~gone
+        cuda = self.alive.device.type == "cuda"
+        if self.counts is None:  # the host's copy (pinned on CUDA, so the copy does not wait)
+            self.counts = torch.zeros(2, dtype=torch.long, device="cpu", pin_memory=cuda)
+            self.counted = torch.cuda.Event() if cuda else None
+        self.counts.copy_(next_compaction(self.alive, ref.length), non_blocking=cuda)
+        if cuda:
+            self.counted.record()
+        self.pending = True
+
+    def compact(self, caches):
+        """Compact the slots that earlier decode steps killed (compaction_moves: as many moves as holes) in every
+        layer >= k, once the counts mark_dead copied have reached the host; if they have not yet (a GPU still
+        working), a later step does it. Attention masks the dead slots until then, so nothing waits."""
+        if not self.pending or (self.counted is not None and not self.counted.query()):
+            return
+        moves, longest = (int(n) for n in self.counts.numpy())  # NOTE: a host buffer, not a read from the device
+        self.pending = False
+        ref = caches[self.k]
+        if moves == 0 and longest == ref.used:
+            return
+        src, dst, length = compaction_moves(self.alive, ref.length, moves)
+        for cache in caches[self.k:]:
+            cache.move(src, dst, length, longest)
+        self.alive.fill_(True)
+
+    def select_rows(self, src, dst):
+        """Row dst[i] takes row src[i]'s pruning state (beam search: a beam takes its parent's): the kept image tokens,
+        the dead slots of the layers >= k and the history of its steps; (D,) long tensors, the rows that change."""
+        for t in (self.kept_mask, self.image_start, self.prompt_len, self.alive):
+            if t is not None:
+                t[dst] = t[src]
+        for h in self.history:  # small tensors: each step's (B, ...) record, row by row
+            for t in (h.kept_count, h.dropped_mask, h.rate, h.shares):
+                if t is not None:
+                    t[dst] = t[src]
+
+    def lineage(self, b, n_steps):
+        """Row b's first n_steps step records, as rows of their own (a finished beam's history, kept when it finishes
+        while its row goes on to other beams)."""
+        return [StepRecord(h.kept_count[b:b + 1].clone(), h.dropped_mask[b:b + 1].clone(), h.rate[b:b + 1].clone(),
+                           None if h.shares is None else h.shares[b:b + 1].clone(), h.ranked)
+                for h in self.history[:n_steps]]
+
+    def row_summary(self, b, n_steps, cfg, prompt_len, dtype=torch.float16, history=None):
+        """Row b's first n_steps steps (of `history`, else this pruner's) as plain lists, with their costs next to
+        none's (costs()), for --json."""
+        steps = (self.history if history is None else history)[:n_steps]
         kept = [int(h.kept_count[b]) for h in steps]
         probes = sum(h.ranked for h in steps)
         learned = self.method == "dyrate" and self.schedule is None
@@ -422,13 +501,16 @@ def generation_flops(cfg, prompt_len, kept, k=DEFAULT_K, probes=0, predictor_flo
     for step in range(len(kept)):
         full, short = prompt_len + step, prompt_len - (N - kept[step]) + step  # tokens in layers < k and >= k
         if cache and step > 0:  # one new token attending to the cached keys
-            steps.append(k * layer_flops(t, 1, full) + late * layer_flops(t, 1, short) + lm_head)
+            # NOTE: a decode step's drops leave the caches at the next step (Pruner.compact): it still reads them
+            seen = prompt_len - (N - kept[step - 1]) + step
+            steps.append(k * layer_flops(t, 1, full) + late * layer_flops(t, 1, seen) + lm_head)
         else:  # the whole (kept) sequence so far
             steps.append(k * layer_flops(t, full, full) + late * layer_flops(t, short, short) + lm_head)
     prefill, decode = steps[0], sum(steps[1:])
     keys_at_probe = sum(prompt_len + s for s in range(probes))  # layer k-1 holds every token
-    overhead = 2 * t.num_attention_heads * t.head_dim * keys_at_probe + 2 * t.num_attention_heads * 4 * keys_at_probe \
-        + probes * predictor_flops  # probe scores, type shares, predictor
+    # the prefill's probe scores (beside SDPA's pass; a decode step's probe is its attention), type shares, predictor
+    overhead = (2 * t.num_attention_heads * t.head_dim * prompt_len if probes else 0) \
+        + 2 * t.num_attention_heads * 4 * keys_at_probe + probes * predictor_flops
     total = vision + projector + prefill + decode + overhead
     return dict(vision=vision, projector=projector, prefill=prefill, decode=decode, overhead=overhead, total=total)
 
@@ -440,6 +522,16 @@ def kv_cache_bytes(cfg, prompt_len, n_new, kept, k, dtype):
     n = prompt_len + n_new - 1
     per_token = 2 * t.num_key_value_heads * t.head_dim * torch.finfo(dtype).bits // 8
     return per_token * (k * n + (t.num_hidden_layers - k) * (n - (cfg.n_image_tokens - kept)))
+
+
+def kv_bytes_read(cfg, prompt_len, kept, k, dtype):
+    """Bytes of keys and values one row's decode steps read (attention reads every key it holds once per step):
+    at step t >= 1, layers < k hold prompt_len + t tokens and layers >= k the ones kept until step t-1 (a step's own
+    drops leave at the next one) plus the new token. With the weights, what bounds a memory-bound decode step."""
+    t, N = cfg.text, cfg.n_image_tokens
+    per_token = 2 * t.num_key_value_heads * t.head_dim * torch.finfo(dtype).bits // 8
+    return sum(per_token * (k * (prompt_len + s) + (t.num_hidden_layers - k) * (prompt_len - (N - kept[s - 1]) + s))
+               for s in range(1, len(kept)))
 
 
 def fastv_flops(cfg, n_tokens, n_kept_image, k=DEFAULT_K):
@@ -456,9 +548,9 @@ def costs(cfg, prompt_len, kept, k, probes=0, predictor_flops=0, dtype=torch.flo
     """The one cost summary of a row's generation, from its kept image tokens per step (kept[0] at prefill), each next
     to none's (every image token kept, no statistics): `flops` (with a KV cache), `nocache_flops` (every step
     recomputes the kept sequence), `kv_byte_steps` (the KV cache held after each step, summed over the steps: what
-    bounds a batch and the bytes decode steps read; `mean_kv_bytes` is its mean), `kv_cache_bytes` at the end, and
-    FastV's prefill-only count.
-    Ints give ints; tensors (training) give differentiable tensors."""
+    bounds a batch; `mean_kv_bytes` is its mean), `kv_cache_bytes` at the end, `kv_bytes_read` (what the decode
+    steps' attention reads) and FastV's prefill-only count. Ints give ints; tensors (training) give differentiable
+    tensors."""
     N, n = cfg.n_image_tokens, len(kept)
     out = {}
     for name, value, none in (
@@ -470,6 +562,8 @@ def costs(cfg, prompt_len, kept, k, probes=0, predictor_flops=0, dtype=torch.flo
              sum(kv_cache_bytes(cfg, prompt_len, s + 1, N, k, dtype) for s in range(n))),
             ("kv_cache_bytes", kv_cache_bytes(cfg, prompt_len, n, kept[-1], k, dtype),
              kv_cache_bytes(cfg, prompt_len, n, N, k, dtype)),
+            ("kv_bytes_read", kv_bytes_read(cfg, prompt_len, kept, k, dtype),
+             kv_bytes_read(cfg, prompt_len, [N] * n, k, dtype)),
             ("fastv_prefill_flops", *fastv_flops(cfg, prompt_len, kept[0], k))):
         out.update({name: value, f"{name}_none": none})
     out.update(flops_ratio=out["flops"] / out["flops_none"], mean_kv_bytes=out["kv_byte_steps"] / n,
@@ -494,6 +588,14 @@ def cost_ratio(rows, cost="flops"):
 def ramp_rates(r0, n):
     """A hand-set dynamic schedule: from r0 at prefill up to 1 at the last of n steps."""
     return [r0 + (1 - r0) * t / max(n - 1, 1) for t in range(n)]
+
+
+def matched_layer(cfg, lengths, target, cost="flops"):
+    """VTW's withdrawal layer K (1 .. L-1; every image token dropped before it) whose cost ratio (a costs() key)
+    over generations of the given (prompt tokens, new tokens) is closest to `target`."""
+    def ratio(k):
+        return cost_ratio([costs(cfg, prompt_len, [0] * n, k) for prompt_len, n in lengths], cost)
+    return min(range(1, max(2, cfg.text.num_hidden_layers)), key=lambda k: (abs(ratio(k) - target), k))
 
 
 def matched_keep(cfg, lengths, target, k, ramp=False, cost="flops"):

@@ -27,10 +27,16 @@ import sys
 import time
 from collections import Counter
 
+import numpy as np
+
+import torch
+import torch.distributed as dist
+
 import cli
 import dyrate
 import generate
 import processing
+import viz
 
 CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."  # lmms-eval's for LLaVA-1.5
 SHORT_SUFFIX = "\nAnswer the question using a single word or phrase."  # LLaVA-1.5's evaluation prompts
@@ -195,9 +201,16 @@ def question_scores(task, preds, refs):
 # a run: one method over the records, streamed to a JSONL file
 
 
-def read_done(path):
-    """{record id: line} of what an interrupted run wrote (predictions, and records skipped on the way)."""
-    return {json.dumps(p["id"]): p for p in processing.read_lines(path)}
+def prediction_files(out, method):
+    """Every predictions file of a method in OUT: the merged one, and the shards of ranks of a run under torchrun."""
+    name = f"predictions-{method}"
+    return sorted(os.path.join(out, f) for f in os.listdir(out) if f.startswith(name + ".") and f.endswith(".jsonl"))
+
+
+def read_done(out, method):
+    """{record id: line} of what earlier runs wrote, merged or sharded, whatever their number of ranks
+    (predictions, and records skipped on the way)."""
+    return {json.dumps(p["id"]): p for path in prediction_files(out, method) for p in processing.read_lines(path)}
 
 
 def progress(done, total, new, seconds, skipped):
@@ -208,36 +221,91 @@ def progress(done, total, new, seconds, skipped):
           end="", file=sys.stderr, flush=True)
 
 
-def run_method(llava, tok, records, method, args, predictor, log):
-    """Predictions of one method for every record (resumed from its JSONL file with --resume), then its scores."""
-    path = os.path.join(args.out, f"predictions-{method}.jsonl")
-    done = read_done(path) if os.path.isfile(path) else {}
-    todo = [r for r in records if not r["skip"] and json.dumps(r["id"]) not in done]
-    usable, t0, new_tokens = sum(not r["skip"] for r in records), time.perf_counter(), 0
+def predict(llava, tok, chunk, method, args, predictor):
+    """One batch of records -> their prediction lines (a record whose image does not decode: a skipped line)."""
+    todo, images, lines = [], [], []
+    for r in chunk:
+        try:  # decoding is the only test of an image; it is read once and handed to generate()
+            images.append(processing.load_image(r["image"]))
+            todo.append(r)
+        except (ValueError, OSError):
+            lines.append(dict(id=r["id"], skipped="unreadable image"))
+    if not todo:
+        return lines
+    out = generate.generate(llava, tok, images, [r["prompt"] for r in todo], **options(args, method, predictor))
+    for r, row in zip(todo, out.rows):
+        costs = {key: row[key] for key in row if key.removesuffix("_none").endswith(("flops", "bytes", "steps"))}
+        lines.append(dict(id=r["id"], prediction=row["text"].strip(), new_tokens=len(row["token_ids"]),
+                          kept_visual=row["kept_visual"], prefill_ms=out.prefill_ms,
+                          decode_ms_per_token=out.decode_ms_per_token, batch=len(todo), **costs,
+                          **(dict(type_shares=row["type_shares"]) if args.figure2 else {})))
+    return lines
+
+
+def run_method(llava, tok, records, method, args, predictor, log, rank=0, world=1):
+    """Predictions of one method for every record not done yet (--resume: by any earlier run), this rank's shard of
+    them (records i with i % world == rank), streamed to its own file; then rank 0 merges every file in record order
+    and scores them. Returns the scores (rank 0) or None."""
+    done = read_done(args.out, method) if args.resume else {}
+    usable = [r for r in records if not r["skip"]]
+    mine = [r for i, r in enumerate(records) if i % world == rank and not r["skip"] and json.dumps(r["id"]) not in done]
+    batches = [mine[i:i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
+    rounds = collective_max(len(batches), args.device, world)  # every rank takes part in every round's count
+    name = f"predictions-{method}.jsonl" if world == 1 else f"predictions-{method}.rank{rank}.jsonl"
+    path = os.path.join(args.out, name)
+    count = sum(json.dumps(r["id"]) in done for r in usable)
+    t0, new, skipped = time.perf_counter(), 0, sum("skipped" in p for p in done.values())
     with open(path, "a") as f:
-        for i in range(0, len(todo), args.batch_size):
-            chunk, images, lines = [], [], []
-            for r in todo[i:i + args.batch_size]:
-                try:  # decoding is the only test of an image; it is read once and handed to generate()
-                    images.append(processing.load_image(r["image"]))
-                    chunk.append(r)
-                except (ValueError, OSError):
-                    lines.append(dict(id=r["id"], skipped="unreadable image"))
-            prompts = [r["prompt"] for r in chunk]
-            out = generate.generate(llava, tok, images, prompts, **options(args, method, predictor)) if chunk else None
-            for r, row in zip(chunk, out.rows if out else []):
-                costs = {key: row[key] for key in row
-                         if key.removesuffix("_none").endswith(("flops", "bytes", "steps"))}
-                lines.append(dict(id=r["id"], prediction=row["text"].strip(), new_tokens=len(row["token_ids"]),
-                                  kept_visual=row["kept_visual"], prefill_ms=out.prefill_ms,
-                                  decode_ms_per_token=out.decode_ms_per_token, batch=len(chunk), **costs))
-                new_tokens += len(row["token_ids"])
+        for i in range(rounds):
+            lines = predict(llava, tok, batches[i], method, args, predictor) if i < len(batches) else []
             processing.append_lines(f, lines)
-            done.update((json.dumps(line["id"]), line) for line in lines)
-            progress(len(done), usable, i + len(lines), time.perf_counter() - t0,
-                     sum(1 for p in done.values() if "skipped" in p))
-    print(file=sys.stderr)
-    return summarize(method, records, done, args, new_tokens / max(time.perf_counter() - t0, 1e-9), log)
+            counts = collective_sum([len(lines), sum("skipped" in line for line in lines)], args.device, world)
+            count, skipped, new = count + counts[0], skipped + counts[1], new + counts[0]
+            if rank == 0:
+                progress(count, len(usable), new, time.perf_counter() - t0, skipped)
+    if rank == 0:
+        print(file=sys.stderr)
+    if world > 1:
+        dist.barrier()  # every shard is on disk
+    if rank != 0:
+        return None
+    done = merge(args.out, method, records)
+    tokens = sum(p.get("new_tokens", 0) for p in done.values())
+    return summarize(method, records, done, args, tokens / max(time.perf_counter() - t0, 1e-9), log)
+
+
+def merge(out, method, records):
+    """Every predictions file of the method into predictions-METHOD.jsonl, in record order (written atomically), the
+    shards removed; returns {record id: line}."""
+    done = read_done(out, method)
+    lines = [done[json.dumps(r["id"])] for r in records if json.dumps(r["id"]) in done]
+    path = os.path.join(out, f"predictions-{method}.jsonl")
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            processing.append_lines(f, lines)
+    processing.atomic_write(path, write)
+    for shard in prediction_files(out, method):
+        if shard != path:
+            os.remove(shard)
+    return done
+
+
+def collective_sum(values, device, world):
+    """values summed over the ranks (themselves with one process)."""
+    if world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.long, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def collective_max(value, device, world):
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
 
 
 def summarize(method, records, done, args, tokens_per_s, log):
@@ -264,8 +332,8 @@ def summarize(method, records, done, args, tokens_per_s, log):
                   tokens_per_s=tokens_per_s, batch_size=args.batch_size)
     if args.task == "caption":
         results = [dict(image_id=r["id"], caption=preds[json.dumps(r["id"])]) for r in kept]
-        write_json(os.path.join(args.out, f"results-{method}.json"), results)  # COCO results format
-    write_json(os.path.join(args.out, f"metrics-{method}.json"), result)
+        processing.write_json(os.path.join(args.out, f"results-{method}.json"), results)  # COCO results format
+    processing.write_json(os.path.join(args.out, f"metrics-{method}.json"), result)
     score = " | ".join(f"{k} {result[k]:.4f}" for k in metrics)
     log(f"{method}: {score} | FLOPs {costs['flops_ratio']:.3f} (no-cache {costs['nocache_ratio']:.3f}), mean KV "
         f"{costs['kv_ratio']:.3f} of none | image tokens kept {result['mean_kept_image_tokens']:.1f} | prefill "
@@ -273,13 +341,6 @@ def summarize(method, records, done, args, tokens_per_s, log):
         + (f", skipped {sum(skipped.values())} ({', '.join(f'{n} {w}' for w, n in skipped.items())})" if skipped
            else ""))
     return result
-
-
-def write_json(path, obj):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-    processing.atomic_write(path, write)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -304,7 +365,10 @@ def parse_args(argv=None):
     g.add_argument("--max-new-tokens", type=int, default=None, help="default 64 for captions (lmms-eval), 16 else")
     g.add_argument("--suffix", default=None, help="text after each question (default: LLaVA-1.5's evaluation "
                    "instruction for the task; '' for a model trained without one, such as the shapes model)")
-    g.add_argument("--batch-size", type=int, default=8, help="records per generate() call")
+    g.add_argument("--batch-size", type=int, default=8, help="records per generate() call (per rank under torchrun)")
+    g.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (1: greedy)")
+    g.add_argument("--figure2", action="store_true", help="the seed paper's Figure 2: the unpruned model's attention "
+                   "on each token type at layer K-1 against the position in the answer (OUT/figure2.png, .json)")
     g = p.add_argument_group("output")
     g.add_argument("--out", required=True, help="folder for predictions-METHOD.jsonl, metrics-METHOD.json, results")
     g.add_argument("--resume", action="store_true", help="continue the runs whose predictions are in --out")
@@ -330,6 +394,8 @@ def check_args(args):
         if m not in dyrate.METHODS:
             raise ValueError(f"unknown method {m!r} in --methods; choose from {', '.join(dyrate.METHODS)}")
     cli.check_pruning_flags(args.methods, args.predictor)
+    if args.figure2 and args.methods != ["none"]:
+        raise ValueError("--figure2 measures the unpruned model: drop --methods (or give --methods none)")
     for name, value in (("--batch-size", args.batch_size), ("--limit", args.limit or 1),
                         ("--max-new-tokens", args.max_new_tokens or 1)):
         if value < 1:
@@ -338,9 +404,9 @@ def check_args(args):
     os.makedirs(args.out, exist_ok=True)
     cli.check_writable_folder(os.path.join(args.out, "metrics.json"), "--out")
     for m in args.methods:
-        path = os.path.join(args.out, f"predictions-{m}.jsonl")
-        if os.path.isfile(path) and not args.resume:
-            raise ValueError(f"{path} exists: pass --resume to continue that run, or another --out.")
+        found = prediction_files(args.out, m)
+        if found and not args.resume:
+            raise ValueError(f"{found[0]} exists: pass --resume to continue that run, or another --out.")
     return data
 
 
@@ -366,7 +432,35 @@ def read_records(data, args, cfg, tok):
 def options(args, method, predictor):
     """generate()'s arguments for one method."""
     return dict(max_new_tokens=args.max_new_tokens, conv=args.conv, pad=args.pad, method=method, k=args.k,
-                ratio=args.ratio, predictor=predictor if method == "dyrate" else None, stats=False)
+                ratio=args.ratio, predictor=predictor if method == "dyrate" else None, stats=args.figure2,
+                mass=args.mass, num_beams=args.num_beams)
+
+
+def figure2(shares):
+    """The seed paper's Figure 2 from the unpruned model's type shares (per answer, per step: system, image,
+    instruction, response at layer K-1, averaged over heads): their mean at each answer position, and the image's
+    mean share in the first and the last third of each answer."""
+    width = max(len(s) for s in shares)
+    by_position = [np.mean([s[t] for s in shares if len(s) > t], 0).tolist() for t in range(width)]
+    thirds = []
+    for s in shares:
+        image, n = [step[1] for step in s], max(len(s) // 3, 1)
+        thirds.append((np.mean(image[:n]), np.mean(image[-n:])))
+    return dict(first_third=float(np.mean([a for a, _ in thirds])), last_third=float(np.mean([b for _, b in thirds])),
+                by_position=by_position, answers=len(shares))
+
+
+def write_figure2(out, records, log):
+    """OUT/figure2.json and OUT/figure2.png from the merged predictions of --figure2 (method none)."""
+    done = read_done(out, "none")
+    shares = [done[json.dumps(r["id"])]["type_shares"] for r in records
+              if "type_shares" in done.get(json.dumps(r["id"]), {})]
+    result = figure2(shares)
+    processing.write_json(os.path.join(out, "figure2.json"), result)
+    viz.shares_plot(result["by_position"]).save(os.path.join(out, "figure2.png"))
+    log(f"Figure 2 ({result['answers']} answers, layer K-1, none): image share {result['first_third']:.3f} in the "
+        f"first third of the answer, {result['last_third']:.3f} in the last; wrote {out}/figure2.png and .json")
+    return result
 
 
 def table(results):
@@ -382,10 +476,13 @@ def table(results):
 
 def main(argv=None):
     args = parse_args(argv)
-    log = print
-    with cli.user_errors():
+    with cli.user_errors():  # every check before the weights load; under torchrun, every rank checks alike
+        rank, world, device = cli.distributed(cli.device(args.device))
+        args.device = device
+        log = print if rank == 0 else (lambda *a, **kw: None)
         data = check_args(args)
-        device = cli.device(args.device)
+        if world > 1:
+            dist.barrier()  # every rank has checked OUT before any writes to it
         cfg, tok = cli.checkpoint(args.model)
         predictor = cli.load_predictor(args.predictor, cfg, device)
         records = read_records(data, args, cfg, tok)
@@ -396,11 +493,17 @@ def main(argv=None):
         llava = cli.load_model(args.model, device, cli.dtype(args.dtype, device), log)
         try:
             with cli.sigterm_raises_stop():
-                results = [run_method(llava, tok, records, m, args, predictor, log) for m in args.methods]
+                results = [run_method(llava, tok, records, m, args, predictor, log, rank, world) for m in args.methods]
         except cli.INTERRUPTS as e:
             print(file=sys.stderr)
             sys.exit(f"interrupted: the predictions so far are in {args.out}; rerun with --resume to continue"
                      if isinstance(e, KeyboardInterrupt) else "stopped by SIGTERM: rerun with --resume to continue")
+    if world > 1:
+        dist.destroy_process_group()
+    if rank != 0:
+        return None
+    if args.figure2:
+        results[0]["figure2"] = write_figure2(args.out, records, log)
     if len(results) > 1:
         log("\n" + table(results))
     return results

@@ -94,6 +94,103 @@ def decode(model, input_ids, lengths, pixel_values, caches, n_new, pruner=None, 
         logits = model.decode_step(token, lengths + t, caches, pruner)
 
 
+class BeamSearch:
+    """transformers' beam search (do_sample=False: beams ranked by their summed token log-probabilities, finished
+    hypotheses kept with a length penalty, early_stopping=False) as the chooser of the one decode loop. Sample b's
+    beams are rows b*N .. b*N+N-1 of the batch, each with its own KV-cache rows and its own pruning state: after each
+    step a beam takes its parent's rows (select_rows: only the rows that change are copied), so every beam prunes by
+    its own attention. Finished hypotheses keep their tokens, scores and pruning history (Pruner.lineage)."""
+
+    def __init__(self, batch, num_beams, n_new, eos_id, caches, pruner, length_penalty=1.0):
+        B, N, dev = batch, num_beams, caches[0].length.device
+        self.B, self.N, self.n_new, self.eos, self.lp = B, N, n_new, eos_id, length_penalty
+        self.caches, self.pruner = caches, pruner
+        self.K = max(2, 1 + (eos_id is not None)) * N  # candidates per sample each step (transformers' beams_to_keep)
+        self.tokens = torch.zeros(B, N, n_new, dtype=torch.long, device=dev)  # each running beam's tokens so far
+        self.scores = torch.zeros(B, N, device=dev)  # their summed log-probabilities; at first only beam 0 counts
+        self.scores[:, 1:] = -1e9
+        self.done_tokens = torch.zeros(B, N, n_new, dtype=torch.long, device=dev)  # finished, best first
+        self.done_scores = torch.full((B, N), -1e9, device=dev)  # length-penalised
+        self.done_sums = torch.zeros(B, N, device=dev)  # summed log-probabilities
+        self.done_len = torch.zeros(B, N, dtype=torch.long, device=dev)
+        self.done_finished = torch.zeros(B, N, dtype=torch.bool, device=dev)
+        self.done_history = [[None] * N for _ in range(B)]  # each finished hypothesis's pruning history
+        self.undecided = torch.ones(B, dtype=torch.bool, device=dev)
+        self.over = False  # every sample decided: the caller stops the loop
+
+    @torch.profiler.record_function("beam search")  # bench.py --profile: its bookkeeping is part of "the rest"
+    def choose(self, t, logits):
+        """Step t: logits (B*N, V) of every beam -> the N best continuations of each sample, the finished ones into
+        its hypotheses, each beam's rows to its parent's; returns the (B*N,) tokens the beams feed back."""
+        B, N, K, dev = self.B, self.N, self.K, logits.device
+        V = logits.shape[-1]
+        logp = logits.float().log_softmax(-1).view(B, N, V)
+        top, idx = (logp + self.scores[..., None]).view(B, N * V).topk(K)  # (B, K): beam-major, as transformers
+        parent, token = idx // V, idx % V
+        cand = self.tokens.gather(1, parent[..., None].expand(-1, -1, self.n_new)).clone()  # (B, K, n_new)
+        cand[:, :, t] = token
+        stops = torch.full_like(token, t + 1 >= self.n_new, dtype=torch.bool)
+        if self.eos is not None:
+            stops |= token == self.eos
+        # the running beams: the N best candidates that did not stop
+        running = top + stops.float() * -1e9
+        keep = running.topk(N).indices  # (B, N)
+        # the finished hypotheses: the candidates among the first N that stopped, length-penalised, merged
+        length = t + 1  # generated tokens, EOS included
+        finished = stops & (torch.arange(K, device=dev) < N)
+        score = top / length ** self.lp + (~self.undecided[:, None]).float() * -1e9
+        score = score + (~finished).float() * -1e9
+        best = torch.cat([self.done_scores, score], 1).topk(N).indices  # (B, N): the old ones first on ties
+        self.keep_finished(best, cand, score, top, finished, parent, length)
+        self.tokens, self.scores = cand.gather(1, keep[..., None].expand(-1, -1, self.n_new)), running.gather(1, keep)
+        # transformers' heuristic: a sample is decided once its N hypotheses are finished and its best running beam,
+        # at the current length, cannot beat the worst of them
+        worst = torch.where(self.done_finished, self.done_scores.min(1, keepdim=True).values, -1e9)
+        self.undecided &= (self.scores[:, :1] / length ** self.lp > worst).any(-1)
+        self.over = not bool(self.undecided.any()) or bool(stops.all())
+        # each beam's rows (KV caches, pruning state) to its parent's: only the rows whose parent is another row
+        rows = (torch.arange(B, device=dev)[:, None] * N + parent.gather(1, keep)).flatten()  # (B*N,)
+        moved = (rows != torch.arange(B * N, device=dev)).nonzero()[:, 0]
+        if len(moved):
+            for cache in self.caches:
+                cache.select_rows(rows[moved], moved)
+            if self.pruner is not None:
+                self.pruner.select_rows(rows[moved], moved)
+        return self.tokens[:, :, t].flatten()
+
+    def keep_finished(self, best, cand, score, top, finished, parent, length):
+        """The N best of the old hypotheses and the new candidates (best (B, N): indices into both, old first)."""
+        B, N = self.B, self.N
+        new = best >= N  # (B, N): a candidate of this step
+        c = (best - N).clamp(min=0)
+        pick = lambda old, now: torch.where(new.view(B, N, *[1] * (old.dim() - 2)), now, old.gather(  # noqa: E731
+            1, best.clamp(max=N - 1).view(B, N, *[1] * (old.dim() - 2)).expand_as(old)))
+        self.done_tokens = pick(self.done_tokens, cand.gather(1, c[..., None].expand(-1, -1, self.n_new)))
+        self.done_scores = torch.cat([self.done_scores, score], 1).gather(1, best)
+        self.done_sums = pick(self.done_sums, top.gather(1, c))
+        self.done_len = pick(self.done_len, torch.full_like(self.done_len, length))
+        self.done_finished = pick(self.done_finished, finished.gather(1, c))
+        histories = []
+        for b, row in enumerate(best.tolist()):
+            old = self.done_history[b]
+            histories.append([old[i] if i < N else self.lineage(b * N + int(parent[b, i - N]), length) for i in row])
+        self.done_history = histories
+
+    def lineage(self, row, n_steps):
+        return None if self.pruner is None else self.pruner.lineage(row, n_steps)
+
+    def results(self, returns):
+        """Sample b's `returns` best hypotheses, best first: (b, tokens, summed log-probability, length-penalised
+        score, pruning history)."""
+        out = []
+        for b in range(self.B):
+            for r in range(returns):
+                n = int(self.done_len[b, r])
+                out.append((b, self.done_tokens[b, r, :n].tolist(), float(self.done_sums[b, r]),
+                            float(self.done_scores[b, r]), self.done_history[b][r]))
+        return out
+
+
 @dataclass
 class Request:
     """A batch of image/prompt pairs made ready for generation without the weights (prepare()): every option
@@ -108,6 +205,22 @@ class Request:
     top_k: int
     top_p: float
     seed: int
+    num_beams: int = 1  # > 1: beam search, each prompt's rows repeated once per beam (rows b*N .. b*N+N-1)
+    num_return_sequences: int = 1
+    length_penalty: float = 1.0
+
+
+def check_search(temperature, num_beams, num_return_sequences, length_penalty):
+    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+        raise ValueError(f"num_beams must be a whole number >= 1 (1: greedy or sampling), got {num_beams!r}.")
+    if isinstance(num_return_sequences, bool) or not isinstance(num_return_sequences, int) or \
+            not 1 <= num_return_sequences <= num_beams:
+        raise ValueError(f"num_return_sequences must lie in [1, num_beams={num_beams}], got {num_return_sequences!r}.")
+    if not (isinstance(length_penalty, (int, float)) and math.isfinite(length_penalty)):
+        raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}.")
+    if num_beams > 1 and temperature > 0:
+        raise ValueError("beam search ranks beams by their log-probabilities (transformers' do_sample=False): use "
+                         "temperature 0 with num_beams > 1.")
 
 
 def check_sampling(max_new_tokens, temperature, top_k, top_p):
@@ -123,16 +236,18 @@ def check_sampling(max_new_tokens, temperature, top_k, top_p):
 
 def prepare(cfg, tokenizer, images, prompts, device="cpu", max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0,
             seed=0, conv="llava-hf", pad=False, method="none", k=None, ratio=0.5, predictor=None, schedule=None,
-            stats=True):
+            stats=True, mass=0.05, num_beams=1, num_return_sequences=1, length_penalty=1.0):
     """Everything generate() does before the weights are needed, so that a command line finds every mistake before
     loading them (minutes for 7B). images: paths or PIL images; prompts: one question each. method/k/ratio/predictor/
-    schedule choose the visual-token pruning (dyrate.Pruner; K defaults to the predictor's or dyrate.DEFAULT_K);
-    stats records the type shares at every step."""
+    schedule/mass choose the visual-token pruning (dyrate.Pruner; K defaults to the predictor's or dyrate.DEFAULT_K);
+    stats records the type shares at every step. num_beams > 1: beam search (BeamSearch), returning the
+    num_return_sequences best hypotheses of each prompt."""
     if isinstance(images, (str, os.PathLike)) or isinstance(prompts, str):
         raise ValueError("Give a list of images and a list of prompts, one prompt per image.")
     if len(images) != len(prompts) or not images:
         raise ValueError(f"Give one prompt per image: got {len(images)} images and {len(prompts)} prompts.")
     check_sampling(max_new_tokens, temperature, top_k, top_p)
+    check_search(temperature, num_beams, num_return_sequences, length_penalty)
     k = dyrate.pruning_layer(cfg.text.num_hidden_layers, k, predictor)
     encoded = [tokenizer.encode_prompt(p, conv) for p in prompts]
     lengths = torch.tensor([len(ids) for ids, _ in encoded], device=device)  # (B,)
@@ -143,9 +258,14 @@ def prepare(cfg, tokenizer, images, prompts, device="cpu", max_new_tokens=64, te
         input_ids[b, :len(ids)] = torch.tensor(ids, device=device)
     pixel_values = torch.stack([preprocess(im, cfg.vision.image_size, pad) for im in images])
     starts = [start for _, start in encoded]
+    if num_beams > 1:  # one row per beam, as transformers expands its inputs
+        input_ids, lengths, pixel_values = (t.repeat_interleave(num_beams, 0)
+                                            for t in (input_ids, lengths, pixel_values))
+        starts = [s for s in starts for _ in range(num_beams)]
     pruner = dyrate.Pruner(method, cfg.n_image_tokens, torch.tensor(starts, device=device), lengths, k, ratio,
-                           predictor, schedule, stats)
-    return Request(input_ids, lengths, starts, pixel_values, pruner, max_new_tokens, temperature, top_k, top_p, seed)
+                           predictor, schedule, stats, mass)
+    return Request(input_ids, lengths, starts, pixel_values, pruner, max_new_tokens, temperature, top_k, top_p, seed,
+                   num_beams, num_return_sequences, length_penalty)
 
 
 def sync(device):
@@ -155,51 +275,66 @@ def sync(device):
 
 @torch.inference_mode()
 def run(model: Llava, tokenizer: Tokenizer, request: Request, on_text=None):
-    """Generate a prepared batch. on_text(row, piece) receives the text as it is produced. Each row reports its
-    pruning history, FLOPs and KV-cache bytes next to those of `none`."""
+    """Generate a prepared batch. on_text(row, piece) receives the text as it is produced (beam search: each returned
+    hypothesis's, at the end). Each row reports its pruning history, FLOPs and KV-cache bytes next to those of
+    `none`; beam search returns num_return_sequences rows per prompt, best first, each with its scores."""
     cfg, device = model.config, model.language_model.lm_head.weight.device
     dtype = model.language_model.lm_head.weight.dtype
     r, pruner = request, request.pruner
     assert r.input_ids.device == device, "prepare() the request for the model's device"
-    B = len(r.input_ids)
+    B = len(r.input_ids)  # rows: prompts x beams
     caches = model.new_caches(B, r.max_new_tokens)
-    generator = torch.Generator(device).manual_seed(r.seed)
     memory.reset_peak(device)
+    if r.num_beams > 1:
+        search = BeamSearch(B // r.num_beams, r.num_beams, r.max_new_tokens, cfg.eos_token_id, caches, pruner,
+                            r.length_penalty)
+        choose, eos = search.choose, None
+    else:
+        generator = torch.Generator(device).manual_seed(r.seed)
+        search, eos = None, cfg.eos_token_id
 
-    def choose(t, logits):
-        return sample_next_token(logits, r.temperature, r.top_k, r.top_p, generator)
+        def choose(t, logits):
+            return sample_next_token(logits, r.temperature, r.top_k, r.top_p, generator)
 
     streams, new_tokens = [StreamDecoder(tokenizer) for _ in range(B)], []
     done = torch.zeros(B, dtype=torch.bool, device=device)
     sync(device)
     t0 = t1 = time.perf_counter()
     for token, _ in decode(model, r.input_ids, r.lengths, r.pixel_values.to(device, dtype), caches, r.max_new_tokens,
-                           pruner, choose, cfg.eos_token_id):
+                           pruner, choose, eos):
         if not new_tokens:  # prefill: vision tower + prompt forward + the first token
             sync(device)
             t1 = time.perf_counter()
+        new_tokens.append(token)
+        if search is not None:
+            if search.over:
+                break
+            continue
         if on_text is not None:
             for b in range(B):
                 if not done[b]:
                     on_text(b, streams[b].push(token[b]))
-        new_tokens.append(token)
         done |= token == cfg.eos_token_id
     sync(device)
     t2 = time.perf_counter()
-    if on_text is not None:
-        for b in range(B):
-            on_text(b, streams[b].flush())
-
     out = Generation(prefill_ms=(t1 - t0) * 1e3, decode_ms_per_token=(t2 - t1) * 1e3 / max(len(new_tokens) - 1, 1),
                      peak_memory_bytes=memory.peak(device))
-    all_tokens = torch.stack(new_tokens, dim=1).tolist()  # (B, n_new)
-    for b, start in enumerate(r.image_starts):
-        row, prompt_len = all_tokens[b], int(r.lengths[b])
-        if cfg.eos_token_id in row:
-            row = row[:row.index(cfg.eos_token_id) + 1]
-        out.rows.append(dict(text=tokenizer.decode(row), token_ids=row, prompt_tokens=prompt_len,
-                             image_token_start=start, method=pruner.method, k=pruner.k,
-                             **pruner.row_summary(b, len(row), cfg, prompt_len, dtype)))
+    if search is not None:
+        hypotheses = search.results(r.num_return_sequences)
+    else:
+        all_tokens = torch.stack(new_tokens, dim=1).tolist()  # (B, n_new)
+        hypotheses = [(b, row[:row.index(cfg.eos_token_id) + 1] if cfg.eos_token_id in row else row, None, None, None)
+                      for b, row in enumerate(all_tokens)]
+    for i, (b, tokens, logprob, score, history) in enumerate(hypotheses):
+        row = b * r.num_beams  # the prompt's first row
+        prompt_len = int(r.lengths[row])
+        out.rows.append(dict(text=tokenizer.decode(tokens), token_ids=tokens, prompt_tokens=prompt_len,
+                             image_token_start=r.image_starts[row], method=pruner.method, k=pruner.k,
+                             **({} if search is None else dict(logprob_sum=logprob, score=score)),
+                             **pruner.row_summary(row if history is None else 0, len(tokens), cfg, prompt_len, dtype,
+                                                  history)))
+        if on_text is not None:
+            on_text(i, streams[i].flush() if search is None else out.rows[-1]["text"])
     return out
 
 
@@ -234,6 +369,12 @@ def parse_args(argv=None):
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
     g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
     g.add_argument("--seed", type=int, default=0, help="seed of the sampler")
+    g.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (each prunes for "
+                   "itself), as transformers' num_beams with do_sample=False; 1: greedy or sampling")
+    g.add_argument("--num-return-sequences", type=int, default=1, help="with --num-beams: the best this many "
+                   "hypotheses, one per line")
+    g.add_argument("--length-penalty", type=float, default=1.0, help="with --num-beams: a finished hypothesis scores "
+                   "its summed log-probability / length ** this")
     g = p.add_argument_group("output")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     g.add_argument("--viz", default=None, metavar="OUT", help="write OUT.gif (kept patches per step with the text so "
@@ -267,7 +408,8 @@ def main(argv=None):
         predictor = cli.load_predictor(args.predictor, cfg, device)
         request = prepare(cfg, tokenizer, [args.image], [args.prompt], device, args.max_new_tokens, args.temperature,
                           args.top_k, args.top_p, args.seed, args.conv, args.pad, args.method, args.k, args.ratio,
-                          predictor, stats=bool(args.json or args.viz))
+                          predictor, stats=bool(args.json or args.viz), mass=args.mass, num_beams=args.num_beams,
+                          num_return_sequences=args.num_return_sequences, length_penalty=args.length_penalty)
         if args.viz:
             cli.check_writable_folder(args.viz + ".gif", "--viz", make=True)
         model = cli.load_model(args.model, device, cli.dtype(args.dtype, device), log)
@@ -275,17 +417,22 @@ def main(argv=None):
             model.compile_decode()
         if predictor:
             log(predictor.describe(cfg))
-        out = run(model, tokenizer, request, None if args.json else lambda b, piece: print(piece, end="", flush=True))
+        streamed = not args.json and args.num_beams == 1
+        out = run(model, tokenizer, request, (lambda b, piece: print(piece, end="", flush=True)) if streamed else None)
         if args.viz:
             import viz
             for path in viz.save(args.viz, args.image, out.rows[0], tokenizer, cfg, args.pad):
                 log(f"wrote {path}")
-    if args.json:
-        print(json.dumps(dict(out.rows[0], prefill_ms=round(out.prefill_ms, 3),
-                              decode_ms_per_token=round(out.decode_ms_per_token, 3),
-                              new_tokens=len(out.rows[0]["token_ids"]), peak_memory_bytes=out.peak_memory_bytes)))
+    if args.json:  # one line per returned sequence
+        for row in out.rows:
+            print(json.dumps(dict(row, prefill_ms=round(out.prefill_ms, 3),
+                                  decode_ms_per_token=round(out.decode_ms_per_token, 3),
+                                  new_tokens=len(row["token_ids"]), peak_memory_bytes=out.peak_memory_bytes)))
     else:
-        print()  # the streamed answer ends its line
+        if streamed:
+            print()  # the streamed answer ends its line
+        else:  # beam search: the returned sequences, a line each
+            print("\n".join(row["text"] for row in out.rows))
         log(summary_line(out, cfg.n_image_tokens))
     return out
 

@@ -11,6 +11,8 @@ LlamaModel.forward; LlamaAttention hands a float training key mask to dyrate.mas
 
     model = Llava.from_pretrained("path/to/llava-1.5-7b-hf", device="cuda", dtype=torch.float16)
 """
+import contextlib
+import copy
 import json
 import os
 from dataclasses import dataclass, field, fields
@@ -276,13 +278,26 @@ class KVCache:
     when the longest row crosses a bucket boundary, growing or compacted, so torch.compile (and CUDA graphs) see a
     bounded number of shapes and a compacted cache still runs a smaller compiled step. The host-side counts change
     only in reserve() and move(), which run outside compiled code; every update is in place.
+
+    `alive` (B, S) bool, None until dyrate.Pruner drops at a decode step (and then shared by the layers >= K, which
+    hold the same slots): a dropped token's slot is marked dead at once, on the device, and attention masks it; the
+    slots are compacted (move()) at the next step, once the counts the compaction needs have reached the host without
+    a wait (dyrate.Pruner.compact).
     """
 
     def __init__(self, batch, max_new, n_kv_heads, head_dim, dtype, device, bucket=0):
         self.shape, self.dtype, self.device, self.max_new = (batch, n_kv_heads, head_dim), dtype, device, max_new
         self.bucket, self.used, self.window, self.fresh = bucket, 0, 0, True
-        self.k = self.v = self.pos = None
+        self.k = self.v = self.pos = self.alive = None
         self.length = torch.zeros(batch, dtype=torch.long, device=device)
+
+    def rows(self, lo, hi):
+        """The same cache restricted to rows lo..hi-1: views of its tensors (writes land in this cache), for a prefill
+        that runs the batch in row chunks. Its host-side counts are this cache's as they stand."""
+        view = copy.copy(self)
+        view.shape = (hi - lo, *self.shape[1:])
+        view.k, view.v, view.pos, view.length = self.k[lo:hi], self.v[lo:hi], self.pos[lo:hi], self.length[lo:hi]
+        return view
 
     def reserve(self, T):
         """Before a chunk of T tokens is written (LlamaModel.run): the first call allocates T + max_new slots."""
@@ -318,10 +333,19 @@ class KVCache:
         self.length.add_(n_valid)
         return self.k[:, :, :self.window], self.v[:, :, :self.window], base
 
+    def select_rows(self, src, dst):
+        """Row dst[i] becomes a copy of row src[i] (beam search: a beam takes its parent's keys and values), for the
+        rows that change only; (D,) long tensors. The slots and the host-side counts are the same for every row."""
+        for buf in (self.k, self.v, self.pos, self.length):
+            if buf is not None:
+                buf[dst] = buf[src]  # the right side is gathered first: a row may be both a source and a target
+
     def nbytes(self):
-        """(B,) bytes of the keys and values each row holds."""
+        """(B,) bytes of the keys and values each row holds (dead slots, dropped and not yet compacted, left out)."""
         _, nkv, hs = self.shape
-        return self.length * (2 * nkv * hs * torch.finfo(self.dtype).bits // 8)
+        held = self.length if self.alive is None else \
+            (self.alive & (torch.arange(self.alive.shape[1], device=self.device) < self.length[:, None])).sum(1)
+        return held * (2 * nkv * hs * torch.finfo(self.dtype).bits // 8)
 
     def move(self, src, dst, lengths, used):
         """Physical dropping at a decode step: slot src[b, i] is copied to slot dst[b, i] (B, D), then row b holds
@@ -361,9 +385,10 @@ class LlamaAttention(nn.Module):
         attention over the keys, then renormalises (dyrate.py's differentiable masked softmax for training)."""
         B, T, _ = x.shape
         cos, sin, positions = rope
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        with label("projections"):
+            q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+            k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+            v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         fresh = cache is None or cache.fresh  # then the mask is the plain causal triangle
         if cache is None:
@@ -371,21 +396,33 @@ class LlamaAttention(nn.Module):
         else:
             k, v, base = cache.update(k, v, positions, n_valid)
         mask = causal_mask(base, T, k.shape[2])  # (B, 1, T, S)
-        scale = self.head_dim ** -0.5
-        if key_weight is None or key_weight.dtype == torch.bool:  # a hard key mask joins the causal one
-            fresh = fresh and key_weight is None
-            mask = mask if key_weight is None else mask & key_weight[:, None]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if fresh else mask, is_causal=fresh, scale=scale,
-                                               enable_gqa=self.n_kv_head != self.n_head)
-        else:
-            y = dyrate.masked_attention(attention_probs(q, k, mask, scale), key_weight[:, None],
-                                        repeat_kv(v, self.n_head // self.n_kv_head))
+        if cache is not None and cache.alive is not None:  # slots dropped at a decode step, not yet compacted
+            mask = mask & cache.alive[:, None, None, :k.shape[2]]
+        scale, n_rep = self.head_dim ** -0.5, self.n_head // self.n_kv_head
         probs = None
-        if probe_rows is not None:
-            rows = probe_rows[:, None, :, None]  # (B, 1, R, 1)
-            probs = attention_probs(q.gather(2, rows.expand(-1, self.n_head, -1, self.head_dim)), k,
-                                    mask.gather(2, rows.expand(-1, -1, -1, mask.shape[3])), scale)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), probs
+        with label("attention"):
+            if probe_rows is not None and T == 1:  # a decode step's only row is probed: its attention, once, explicitly
+                probs = attention_probs(q, k, mask, scale)  # (B, nh, 1, S)
+                y = (probs @ repeat_kv(v, n_rep).float()).to(v.dtype)  # NOTE: rounds unlike SDPA (see test_model.py)
+            elif key_weight is None or key_weight.dtype == torch.bool:  # a hard key mask joins the causal one
+                fresh = fresh and key_weight is None
+                mask = mask if key_weight is None else mask & key_weight[:, None]
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if fresh else mask, is_causal=fresh,
+                                                   scale=scale, enable_gqa=n_rep > 1)
+            else:
+                y = dyrate.masked_attention(attention_probs(q, k, mask, scale), key_weight[:, None],
+                                            repeat_kv(v, n_rep))
+            if probe_rows is not None and probs is None:  # the probed rows of a longer chunk, beside the kernel's pass
+                rows = probe_rows[:, None, :, None]  # (B, 1, R, 1)
+                probs = attention_probs(q.gather(2, rows.expand(-1, self.n_head, -1, self.head_dim)), k,
+                                        mask.gather(2, rows.expand(-1, -1, -1, mask.shape[3])), scale)
+        with label("projections"):
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), probs
+
+
+def label(name):
+    """A profiler label for what runs inside (bench.py --profile sorts a step's time by them); none when compiling."""
+    return contextlib.nullcontext() if torch.compiler.is_compiling() else torch.profiler.record_function(name)
 
 
 def repeat_kv(k, n_rep):
@@ -408,7 +445,8 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        with label("mlp"):
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -433,6 +471,7 @@ class LlamaModel(nn.Module):
         self.norm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.compiled_layers, self.bucket = None, 0  # Llava.compile_decode
+        self.row_chunk = 0  # Llava.chunk_prefill
 
     def rope(self, positions, dtype):
         freqs = positions[..., None].float() * self.inv_freq  # (B, T, hs/2), built in fp32 like HF
@@ -447,7 +486,17 @@ class LlamaModel(nn.Module):
         for cache in caches[lo:hi] if caches is not None else ():
             cache.reserve(x.shape[1])
         layers = self.compiled_layers if x.shape[1] == 1 and self.compiled_layers is not None else self.layers_forward
-        return layers(lo, hi, x, positions, n_valid, caches, probe_rows, key_weight, checkpoint)
+        rows = self.row_chunk if x.shape[1] > 1 and key_weight is None else 0
+        if not rows or len(x) <= rows:
+            return layers(lo, hi, x, positions, n_valid, caches, probe_rows, key_weight, checkpoint)
+        # a prefill in row chunks (Llava.chunk_prefill): each chunk's activations, not the whole batch's, at once
+        parts = [layers(lo, hi, x[i:i + rows], positions[i:i + rows], None if n_valid is None else n_valid[i:i + rows],
+                        None if caches is None else [c.rows(i, i + rows) if lo <= n < hi else None
+                                                     for n, c in enumerate(caches)],
+                        None if probe_rows is None else probe_rows[i:i + rows], None, checkpoint)
+                 for i in range(0, len(x), rows)]
+        probs = None if probe_rows is None else torch.cat([p for _, p in parts])
+        return torch.cat([x for x, _ in parts]), probs
 
     def layers_forward(self, lo, hi, x, positions, n_valid, caches, probe_rows, key_weight, checkpoint=False):
         rope = self.rope(positions, x.dtype)
@@ -573,7 +622,9 @@ class Llava(nn.Module):
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (v.num_channels, v.image_size, v.image_size):
             raise ValueError(f"pixel_values must be (n_images, {v.num_channels}, {v.image_size}, {v.image_size}), got "
                              f"{tuple(pixel_values.shape)}; make them with processing.preprocess().")
-        h = self.vision_tower.vision_model(pixel_values, self.config.n_vision_layers_used)  # (n, 577, Cv)
+        rows = self.language_model.model.row_chunk or len(pixel_values)  # Llava.chunk_prefill
+        h = torch.cat([self.vision_tower.vision_model(pixel_values[i:i + rows], self.config.n_vision_layers_used)
+                       for i in range(0, len(pixel_values), rows)])  # (n, 577, Cv)
         return h[:, 1:] if self.config.vision_feature_select_strategy == "default" else h  # "default" drops CLS
 
     def image_features(self, pixel_values):
@@ -631,7 +682,8 @@ class Llava(nn.Module):
         return self.last_logits(x, positions[:, None], None, caches, pruner)
 
     def last_logits(self, x, positions, n_valid, caches, pruner):
-        h, n_valid = self.language_model.model(x, positions, n_valid, caches, pruner)
+        with label("decoder"):  # bench.py --profile: what a step spends in the decoder
+            h, n_valid = self.language_model.model(x, positions, n_valid, caches, pruner)
         last = h.gather(1, (n_valid - 1)[:, None, None].expand(-1, 1, h.shape[2]))[:, 0]  # (B, C)
         return self.language_model.lm_head(last)
 
@@ -653,6 +705,16 @@ class Llava(nn.Module):
         lm.compiled_layers = torch.compile(lm.layers_forward, backend=backend, fullgraph=True, dynamic=False,
                                            mode="reduce-overhead" if cuda and backend == "inductor" else None)
         lm.bucket = bucket
+        return self
+
+    def chunk_prefill(self, rows):
+        """Run each prefill (the vision tower and the decoder layers; the pruner still sees the whole batch) in chunks
+        of `rows` rows, so that its peak memory grows with the batch only through the KV caches and the hidden states
+        handed between the layers. The result is the one-pass prefill's, bit for bit where the kernels compute each
+        row alike (CPU: tested). rows = 0: one pass."""
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+            raise ValueError(f"rows must be a whole number >= 0 (0: no chunks), got {rows!r}")
+        self.language_model.model.row_chunk = rows
         return self
 
     @classmethod

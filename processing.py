@@ -32,6 +32,14 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
+def write_json(path, obj):
+    """A JSON file, written atomically (atomic_write)."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    atomic_write(path, write)
+
+
 def append_lines(f, objects):
     """Append JSON objects, one per line, to an open file and make them durable (flush + fsync): a batch's results
     are on disk before the next batch starts."""

@@ -4,11 +4,19 @@ interrupted run resumed exactly, bad records skipped and counted, clear errors, 
 """
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
+import torch
 
 import eval
 import generate
+import model
+import processing
+from conftest import assert_close
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES = os.path.join(HERE, "models", "shapes")
@@ -141,3 +149,72 @@ def test_shapes_stand_in_end_to_end(shapes_data, tmp_path, capsys, placement):
                 "--suffix", "", "--images", str(shapes_data), "--out", str(tmp_path / "q"), "--limit", "8",
                 "--methods", "none,vtw", *where])
     assert q[0]["records"] == 8 and q[0]["accuracy"] >= q[1]["accuracy"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# torchrun: shards per rank, merged by rank 0, resumable whatever the number of ranks; Figure 2 on any model
+
+
+def torchrun(args, ranks=2):
+    """eval.py under torchrun on the CPU (gloo), a process per rank."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--standalone", "eval.py",
+            *args], env
+
+
+def same_predictions(a, b):
+    """The predictions files of two runs, without what depends on how they were batched (timings, batch size)."""
+    def lines(out):
+        return [{k: v for k, v in json.loads(line).items() if k not in ("prefill_ms", "decode_ms_per_token", "batch")}
+                for line in open(os.path.join(out, "predictions-fastv.jsonl"))]
+    return lines(a) == lines(b)
+
+
+@pytest.mark.slow
+def test_two_ranks_give_one_process_predictions_and_metrics_and_resume_with_one(shapes_data, tmp_path):
+    common = ["--model", SHAPES, "--captions", str(shapes_data / "test_captions.json"), "--images", str(shapes_data),
+              "--methods", "fastv", "--ratio", "0.75", "--batch-size", "1", "--device", "cpu"]
+    eval.main(common + ["--out", str(tmp_path / "one")])
+    cmd, env = torchrun(common + ["--out", str(tmp_path / "two")])
+    run = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert same_predictions(tmp_path / "one", tmp_path / "two")
+    assert sorted(os.listdir(tmp_path / "two")) == sorted(os.listdir(tmp_path / "one"))  # the shards merged away
+    metrics = [json.loads((tmp_path / d / "metrics-fastv.json").read_text()) for d in ("one", "two")]
+    timing = ("prefill_ms", "decode_ms_per_token", "tokens_per_s")
+    assert [{k: v for k, v in m.items() if k not in timing} for m in metrics][0] == \
+        [{k: v for k, v in m.items() if k not in timing} for m in metrics][1]
+    # a 2-rank run stopped after its first predictions, resumed by one process: the same predictions again
+    cmd, env = torchrun(common + ["--out", str(tmp_path / "cut")])
+    proc = subprocess.Popen(cmd, cwd=HERE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        shards = [f for f in os.listdir(tmp_path / "cut")] if os.path.isdir(tmp_path / "cut") else []
+        if any(os.path.getsize(tmp_path / "cut" / f) for f in shards if f.endswith(".jsonl")):
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.2)
+    proc.wait(timeout=120)
+    cut = eval.read_done(str(tmp_path / "cut"), "fastv")
+    assert 1 <= len(cut) < 6 or proc.returncode == 0
+    eval.main(common + ["--out", str(tmp_path / "cut"), "--resume"])
+    assert same_predictions(tmp_path / "one", tmp_path / "cut")
+
+
+def test_figure2_on_any_model_equals_the_shapes_experiments(shapes_data, tmp_path):
+    """eval.py --figure2 on the detailed descriptions: the shapes experiment's Figure 2 numbers and plot."""
+    from shapes import experiment
+    result = eval.main(["--model", SHAPES, "--questions", str(shapes_data / "test_details.jsonl"), "--task", "short",
+                        "--suffix", "", "--images", str(shapes_data), "--figure2", "--max-new-tokens", "64",
+                        "--out", str(tmp_path / "f")])[0]["figure2"]
+    llava = model.Llava.from_pretrained(SHAPES)
+    tok = processing.Tokenizer(SHAPES, llava.config)
+    records = experiment.task_records(str(shapes_data / "test.jsonl"))["detail"]
+    os.makedirs(tmp_path / "e")
+    ref = experiment.figure2(llava, tok, records, str(tmp_path / "e"), lambda msg: None)
+    assert result["answers"] == ref["answers"] == 6
+    for key in ("first_third", "last_third"):
+        assert abs(result[key] - ref[key]) < 1e-5, key
+    assert_close(torch.tensor(result["by_position"]), torch.tensor(ref["by_position"]), 1e-5, "by position")
+    assert json.loads((tmp_path / "f" / "figure2.json").read_text())["answers"] == 6
+    assert (tmp_path / "f" / "figure2.png").stat().st_size > 1000

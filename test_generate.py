@@ -15,6 +15,8 @@ import processing
 from conftest import assert_close, greedy_agrees, prompt_inputs, random_image
 from test_dyrate import random_predictor
 
+N_FASTV = 32  # FastV R=0.5 keeps half of the tiny checkpoints' 64 image tokens
+
 
 def test_greedy_generation_matches_transformers_generate(ours, placement, placed):
     """Token for token on the CPU in float32. Elsewhere kernels round differently, so our logits, fed transformers'
@@ -169,3 +171,131 @@ def test_small_models_and_odd_requests(ours, tmp_path, capsys):
     capsys.readouterr()
     generate.main(["--image", str(path), "--model", folder, "--max-new-tokens", "1"])
     assert "decode n/a (one new token)" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# beam search: transformers' semantics, and every beam pruning for itself
+
+
+def beams(llava, ids, lengths, px, num_beams, n_new, eos, returns=1, length_penalty=1.0, pruner=None):
+    """Our beam search over prompts (B, T) padded at their end: BeamSearch as the decode loop's chooser."""
+    B = len(ids)
+    ids, lengths, px = (t.repeat_interleave(num_beams, 0) for t in (ids, lengths, px))
+    caches = llava.new_caches(B * num_beams, n_new)
+    search = generate.BeamSearch(B, num_beams, n_new, eos, caches, pruner, length_penalty)
+    with torch.no_grad():
+        for _ in generate.decode(llava, ids, lengths, px, caches, n_new, pruner, search.choose):
+            if search.over:
+                break
+    return search.results(returns)
+
+
+@pytest.mark.parametrize("num_beams", [2, 4])
+def test_beam_search_matches_transformers(ckpt, ours, num_beams):
+    """--method none with beams: transformers' generate(num_beams=N, do_sample=False) hypotheses and scores, with
+    an EOS the beams reach and one they never emit, one prompt and a ragged batch of two (each row against
+    transformers on that prompt alone), all N hypotheses returned, length penalties 1 and 0.5."""
+    llava, hf = ours[0], ckpt[1]
+    prompts = ["Describe the picture.", "How many shapes are there? Answer in detail."]
+    ids, lengths, px = prompt_inputs(ours, prompts, [3, 4])
+    greedy = generate.generate(llava, ours[1], [random_image(3)], prompts[:1], max_new_tokens=12).rows[0]["token_ids"]
+    n_new = 12
+    for eos, lp in ((greedy[2], 1.0), (greedy[5], 0.5), (llava.config.text.vocab_size - 1, 1.0)):
+        for rows in ([0], [0, 1]):
+            ours_out = beams(llava, ids[rows], lengths[rows], px[rows], num_beams, n_new, eos, num_beams, lp)
+            for b in rows:
+                L = int(lengths[b])
+                with torch.no_grad():
+                    ref = hf.generate(input_ids=ids[b:b + 1, :L], pixel_values=px[b:b + 1],
+                                      attention_mask=torch.ones(1, L, dtype=torch.long), num_beams=num_beams,
+                                      do_sample=False, max_new_tokens=n_new, num_return_sequences=num_beams,
+                                      length_penalty=lp, eos_token_id=eos, pad_token_id=llava.config.pad_token_id,
+                                      return_dict_in_generate=True, output_scores=True)
+                mine = [h for h in ours_out if h[0] == rows.index(b)]
+                for (_, tokens, _, score, _), seq, ref_score in zip(mine, ref.sequences, ref.sequences_scores):
+                    assert tokens == seq[L:L + len(tokens)].tolist(), (eos, lp, b)
+                    assert abs(score - float(ref_score)) < 1e-5, (eos, lp, b, score, float(ref_score))
+                    assert tokens[-1] == eos or len(tokens) == n_new
+            if eos == greedy[2]:
+                assert any(h[1][-1] == eos for h in ours_out)  # EOS was reached
+
+
+class Replay(dyrate.Pruner):
+    """A pruner that drops, at every step, exactly the image tokens a recorded history dropped."""
+
+    def __init__(self, history, n_image, start, length, k):
+        super().__init__("dyrate", n_image, start, length, k, schedule=[0.0], stats=False)
+        self.recorded = history
+
+    def decide(self, shares, scores):
+        h = self.recorded[self.step]
+        return h.rate, h.kept_count, self.kept_mask & ~h.dropped_mask
+
+
+@pytest.mark.parametrize("method,kw", [("fastv", dict(ratio=0.5)),
+                                       ("dyrate", dict(schedule=[0.25, 0.5, 0.5, 0.75, 0.75, 0.875, 1.0])),
+                                       ("dyrate", "predictor")])
+def test_each_beam_prunes_for_itself(ours, method, kw):
+    """Beam search with pruning, a ragged batch of two: each returned hypothesis's score is the one of forced-decoding
+    its own tokens with its own pruning history replayed; that history is what the method decides on that hypothesis
+    alone (each kept set follows the ranking rule against its own beam's attention); and beams that diverge keep
+    different kept sets."""
+    from test_dyrate import K, N_IMAGE, random_predictor, two_rows
+    llava, tok = ours
+    ids, lengths, px, starts = two_rows(ours)
+    if kw == "predictor":
+        stats = dyrate.Pruner("none", N_IMAGE, starts, lengths, K)
+        with torch.no_grad():
+            list(generate.decode(llava, ids, lengths, px, llava.new_caches(2, 6), 6, stats))
+        kw = dict(predictor=random_predictor(center=torch.stack([h.shares for h in stats.history]).mean((0, 1))))
+    N, n_new = 3, 7
+    pruner = dyrate.Pruner(method, N_IMAGE, starts.repeat_interleave(N), lengths.repeat_interleave(N), K, **kw)
+    out = beams(llava, ids, lengths, px, N, n_new, None, N, 1.0, pruner)
+    kept_sets = {}
+    for b, tokens, logprob, score, history in out:
+        L, s = int(lengths[b]), starts[b:b + 1]
+        steps = len(tokens)
+        assert len(history) == steps and abs(score - logprob / steps) < 1e-6
+        for hook in (Replay(history, N_IMAGE, s, lengths[b:b + 1], K),  # its history, replayed
+                     dyrate.Pruner(method, N_IMAGE, s, lengths[b:b + 1], K, stats=False, **kw)):  # decided afresh
+            with torch.no_grad():
+                forced = list(generate.decode(llava, ids[b:b + 1, :L], lengths[b:b + 1], px[b:b + 1],
+                                              llava.new_caches(1, steps), steps, hook,
+                                              lambda t, logits: torch.tensor([tokens[t]])))
+            logps = torch.stack([logits[0].float().log_softmax(-1)[t] for (_, logits), t in zip(forced, tokens)])
+            assert abs(float(logps.sum()) - logprob) < 1e-4, (b, float(logps.sum()), logprob)
+            assert [int(h.kept_count[0]) for h in hook.history] == [int(h.kept_count[0]) for h in history]
+            assert all(torch.equal(a.dropped_mask, h.dropped_mask) for a, h in zip(hook.history, history))
+        kept_sets.setdefault(b, set()).add(tuple(tuple(h.dropped_mask[0].nonzero()[:, 0].tolist()) for h in history))
+    if method == "dyrate":
+        assert any(len(sets) > 1 for sets in kept_sets.values())  # diverged beams kept different tokens
+
+
+@pytest.mark.parametrize("method,kw", [("none", {}), ("fastv", dict(ratio=0.5)), ("vtw", {}), ("mass", dict(mass=0.1)),
+                                       ("dyrate", dict(schedule=[0.25, 0.5, 0.75]))])
+def test_one_beam_is_greedy(ours, method, kw):
+    llava, tok = ours
+    images, prompts = [random_image(8), random_image(9, (90, 200))], ["Describe the picture.", "How many shapes?"]
+    greedy = generate.generate(llava, tok, images, prompts, max_new_tokens=10, method=method, **kw)
+    one = generate.generate(llava, tok, images, prompts, max_new_tokens=10, method=method, num_beams=1, **kw)
+    for a, b in zip(greedy.rows, one.rows):
+        assert a.pop("type_shares") == b.pop("type_shares") and a == b
+
+
+def test_generate_with_beams_returns_the_best_hypotheses(ours, capsys, ckpt, tmp_path):
+    llava, tok = ours
+    out = generate.generate(llava, tok, [random_image(8), random_image(9)], ["Describe the picture.", "Hi"],
+                            max_new_tokens=8, method="fastv", num_beams=3, num_return_sequences=2)
+    assert len(out.rows) == 4 and all("score" in r and "kept_visual" in r for r in out.rows)
+    assert out.rows[0]["score"] >= out.rows[1]["score"] and out.rows[2]["score"] >= out.rows[3]["score"]
+    assert out.rows[0]["kept_visual"] == [N_FASTV] * len(out.rows[0]["token_ids"])
+    for bad, message in ((dict(num_beams=0), "num_beams"), (dict(num_beams=2, num_return_sequences=3), "num_return"),
+                         (dict(num_beams=2, temperature=1.0), "temperature 0")):
+        with pytest.raises(ValueError, match=message):
+            generate.generate(llava, tok, [random_image(8)], ["Hi"], max_new_tokens=4, **bad)
+    path = tmp_path / "x.png"
+    random_image(10).save(path)
+    generate.main(["--image", str(path), "--model", ckpt[0], "--json", "--max-new-tokens", "5", "--num-beams", "3",
+                   "--num-return-sequences", "2"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and all("score" in json.loads(line) for line in lines)

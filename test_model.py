@@ -8,11 +8,12 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import generate
 import cli
 import model
-from conftest import TOLERANCE, assert_close, make_hf, prompt_inputs, random_image, save_checkpoint
+from conftest import EXPLICIT_ATTENTION, TOLERANCE, assert_close, make_hf, prompt_inputs, random_image, save_checkpoint
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -84,6 +85,41 @@ def test_logits_match_transformers_on_every_device(ours, placement, placed):
         ref, got = hf(input_ids=ids, pixel_values=px).logits, llava(ids, px)
     assert got.dtype == ref.dtype == dtype and got.device.type == device
     assert_close(got, ref, TOLERANCE[dtype] * float(ref.abs().max()), f"logits {placement}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_step_probe_attention_is_sdpas_within_the_stated_tolerance_at_7b_width(dtype):
+    """At a decode step the probed layer computes its attention explicitly, once, and returns both its output and its
+    probabilities (no second read of the keys): at LLaVA-1.5-7B's width (32 heads of 128, a 680-token cache, a ragged
+    row) the output is SDPA's within conftest.EXPLICIT_ATTENTION."""
+    torch.manual_seed(0)
+    B, H, S, hs = 2, 32, 680, 128
+    q, k, v = (torch.randn(B, H, n, hs).to(dtype) for n in (1, S, S))
+    q = 3 * q  # peaked attention, as a trained model's
+    mask = torch.ones(B, 1, 1, S, dtype=torch.bool)
+    mask[1, ..., 600:] = False
+    attn = model.LlamaAttention(model.TextConfig()).to(dtype)
+    cache = model.KVCache(B, 1, H, hs, dtype, "cpu")
+    cache.reserve(S)
+    cache.update(k, v, torch.arange(S).expand(B, S), torch.tensor([S, 600]))
+    cache.reserve(1)
+    rope = (torch.ones(B, 1, 1, hs, dtype=dtype), torch.zeros(B, 1, 1, hs, dtype=dtype), torch.full((B, 1), S))
+    with torch.no_grad():  # identity projections: what attention sees is q, k, v themselves
+        for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
+            proj.weight.copy_(torch.eye(H * hs, dtype=dtype))
+        out, probs = attn(q.transpose(1, 2).reshape(B, 1, H * hs), rope, cache, torch.ones(B, dtype=torch.long),
+                          probe_rows=torch.zeros(B, 1, dtype=torch.long))
+    # the new token (key = value = q, as the identity projections make them) joins the cache: SDPA over all S + 1
+    keys, values = torch.cat([k, q], 2), torch.cat([v, q], 2)
+    full = torch.cat([mask, torch.ones(B, 1, 1, 1, dtype=torch.bool)], -1)
+    full[1, ..., 600] = True  # row 1 wrote its token at its own length, slot 600
+    full[1, ..., S] = False
+    keys[1, :, 600], values[1, :, 600] = q[1, :, 0], q[1, :, 0]
+    ref = F.scaled_dot_product_attention(q, keys, values, attn_mask=full, scale=hs ** -0.5)
+    got = out.view(B, 1, H, hs).transpose(1, 2)
+    assert probs.dtype == torch.float32 and probs.shape == (B, H, 1, S + 1)
+    assert_close(got.float(), ref.float(), EXPLICIT_ATTENTION[dtype] * float(ref.float().abs().max()),
+                 f"explicit against SDPA, {dtype}")
 
 
 def test_bf16_logits_within_transformers_own_error(ckpt, ours):

@@ -92,7 +92,7 @@ def test_training_moves_flops_to_target_and_loss_down(ckpt, data, tmp_path, caps
     assert sum(losses[-10:]) < sum(losses[:10])
     assert abs(sum(ratios[-10:]) / 10 - 0.78) < abs(sum(ratios[:10]) / 10 - 0.78)
     assert abs(held_out["flops_ratio"] - 0.78) < 0.03  # held out, hard decisions, real inference path
-    assert "fastv R=" in log and "dyrate (learned)" in log and "vtw" in log
+    assert "fastv R=" in log and "dyrate (learned)" in log and "vtw K=" in log and "mass rule eps=" in log
 
 
 def test_state_round_trip(tmp_path):

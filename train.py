@@ -378,9 +378,22 @@ def pruner_factory(model, method, k, ramp_from=None, **kw):
     return lambda start, length, n: dyrate.Pruner(method, N, start, length, k, stats=False, **kw)
 
 
+def matched_mass(model, refs, target, budget, args, k, tries=8):
+    """The mass rule's eps whose held-out cost ratio (the budget's) is closest to `target`, by bisection over log eps
+    in [1e-4, 1] (the cost falls as eps grows), and its evaluation."""
+    lo, hi, best = -4.0, 0.0, None
+    for _ in range(tries):
+        eps = 10 ** ((lo + hi) / 2)
+        r = evaluate(model, refs, pruner_factory(model, "mass", k, mass=eps), args)
+        if best is None or abs(r[f"{budget}_ratio"] - target) < abs(best[1][f"{budget}_ratio"] - target):
+            best = (eps, r)
+        lo, hi = (lo, (lo + hi) / 2) if r[f"{budget}_ratio"] < target else ((lo + hi) / 2, hi)
+    return best
+
+
 def compare(model, predictor, refs, args, log, budget=None):
-    """The README table: the learned predictor against FastV and a hand-set ramp at the same cost (the predictor's
-    budget), VTW, none; every row with all three cost ratios."""
+    """The README table: the learned predictor against FastV, a hand-set ramp, the mass rule and VTW (its layer)
+    matched on the same cost (the predictor's budget), and none; every row with all three cost ratios."""
     N, k = model.config.n_image_tokens, predictor.k
     budget = budget or getattr(predictor, "meta", {}).get("budget", args.budget)
     rows = {"none": evaluate(model, refs, pruner_factory(model, "none", k), args)}
@@ -394,7 +407,10 @@ def compare(model, predictor, refs, args, log, budget=None):
     start = dyrate.matched_keep(model.config, lengths, target, k, ramp=True, cost=dyrate.COSTS[budget])
     rows[f"dyrate hand-set ramp {1 - start / N:.3f} -> 1"] = evaluate(
         model, refs, pruner_factory(model, "dyrate", k, ramp_from=1 - start / N), args)
-    rows["vtw"] = evaluate(model, refs, pruner_factory(model, "vtw", k), args)
+    eps, mass = matched_mass(model, refs, target, budget, args, k)
+    rows[f"mass rule eps={eps:.2g}"] = mass
+    layer = dyrate.matched_layer(model.config, lengths, target, cost=dyrate.COSTS[budget])
+    rows[f"vtw K={layer}"] = evaluate(model, refs, pruner_factory(model, "vtw", layer), args)
     log(f"matched on the {budget} budget; ratios to none ({len(refs)} held-out samples)")
     log(f"{'method':42}{'FLOPs':>8}{'mean KV':>9}{'no-cache':>9}{'agreement':>11}{'KL/token':>10}")
     for name, r in rows.items():

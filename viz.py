@@ -140,3 +140,36 @@ def throughput_plot(rows, title, width=720, height=420):
         draw.ellipse((right + 16, y - 6, right + 28, y + 6), outline="black", width=2)
         draw.text((right + 38, y - 7), "largest batch that fits", fill="black", font=font)
     return img
+
+
+def curves_plot(series, none, title, xlabel, width=720, height=440):
+    """Accuracy against a cost ratio: one line per method ({name: [(cost, accuracy), ...] by cost}; a method of one
+    point is a dot), and `none`'s accuracy as a grey line (the shapes sweep)."""
+    img = Image.new("RGB", (width, height), "white")
+    draw, font = ImageDraw.Draw(img), ImageFont.load_default(size=13)
+    left, right, top, bottom = 60, width - 130, 34, height - 44
+    draw.text((left, 8), title, fill="black", font=font)
+    draw.rectangle((left, top, right, bottom), outline="black")
+    x_of = lambda c: left + (right - left) * c  # noqa: E731  (cost ratios lie in [0, 1])
+    y_of = lambda a: bottom - (bottom - top) * a  # noqa: E731
+    for i in range(6):
+        v = i / 5
+        draw.text((x_of(v) - 10, bottom + 6), f"{v:.1f}", fill="black", font=font)
+        draw.text((20, y_of(v) - 7), f"{v:.1f}", fill="black", font=font)
+        draw.line((left, y_of(v), right, y_of(v)), fill=(235, 235, 235))
+    draw.text(((left + right) // 2 - 60, height - 18), xlabel, fill="black", font=font)
+    draw.text((6, top - 18), "accuracy", fill="black", font=font)
+    draw.line((left, y_of(none), right, y_of(none)), fill=(150, 150, 150), width=1)
+    palette = COLOURS + [(148, 103, 189), (140, 86, 75)]
+    names = list(series) + ["none"]
+    for j, name in enumerate(names):
+        colour = (150, 150, 150) if name == "none" else palette[j % len(palette)]
+        xy = [(x_of(c), y_of(a)) for c, a in series.get(name, [])]
+        if len(xy) > 1 and name != "learned":
+            draw.line(xy, fill=colour, width=2)
+        for x, y in xy:
+            r = 5 if name == "learned" else 3
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=colour)
+        draw.line((right + 12, top + 12 + 20 * j, right + 32, top + 12 + 20 * j), fill=colour, width=3)
+        draw.text((right + 38, top + 5 + 20 * j), name, fill="black", font=font)
+    return img

@@ -223,8 +223,9 @@ def write_dataset(out, n, seed, name):
 
 
 def write_eval_sets(out, name):
-    """The split's scenes as eval.py's inputs: every caption in COCO captions format (NAME_captions.json) and every
-    short-answer question (count, colour, position) as JSONL (NAME_questions.jsonl), image paths relative to out."""
+    """The split's scenes as eval.py's inputs: every caption in COCO captions format (NAME_captions.json), every
+    short-answer question (count, colour, position) as JSONL (NAME_questions.jsonl) and every detailed description as
+    JSONL (NAME_details.jsonl, eval.py --figure2), image paths relative to out."""
     with open(os.path.join(out, f"{name}.jsonl")) as f:
         records = [json.loads(line) for line in f]
     images = [dict(id=i, file_name=r["image"]) for i, r in enumerate(records)]
@@ -235,6 +236,10 @@ def write_eval_sets(out, name):
         for i, r in enumerate(records):
             for q, a in questions(r["scene"])[1:-1]:  # neither the caption nor the detailed description
                 f.write(json.dumps(dict(id=f"{i}-{q}", image=r["image"], question=q, answers=[a])) + "\n")
+    with open(os.path.join(out, f"{name}_details.jsonl"), "w") as f:
+        for i, r in enumerate(records):
+            record = dict(id=i, image=r["image"], question=DETAIL_PROMPT, answers=[detail(r["scene"])])
+            f.write(json.dumps(record) + "\n")
 
 
 def write_examples(out, n, seed):

@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 import dyrate
+import eval
 import generate
 import model
 import processing
@@ -66,19 +67,12 @@ def figure2(llava, tok, records, out, log):
         chunk = records[i:i + 32]
         rows += generate.generate(llava, tok, [r["image"] for r in chunk], [r["prompt"] for r in chunk],
                                   max_new_tokens=MAX_NEW_TOKENS).rows
-    width = max(len(r["type_shares"]) for r in rows)
-    by_position = [np.mean([r["type_shares"][t] for r in rows if len(r["type_shares"]) > t], 0).tolist()
-                   for t in range(width)]
-    thirds = []
-    for r in rows:
-        image = [s[1] for s in r["type_shares"]]
-        n = len(image) // 3
-        thirds.append((np.mean(image[:max(n, 1)]), np.mean(image[-max(n, 1):])))
-    first, last = float(np.mean([a for a, _ in thirds])), float(np.mean([b for _, b in thirds]))
-    viz.shares_plot(by_position).save(os.path.join(out, "figure2.png"))
+    result = eval.figure2([r["type_shares"] for r in rows])
+    viz.shares_plot(result["by_position"]).save(os.path.join(out, "figure2.png"))
+    first, last = result["first_third"], result["last_third"]
     log(f"Figure 2 ({len(rows)} held-out detailed descriptions, layer K-1, none): image share {first:.3f} in the first "
         f"third of the answer, {last:.3f} in the last third ({last / first:.2f}x); wrote {out}/figure2.png")
-    return dict(first_third=first, last_third=last, by_position=by_position, answers=len(rows))
+    return result
 
 
 def run(llava, tok, records, name, log, **kw):
@@ -183,10 +177,7 @@ def experiment(model_dir, data, predictors, out, log=print, serving_batch=32):
         pictures(llava, tok, tasks["caption"], next(iter(predictors.values())), out, "example0", log)
     result["seconds"] = time.perf_counter() - t0
 
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=1)
-    processing.atomic_write(os.path.join(out, "experiment.json"), write)
+    processing.write_json(os.path.join(out, "experiment.json"), result)
     return result
 
 

@@ -267,8 +267,8 @@ def test_data_command_writes_only_where_told(tmp_path):
     """The data command writes its --out folder; the shipped example images only with --examples."""
     before = {p: os.stat(os.path.join(EXAMPLES, p)).st_mtime_ns for p in os.listdir(EXAMPLES)}
     data.main(["--out", str(tmp_path / "d"), "--train", "2", "--val", "1", "--test", "1"])
-    assert sorted(os.listdir(tmp_path / "d")) == ["test", "test.jsonl", "test_captions.json", "test_questions.jsonl",
-                                                  "train", "train.jsonl", "val", "val.jsonl"]
+    assert sorted(os.listdir(tmp_path / "d")) == ["test", "test.jsonl", "test_captions.json", "test_details.jsonl",
+                                                  "test_questions.jsonl", "train", "train.jsonl", "val", "val.jsonl"]
     assert {p: os.stat(os.path.join(EXAMPLES, p)).st_mtime_ns for p in os.listdir(EXAMPLES)} == before
     data.main(["--out", str(tmp_path / "d"), "--train", "1", "--val", "1", "--test", "1", "--examples",
                str(tmp_path / "ex")])

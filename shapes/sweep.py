@@ -1,0 +1,147 @@
+"""
+The method's evidence as curves: accuracy against cost for every method over a sweep of its one parameter, on the
+shapes model's held-out detailed descriptions, captions and short questions.
+
+    python -m shapes.data --out data/shapes
+    python -m shapes.sweep --out runs/sweep          # resumable: every point is saved as soon as it is measured
+
+Methods and their parameter: FastV over R, VTW over its withdrawal layer K, hand-set ramps (the rate rising linearly
+to 1 over a typical answer) over their start rate, the training-free mass rule over eps, and the learned predictors
+(--predictors: train.py's files, one point each at the cost it reached). Writes OUT/sweep.json (every point: exact-
+match accuracy, the FLOPs, mean KV-cache and no-cache FLOPs ratios to none, kept counts), one plot per task and cost
+(OUT/TASK-COST.png: accuracy against cost, one curve per method, none as a line) and OUT/table.md: each learned
+point against every other curve at the same cost (linear between the curve's two nearest points).
+"""
+import argparse
+import json
+import os
+import random
+import statistics
+
+import numpy as np
+
+import dyrate
+import model
+import processing
+import viz
+from shapes import data, experiment
+
+FASTV_R = [0.25, 0.5, 0.625, 0.75, 0.8125, 0.875, 0.9375, 0.97]
+RAMP_START = [0.0, 0.25, 0.5, 0.625, 0.75, 0.875]
+MASS_EPS = [0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4]
+PREDICTORS = [f"models/shapes/predictor-{name}" for name in ("0.55", "0.33", "kv-0.36", "kv-0.3")]
+COSTS = {"flops": "FLOPs (KV cache)", "kv": "mean KV cache", "nocache": "no-cache FLOPs"}
+CURVES = ("fastv", "vtw", "ramp", "mass")  # the curves a learned point is compared with
+
+
+def task_records(path, seed=0):
+    """The held-out scenes as three tasks: detailed descriptions, captions and one short question each (a count, a
+    colour or a position, drawn by seed)."""
+    records = experiment.task_records(path)
+    rng = random.Random(seed)
+    with open(path) as f:
+        scenes = [json.loads(line)["scene"] for line in f]
+    short = []
+    for r, scene in zip(records["caption"], scenes):
+        q, a = rng.choice(data.questions(scene)[1:-1])
+        short.append(dict(image=r["image"], prompt=q, answer=a))
+    return dict(detail=records["detail"], caption=records["caption"], short=short)
+
+
+def points(llava, tok, predictors, tasks):
+    """(task, method, parameter, generate() keyword arguments) of every point of the sweep."""
+    L = llava.config.text.num_hidden_layers
+    for task, records in tasks.items():
+        # the ramp spans a typical answer: its tokens, EOS included
+        steps = int(statistics.median(len(tok.tok.encode(r["answer"], add_special_tokens=False).ids) + 1
+                                      for r in records))
+        yield task, "none", None, {}
+        yield from ((task, "fastv", r, dict(method="fastv", ratio=r)) for r in FASTV_R)
+        yield from ((task, "vtw", k, dict(method="vtw", k=k)) for k in range(1, L))
+        yield from ((task, "ramp", r0, dict(method="dyrate", schedule=dyrate.ramp_rates(r0, steps)))
+                    for r0 in RAMP_START)
+        yield from ((task, "mass", eps, dict(method="mass", mass=eps)) for eps in MASS_EPS)
+        yield from ((task, "learned", name, dict(method="dyrate", predictor=p)) for name, p in predictors.items())
+
+
+def measure(llava, tok, records, kw):
+    """One point: accuracy and every cost ratio over the task's records."""
+    accuracy, rows = experiment.evaluate_answers(llava, tok, records, **kw)
+    return dict(accuracy=accuracy, **{f"{b}_ratio": dyrate.cost_ratio(rows, dyrate.COSTS[b]) for b in COSTS},
+                kept_first=float(np.mean([r["kept_visual"][0] for r in rows])),
+                kept_last=float(np.mean([r["kept_visual"][-1] for r in rows])))
+
+
+def curve(results, task, method, cost):
+    """A method's (cost, accuracy) points on a task, by cost."""
+    return sorted((r[f"{cost}_ratio"], r["accuracy"]) for r in results
+                  if r["task"] == task and r["method"] == method)
+
+
+def at(points_, cost):
+    """The accuracy of a curve at `cost` (linear between the two nearest points), or None outside its range."""
+    for (c0, a0), (c1, a1) in zip(points_, points_[1:]):
+        if c0 <= cost <= c1:
+            return a0 if c1 == c0 else a0 + (a1 - a0) * (cost - c0) / (c1 - c0)
+    return None
+
+
+def table(results, predictors):
+    """Markdown: each learned point, on each task and on its own budget's cost, against every curve there."""
+    lines = ["| task | predictor | cost | learned | " + " | ".join(CURVES) + " | none |",
+             "|---|---|---|---:|" + "---:|" * (len(CURVES) + 1)]
+    for task in ("detail", "caption", "short"):
+        none = next(r["accuracy"] for r in results if r["task"] == task and r["method"] == "none")
+        for r in results:
+            if r["task"] != task or r["method"] != "learned":
+                continue
+            budget = predictors[r["param"]].meta.get("budget", "flops")
+            c = r[f"{budget}_ratio"]
+            others = [at(curve(results, task, m, budget), c) for m in CURVES]
+            lines.append(f"| {task} | {r['param']} | {COSTS[budget]} {c:.3f} | **{r['accuracy']:.3f}** | "
+                         + " | ".join("-" if a is None else f"{a:.3f}" for a in others) + f" | {none:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(results, out):
+    for task in ("detail", "caption", "short"):
+        none = next(r["accuracy"] for r in results if r["task"] == task and r["method"] == "none")
+        for cost, name in COSTS.items():
+            series = {m: curve(results, task, m, cost) for m in (*CURVES, "learned")}
+            viz.curves_plot(series, none, f"shapes model, {task}: accuracy against {name}",
+                            f"{name} (ratio to none)").save(os.path.join(out, f"{task}-{cost}.png"))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Accuracy against cost for every method over its parameter (shapes).")
+    p.add_argument("--model", default="models/shapes", help="checkpoint folder")
+    p.add_argument("--data", default="data/shapes/test.jsonl", help="held-out JSONL (python -m shapes.data)")
+    p.add_argument("--predictors", nargs="*", default=PREDICTORS, help="predictor files (train.py), a point each")
+    p.add_argument("--out", default="runs/sweep", help="folder for sweep.json, the plots and table.md")
+    args = p.parse_args(argv)
+    llava = model.Llava.from_pretrained(args.model)
+    tok = processing.Tokenizer(args.model, llava.config)
+    predictors = {os.path.basename(path): dyrate.RatePredictor.load(path, llava.config) for path in args.predictors}
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "sweep.json")
+    results = json.load(open(path)) if os.path.isfile(path) else []
+    done = {(r["task"], r["method"], json.dumps(r["param"])) for r in results}
+    tasks = task_records(args.data)
+    todo = [pt for pt in points(llava, tok, predictors, tasks)
+            if (pt[0], pt[1], json.dumps(pt[2])) not in done]
+    print(f"{len(done)} points measured already, {len(todo)} to go")
+    for i, (task, method, param, kw) in enumerate(todo):
+        r = dict(task=task, method=method, param=param, **measure(llava, tok, tasks[task], kw))
+        results.append(r)
+        processing.write_json(path, results)
+        print(f"[{i + 1}/{len(todo)}] {task:8} {method:8} {str(param):22} accuracy {r['accuracy']:.3f} | FLOPs "
+              f"{r['flops_ratio']:.3f} | mean KV {r['kv_ratio']:.3f} | no-cache {r['nocache_ratio']:.3f}", flush=True)
+    plots(results, args.out)
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write(table(results, predictors))
+    print(open(os.path.join(args.out, "table.md")).read())
+    return results
+
+
+if __name__ == "__main__":
+    main()

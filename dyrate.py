@@ -71,19 +71,26 @@ def image_scores(probs, image_start, n_image):
 class RatePredictor(nn.Module):
     """A linear classifier from the current query's (heads, 4) type shares at layer K-1 to logits over the candidate
     rates. For LLaVA-1.5-7B with 9 rates: 32*4*9 + 9 = 1161 parameters, ~2.3 kFLOPs per step (a decoder layer: ~0.4
-    GFLOPs per token)."""
+    GFLOPs per token). step=True, an extension (train.py --step-feature): it also sees the answer step t (as t / 64),
+    so a rate can fall along an answer where the shares do not move."""
+    STEP_SCALE = 64
 
-    def __init__(self, n_heads, rates, k=DEFAULT_K):
+    def __init__(self, n_heads, rates, k=DEFAULT_K, step=False):
         super().__init__()
         if not rates or any(not 0 <= r <= 1 for r in rates) or sorted(rates) != list(rates):
             raise ValueError(f"rates must be increasing fractions in [0, 1], got {rates}")
-        self.n_heads, self.rates, self.k = n_heads, [float(r) for r in rates], k
-        self.linear = nn.Linear(4 * n_heads, len(rates))
+        self.n_heads, self.rates, self.k, self.step = n_heads, [float(r) for r in rates], k, bool(step)
+        self.linear = nn.Linear(4 * n_heads + self.step, len(rates))
         nn.init.zeros_(self.linear.weight)  # start from the uniform distribution over rates
         nn.init.zeros_(self.linear.bias)
 
-    def forward(self, shares):
-        return self.linear(shares.flatten(-2).to(self.linear.weight.dtype))  # (..., H, 4) -> (..., n_rates)
+    def forward(self, shares, step=None):
+        """shares (..., H, 4) -> logits (..., n_rates); step (...): each query's answer step (0: the prefill), read
+        when the predictor sees it."""
+        x = shares.flatten(-2).to(self.linear.weight.dtype)  # (..., 4H)
+        if self.step:
+            x = torch.cat([x, (step.to(x.dtype) / self.STEP_SCALE)[..., None]], -1)
+        return self.linear(x)
 
     def flops(self):
         return 2 * self.linear.in_features * self.linear.out_features
@@ -97,7 +104,7 @@ class RatePredictor(nn.Module):
 
     def save(self, path, fingerprint, extra=None):
         meta = dict(format=PREDICTOR_FORMAT, k=self.k, rates=self.rates, n_heads=self.n_heads, fingerprint=fingerprint,
-                    **(extra or {}))
+                    step=self.step, **(extra or {}))
         tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}
         processing.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"dyrate": json.dumps(meta)}))
 
@@ -115,7 +122,7 @@ class RatePredictor(nn.Module):
         if meta["fingerprint"] != fingerprint(model_cfg):
             raise ValueError(f"{path} was trained for a different model ({meta['fingerprint']}) than this one "
                              f"({fingerprint(model_cfg)}); train one for this model with train.py.")
-        predictor = cls(meta["n_heads"], meta["rates"], meta["k"]).to(device)
+        predictor = cls(meta["n_heads"], meta["rates"], meta["k"], meta.get("step", False)).to(device)
         predictor.load_state_dict(state)
         predictor.meta = meta
         return predictor.eval()
@@ -279,7 +286,7 @@ class Pruner:
             if self.schedule is not None:
                 return torch.full((B,), float(self.schedule[min(self.step, len(self.schedule) - 1)]), device=dev)
             rates = torch.tensor(self.predictor.rates, device=dev)
-            return rates[self.predictor(shares).argmax(-1)]
+            return rates[self.predictor(shares, torch.full((B,), self.step, device=dev)).argmax(-1)]
         return torch.full((B,), {"none": 0.0, "fastv": float(self.ratio), "vtw": 1.0}[self.method], device=dev)
 
     def __call__(self, probs, x, positions, n_valid, caches):
@@ -458,7 +465,8 @@ class TrainMask:
     def decide(self, shares, scores, S):
         """Each row's rate (sampled), its keep mask and kept count; returns the (B, T, S) key weight over S keys."""
         B, T, _ = scores.shape
-        self.logits = self.predictor(shares)  # (B, T, C)
+        step = (torch.arange(T, device=scores.device) - (self.prompt_len - 1)[:, None]).clamp(min=0)  # (B, T)
+        self.logits = self.predictor(shares, step)  # (B, T, C)
         self.onehot = gumbel_softmax_st(self.logits, self.tau, self.noise)  # (B, T, C)
         keeps = keep_count(torch.tensor(self.predictor.rates, device=scores.device), self.n_image)  # (C,)
         masks = candidate_masks(scores, keeps)  # (B, T, C, N)

@@ -6,6 +6,8 @@ FlopCounterMode, predictor files, generate.py's pruning output and bench.py. Tin
     python -m pytest -q
 """
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -313,6 +315,33 @@ def test_straight_through_gradient_reaches_predictor(ours):
         row = dyrate.costs(llava.config, L, pruner.kept_count[0, L - 1:], K)
         dyrate.cost_ratio([row], cost).backward()
         assert torch.isfinite(predictor.linear.weight.grad).all() and predictor.linear.weight.grad.abs().sum() > 0
+
+
+def test_step_feature_is_the_same_step_in_training_and_at_inference(ours, tmp_path):
+    """--step-feature: the predictor sees the answer step (0: the prefill). A predictor that reads only the step
+    (rate index = min(step, 4), the shares' weights zero) decides the same rate at each step in train.py's TrainMask
+    (teacher-forced rows) and in generation's Pruner, and its file keeps the feature."""
+    llava, tok = ours
+    rates = [0.0, 0.25, 0.5, 0.75, 1.0]
+    predictor = dyrate.RatePredictor(4, rates, K, step=True)
+    with torch.no_grad():  # logit_c = c * step - c^2 / 2: the argmax is the integer c nearest the step
+        predictor.linear.weight[:, -1] = torch.arange(5.0) * dyrate.RatePredictor.STEP_SCALE
+        predictor.linear.bias.copy_(-torch.arange(5.0) ** 2 / 2)
+    predictor.save(tmp_path / "p.safetensors", dyrate.fingerprint(llava.config))
+    loaded = dyrate.RatePredictor.load(tmp_path / "p.safetensors", llava.config, "cpu")
+    assert loaded.step and torch.equal(loaded.linear.weight, predictor.linear.weight)
+    expected = [dyrate.keep_count(rates[min(t, 4)], N_IMAGE) for t in range(6)]
+    ids, lengths, px, starts = two_rows(ours)
+    pruner = dyrate.Pruner("dyrate", N_IMAGE, starts, lengths, K, predictor=loaded)
+    _, tokens, _ = run_steps(llava, ids, lengths, px, pruner, 6)
+    assert [int(h.kept_count[0]) for h in pruner.history] == expected
+    L = int(lengths[0])
+    seq = torch.cat([ids[:1, :L], tokens[:1, :5]], 1)  # the prompt and the answer, teacher-forced
+    noise = torch.full((1, seq.shape[1], 5), math.exp(-1.0))  # zero Gumbel noise: the hard choice is the argmax
+    mask = dyrate.TrainMask(loaded, N_IMAGE, starts[:1], lengths[:1], tau=1.0, noise=noise)
+    with torch.no_grad():
+        llava(seq, px[:1], pruner=mask)
+    assert mask.kept_count[0, L - 1:].tolist() == expected
 
 
 def test_mean_kv_bytes_equal_the_measured_caches(ours):

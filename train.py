@@ -638,6 +638,8 @@ def parse_args(argv=None):
     g.add_argument("--out", required=True, help="predictor file to write (generate.py --predictor reads it)")
     cli.add_k_arg(g)
     g.add_argument("--rates", default="0:1:9", help="candidate drop rates: 'start:stop:count' or a comma list")
+    g.add_argument("--step-feature", action="store_true", help="an extension: the predictor also sees the answer "
+                   "step, besides the type shares (the paper's predictor sees the shares only)")
     g.add_argument("--budget", choices=sorted(dyrate.COSTS), default="flops", help="the cost the budget is on: "
                    "flops (with a KV cache), kv (mean KV-cache size over the steps) or nocache (FLOPs when every "
                    "step recomputes the kept sequence)")
@@ -692,8 +694,8 @@ def parse_rates(text):
 # the options that decide what is trained: a resumed run must keep them (--micro-batch-size and --checkpoint only
 # change how it is computed: a run that ran out of memory resumes with smaller ones)
 SAME_ON_RESUME = ("model", "data", "val_data", "val_size", "image_folder", "conv", "pad", "distill_max_new_tokens",
-                  "dtype", "k", "rates", "budget", "target", "budget_weight", "loss", "tau_start", "tau_end",
-                  "max_iters", "batch_size", "lr", "min_lr", "warmup_iters", "weight_decay", "seed")
+                  "dtype", "k", "rates", "step_feature", "budget", "target", "budget_weight", "loss", "tau_start",
+                  "tau_end", "max_iters", "batch_size", "lr", "min_lr", "warmup_iters", "weight_decay", "seed")
 
 
 def check_args(args):
@@ -785,7 +787,8 @@ def make_predictor(args, cfg, samples):
     token reaches on this data."""
     if args.eval_only:
         return dyrate.RatePredictor.load(args.out, cfg, args.device)
-    predictor = dyrate.RatePredictor(cfg.text.num_attention_heads, parse_rates(args.rates), args.k).to(args.device)
+    predictor = dyrate.RatePredictor(cfg.text.num_attention_heads, parse_rates(args.rates), args.k,
+                                     args.step_feature).to(args.device)
     floor = dyrate.cost_ratio([dyrate.costs(cfg, len(s.ids), [0] * len(s.answer), args.k) for s in samples],
                               dyrate.COSTS[args.budget])
     if not floor < args.target <= 1:

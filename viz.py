@@ -165,10 +165,10 @@ def curves_plot(series, none, title, xlabel, width=720, height=440):
     for j, name in enumerate(names):
         colour = (150, 150, 150) if name == "none" else palette[j % len(palette)]
         xy = [(x_of(c), y_of(a)) for c, a in series.get(name, [])]
-        if len(xy) > 1 and name != "learned":
+        if len(xy) > 1 and not name.startswith("learned"):
             draw.line(xy, fill=colour, width=2)
         for x, y in xy:
-            r = 5 if name == "learned" else 3
+            r = 5 if name.startswith("learned") else 3
             draw.ellipse((x - r, y - r, x + r, y + r), fill=colour)
         draw.line((right + 12, top + 12 + 20 * j, right + 32, top + 12 + 20 * j), fill=colour, width=3)
         draw.text((right + 38, top + 5 + 20 * j), name, fill="black", font=font)

@@ -7,7 +7,8 @@ shapes model's held-out detailed descriptions, captions and short questions.
 
 Methods and their parameter: FastV over R, VTW over its withdrawal layer K, hand-set ramps (the rate rising linearly
 to 1 over a typical answer) over their start rate, the training-free mass rule over eps, and the learned predictors
-(--predictors: train.py's files, one point each at the cost it reached). Writes OUT/sweep.json (every point: exact-
+(--predictors: train.py's files, one point each at the cost it reached; those trained with --step-feature are a
+series of their own). Writes OUT/sweep.json (every point: exact-
 match accuracy, the FLOPs, mean KV-cache and no-cache FLOPs ratios to none, kept counts), one plot per task and cost
 (OUT/TASK-COST.png: accuracy against cost, one curve per method, none as a line) and OUT/table.md: each learned
 point against every other curve at the same cost (linear between the curve's two nearest points).
@@ -61,7 +62,8 @@ def points(llava, tok, predictors, tasks):
         yield from ((task, "ramp", r0, dict(method="dyrate", schedule=dyrate.ramp_rates(r0, steps)))
                     for r0 in RAMP_START)
         yield from ((task, "mass", eps, dict(method="mass", mass=eps)) for eps in MASS_EPS)
-        yield from ((task, "learned", name, dict(method="dyrate", predictor=p)) for name, p in predictors.items())
+        yield from ((task, "learned+step" if p.step else "learned", name, dict(method="dyrate", predictor=p))
+                    for name, p in predictors.items())
 
 
 def measure(llava, tok, records, kw):
@@ -93,12 +95,13 @@ def table(results, predictors):
     for task in ("detail", "caption", "short"):
         none = next(r["accuracy"] for r in results if r["task"] == task and r["method"] == "none")
         for r in results:
-            if r["task"] != task or r["method"] != "learned":
+            if r["task"] != task or not r["method"].startswith("learned"):
                 continue
             budget = predictors[r["param"]].meta.get("budget", "flops")
             c = r[f"{budget}_ratio"]
             others = [at(curve(results, task, m, budget), c) for m in CURVES]
-            lines.append(f"| {task} | {r['param']} | {COSTS[budget]} {c:.3f} | **{r['accuracy']:.3f}** | "
+            lines.append(f"| {task} | {r['param']}{' (+step)' if r['method'] == 'learned+step' else ''} | "
+                         f"{COSTS[budget]} {c:.3f} | **{r['accuracy']:.3f}** | "
                          + " | ".join("-" if a is None else f"{a:.3f}" for a in others) + f" | {none:.3f} |")
     return "\n".join(lines) + "\n"
 
@@ -107,7 +110,8 @@ def plots(results, out):
     for task in ("detail", "caption", "short"):
         none = next(r["accuracy"] for r in results if r["task"] == task and r["method"] == "none")
         for cost, name in COSTS.items():
-            series = {m: curve(results, task, m, cost) for m in (*CURVES, "learned")}
+            series = {m: curve(results, task, m, cost) for m in (*CURVES, "learned", "learned+step")
+                      if any(r["method"] == m for r in results)}
             viz.curves_plot(series, none, f"shapes model, {task}: accuracy against {name}",
                             f"{name} (ratio to none)").save(os.path.join(out, f"{task}-{cost}.png"))
 

@@ -299,3 +299,30 @@ def test_generate_with_beams_returns_the_best_hypotheses(ours, capsys, ckpt, tmp
                    "--num-return-sequences", "2"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and all("score" in json.loads(line) for line in lines)
+
+
+def test_beams_through_the_compiled_decode_keep_its_buckets(ckpt, ours):
+    """Beam search over a compiled decode (a graph-counting backend, buckets of 16 slots), with decode-time drops: the
+    eager search's sequences and scores, and a second search compiles nothing (a reorder copies rows in place; the
+    caches' buckets and host-side counts stay as they were)."""
+    llava, tok = ours
+    compiled, graphs = model.Llava.from_pretrained(ckpt[0]), []
+
+    def count_graphs(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    compiled.compile_decode(backend=count_graphs, bucket=16)
+    images, prompts = [random_image(8), random_image(9, (90, 200))], ["Describe the picture.", "How many shapes?"]
+    kw = dict(max_new_tokens=8, method="dyrate", schedule=[0.25, 0.5, 0.75, 0.75, 1.0], num_beams=3,
+              num_return_sequences=2)
+    try:
+        eager = generate.generate(llava, tok, images, prompts, **kw).rows
+        for i in range(2):
+            before = len(graphs)
+            got = generate.generate(compiled, tok, images, prompts, **kw).rows
+            assert [r["token_ids"] for r in got] == [r["token_ids"] for r in eager]
+            assert_close(torch.tensor([r["score"] for r in got]), torch.tensor([r["score"] for r in eager]), 1e-5,
+                         "beam scores")
+            assert i == 0 and len(graphs) > before or i == 1 and len(graphs) == before
+    finally:
+        torch._dynamo.reset()

@@ -28,9 +28,11 @@ import viz
 from shapes import data, experiment
 
 FASTV_R = [0.25, 0.5, 0.625, 0.75, 0.8125, 0.875, 0.9375, 0.97]
-RAMP_START = [0.0, 0.25, 0.5, 0.625, 0.75, 0.875]
-MASS_EPS = [1e-6, 1e-4, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4]  # tiny eps: this model's attention is sharp
-PREDICTORS = [f"models/shapes/predictor-{name}" for name in ("0.55", "0.33", "kv-0.36", "kv-0.3")]
+RAMP_START = [0.0, 0.25, 0.5, 0.625, 0.75, 0.875, 0.9375, 0.97]
+# eps down to 1e-7: the shapes model's layer-1 attention sits on a few patches, so the rest carry almost nothing
+MASS_EPS = [1e-7, 1e-6, 1e-5, 1e-4, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4]
+PREDICTORS = [f"models/shapes/predictor-{name}" for name in  # the shipped ones: 4 targets per budget, one extension
+              ("0.7", "0.55", "0.4", "0.33", "kv-0.6", "kv-0.45", "kv-0.36", "kv-0.3", "kv-0.3-step")]
 COSTS = {"flops": "FLOPs (KV cache)", "kv": "mean KV cache", "nocache": "no-cache FLOPs"}
 CURVES = ("fastv", "vtw", "ramp", "mass")  # the curves a learned point is compared with
 

@@ -16,7 +16,7 @@ import dyrate
 import generate
 import model
 import processing
-from shapes import data, experiment, train_model
+from shapes import data, experiment, sweep, train_model
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 SHIPPED = os.path.join(HERE, "models", "shapes")
@@ -346,3 +346,27 @@ def test_bf16_ranking_is_fp32s_around_the_keep_boundary(shipped):
         swapped = kept[torch.float32] ^ kept[torch.bfloat16]
         assert all(abs(ref[i] - boundary) <= 0.01 * float(ref.max()) for i in swapped), (e["prompt"], swapped)
         assert len(swapped) <= keep // 8, (e["prompt"], len(swapped))
+
+
+def test_sweep_reads_every_curve_at_each_learned_cost(tmp_path):
+    """shapes.sweep's table and plots from a hand-made sweep: each learned point against every curve, linear between
+    the curve's two nearest points on the predictor's own budget, '-' outside a curve's range."""
+    def point(task, method, param, accuracy, cost):
+        return dict(task=task, method=method, param=param, accuracy=accuracy, flops_ratio=cost + 0.1, kv_ratio=cost,
+                    nocache_ratio=cost - 0.05)
+    results = []
+    for task in ("detail", "caption", "short"):
+        results += [point(task, "none", None, 0.9, 1.0), point(task, "fastv", 0.5, 0.8, 0.6),
+                    point(task, "fastv", 0.9, 0.4, 0.2), point(task, "ramp", 0.5, 0.85, 0.5),
+                    point(task, "learned", "p-kv", 0.75, 0.4), point(task, "learned+step", "p-step", 0.7, 0.3)]
+
+    class Meta:
+        def __init__(self, step):
+            self.meta, self.step = dict(budget="kv"), step
+    table = sweep.table(results, {"p-kv": Meta(False), "p-step": Meta(True)})
+    rows = [line for line in table.splitlines() if line.startswith("| detail")]
+    # fastv at mean KV 0.4: 0.4 + (0.8 - 0.4) * (0.4 - 0.2) / (0.6 - 0.2) = 0.6; the ramp has one point: no curve there
+    assert rows[0] == "| detail | p-kv | mean KV cache 0.400 | **0.750** | 0.600 | - | - | - | 0.900 |"
+    assert rows[1].startswith("| detail | p-step (+step) | mean KV cache 0.300 | **0.700** | 0.500 |")
+    sweep.plots(results, tmp_path)
+    assert len(list(tmp_path.glob("*.png"))) == 9

@@ -90,11 +90,16 @@ def at(points_, cost):
     return None
 
 
+def measured_tasks(results):
+    """The tasks whose points have begun (an interrupted sweep still gets its table and plots)."""
+    return [t for t in ("detail", "caption", "short") if any(r["task"] == t and r["method"] == "none" for r in results)]
+
+
 def table(results, predictors):
     """Markdown: each learned point, on each task and on its own budget's cost, against every curve there."""
     lines = ["| task | predictor | cost | learned | " + " | ".join(CURVES) + " | none |",
              "|---|---|---|---:|" + "---:|" * (len(CURVES) + 1)]
-    for task in ("detail", "caption", "short"):
+    for task in measured_tasks(results):
         none = next(r["accuracy"] for r in results if r["task"] == task and r["method"] == "none")
         for r in results:
             if r["task"] != task or not r["method"].startswith("learned"):
@@ -109,7 +114,7 @@ def table(results, predictors):
 
 
 def plots(results, out):
-    for task in ("detail", "caption", "short"):
+    for task in measured_tasks(results):
         none = next(r["accuracy"] for r in results if r["task"] == task and r["method"] == "none")
         for cost, name in COSTS.items():
             series = {m: curve(results, task, m, cost) for m in (*CURVES, "learned", "learned+step")

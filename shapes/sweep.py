@@ -90,17 +90,18 @@ def at(points_, cost):
     return None
 
 
-def measured_tasks(results):
-    """The tasks whose points have begun (an interrupted sweep still gets its table and plots)."""
-    return [t for t in ("detail", "caption", "short") if any(r["task"] == t and r["method"] == "none" for r in results)]
+def none_accuracy(results):
+    """{task: none's accuracy} for the tasks whose points have begun, in sweep order (an interrupted sweep still gets
+    its table and plots)."""
+    nones = {r["task"]: r["accuracy"] for r in results if r["method"] == "none"}
+    return {t: nones[t] for t in ("detail", "caption", "short") if t in nones}
 
 
 def table(results, predictors):
     """Markdown: each learned point, on each task and on its own budget's cost, against every curve there."""
     lines = ["| task | predictor | cost | learned | " + " | ".join(CURVES) + " | none |",
              "|---|---|---|---:|" + "---:|" * (len(CURVES) + 1)]
-    for task in measured_tasks(results):
-        none = next(r["accuracy"] for r in results if r["task"] == task and r["method"] == "none")
+    for task, none in none_accuracy(results).items():
         for r in results:
             if r["task"] != task or not r["method"].startswith("learned"):
                 continue
@@ -114,8 +115,7 @@ def table(results, predictors):
 
 
 def plots(results, out):
-    for task in measured_tasks(results):
-        none = next(r["accuracy"] for r in results if r["task"] == task and r["method"] == "none")
+    for task, none in none_accuracy(results).items():
         for cost, name in COSTS.items():
             series = {m: curve(results, task, m, cost) for m in (*CURVES, "learned", "learned+step")
                       if any(r["method"] == m for r in results)}

@@ -326,23 +326,30 @@ class Workload:
     def profile(self, method, B):
         """One run's decode steps under torch's profiler: ms per token in attention, MLP and projections, DyRate's own
         work (statistics, predictor, ranking, marking and compaction: the pruner), and the rest (norms, RoPE, cache
-        writes, embeddings, LM head, sampling, and the Python between them); their sum is what the profiler saw, and
-        the step time measured around the profiler should come near it (what it does not see: the decode loop's
-        Python between forwards)."""
+        writes, embeddings, LM head, sampling, and the decode loop's Python); their sum is what the profiler saw
+        under one "decode step" label per step, and the step time measured around the profiler should come near it
+        (what it does not see: the profiler's own work and this loop)."""
         steps, _ = self.steps(method, B)
         next(steps)
         cuda = self.dev.type == "cuda"
         activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
         generate.sync(self.dev)
         with torch.profiler.profile(activities=activities) as prof:
-            t0 = time.perf_counter()
-            n = sum(1 for _ in steps)
+            t0, n = time.perf_counter(), 0
+            while True:
+                with torch.profiler.record_function("decode step"):  # the whole step, the loop's Python included
+                    done = next(steps, None) is None
+                if done:
+                    break
+                n += 1
             generate.sync(self.dev)
             seconds = time.perf_counter() - t0
         cats = {"attention": "attention", "mlp": "mlp/projections", "projections": "mlp/projections",
                 "dyrate": "dyrate"}
         split, total = dict.fromkeys(("attention", "mlp/projections", "dyrate", "rest"), 0.0), 0.0
         for e in prof.events():
+            if e.device_type != torch.autograd.DeviceType.CPU:  # a GPU's copy of a label: its host event counts it
+                continue
             ms = (e.device_time_total if cuda and e.device_time_total else e.cpu_time_total) / 1e3 / n
             if e.cpu_parent is None:  # the top-level events: the decoder's forward, the embedding, the LM head, ...
                 total += ms

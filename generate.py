@@ -23,7 +23,7 @@ import torch
 
 import cli
 import dyrate
-import memory
+from tools import memory
 from model import Llava
 from processing import TEMPLATES, Tokenizer, preprocess
 
@@ -420,7 +420,7 @@ def main(argv=None):
         streamed = not args.json and args.num_beams == 1
         out = run(model, tokenizer, request, (lambda b, piece: print(piece, end="", flush=True)) if streamed else None)
         if args.viz:
-            import viz
+            from tools import viz
             for path in viz.save(args.viz, args.image, out.rows[0], tokenizer, cfg, args.pad):
                 log(f"wrote {path}")
     if args.json:  # one line per returned sequence

@@ -44,7 +44,7 @@ from safetensors.torch import save_file
 import cli
 import dyrate
 import generate
-import memory
+from tools import memory
 import processing
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import argparse
 import os
 
 import dyrate
-import eval
+from tools import eval
 import generate
 import model
 import processing

@@ -15,11 +15,11 @@ import time
 import numpy as np
 
 import dyrate
-import eval
+from tools import eval
 import generate
 import model
 import processing
-import viz
+from tools import viz
 from shapes.data import CAPTION_PROMPT, DETAIL_PROMPT, caption, detail, task
 
 MAX_NEW_TOKENS = 64  # the longest answer, a detailed description, is at most 57 tokens with </s>

@@ -24,7 +24,7 @@ import numpy as np
 import dyrate
 import model
 import processing
-import viz
+from tools import viz
 from shapes import data, experiment
 
 FASTV_R = [0.25, 0.5, 0.625, 0.75, 0.8125, 0.875, 0.9375, 0.97]

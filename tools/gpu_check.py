@@ -3,8 +3,8 @@ The GPU check: every CUDA-facing path of this repository in one run of at most ~
 with no install step (it needs only what the library and its tests need: torch, transformers, safetensors,
 tokenizers, pillow, numpy, pytest), every output under one folder.
 
-    python scripts/gpu_check.py --out gpu-check                  # on a CUDA machine
-    python scripts/gpu_check.py --out /tmp/gpu-dry --dry-run     # on a CPU, every geometry shrunk (CI runs this)
+    python -m tools.gpu_check --out gpu-check                  # on a CUDA machine
+    python -m tools.gpu_check --out /tmp/gpu-dry --dry-run     # on a CPU, every geometry shrunk (CI runs this)
 
 The steps, each in a process of its own (a failure is recorded and the next step runs):
 1. pytest: the device-parametrised tests on CUDA in float32, float16 and bfloat16 -> OUT/pytest.txt
@@ -51,8 +51,8 @@ def run_pytest(args):
 def run_bench(args):
     """bench.py on random weights of LLaVA-1.5-7B's geometry (on a dry run: tiny, the compile path with aot_eager)."""
     methods = "none,none+compile,fastv,dyrate,dyrate+compile,dyrate-ramp,dyrate-ramp+compile,transformers"
-    cmd = [sys.executable, "bench.py", "--geometry", geometry(args.dry_run), "--device", args.device, "--dtype",
-           "bfloat16" if not args.dry_run else "float32", "--methods", methods, "--batch-sizes",
+    cmd = [sys.executable, "-m", "tools.bench", "--geometry", geometry(args.dry_run), "--device", args.device,
+           "--dtype", "bfloat16" if not args.dry_run else "float32", "--methods", methods, "--batch-sizes",
            "1,16" if not args.dry_run else "1", "--repeats", "2" if not args.dry_run else "1", "--new-tokens",
            "32" if not args.dry_run else "4", "--out", os.path.join(args.out, "bench-7b.json")]
     if args.dry_run:
@@ -71,8 +71,8 @@ def run_generate(args):
     import torch
     from PIL import Image
 
-    import bench
-    import bench_train
+    from tools import bench
+    from tools import bench_train
     import cli
     import generate
     import processing
@@ -112,9 +112,9 @@ def run_train(args):
     """One train_step at 7B width and depth with the 24 GB settings, on the checkpoint the generate step wrote."""
     import torch
 
-    import bench_train
+    from tools import bench_train
     import cli
-    import memory
+    from tools import memory
     dev = cli.device(args.device)
     folder = os.path.join(args.work, "checkpoint")
     llava = cli.load_model(folder, dev, torch.bfloat16)
@@ -157,7 +157,7 @@ def main(argv=None):
     for step in args.steps.split(","):
         print(f"gpu_check: {step} ...", flush=True)
         t0 = time.perf_counter()
-        run = subprocess.run([sys.executable, os.path.abspath(__file__), "--out", args.out, "--work", scratch,
+        run = subprocess.run([sys.executable, "-m", "tools.gpu_check", "--out", args.out, "--work", scratch,
                               "--step", step] + (["--dry-run"] if args.dry_run else []), cwd=HERE,
                              capture_output=True, text=True)
         with open(os.path.join(args.out, f"{step}.log"), "w") as f:

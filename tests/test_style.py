@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
 
 def test_ruff_is_clean():
@@ -20,7 +20,7 @@ def test_model_imports_only_torch_safetensors_the_standard_library_and_dyrate():
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
                 for alias in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    project = {name[:-3] for name in os.listdir(HERE) if name.endswith(".py")} | {"shapes"}
+    project = {name[:-3] for name in os.listdir(HERE) if name.endswith(".py")} | {"shapes", "tools", "tests"}
     assert imported & project == {"dyrate"}
     assert imported - project <= {"contextlib", "copy", "json", "os", "dataclasses", "torch", "safetensors"}, imported
 
@@ -33,8 +33,11 @@ FACTORIES = {"arange", "zeros", "ones", "full", "empty", "tensor", "as_tensor", 
 DEVICE_FREE = {  # (file, function): why a factory there needs no device=
     ("model.py", "__init__"),  # module parameters are made like nn.Linear's, on the default device (meta when loading)
 }
+# the library: the core at the root and the tools beside it (shapes/ is left out: the toy trains on the CPU only)
 LIBRARY = [name for name in sorted(os.listdir(HERE)) if name.endswith(".py") and not name.startswith("test_")
-           and name != "conftest.py"]  # shapes/ is left out: the shapes toy trains on the CPU only, on purpose
+           and name != "conftest.py"]
+LIBRARY += [os.path.join("tools", name) for name in sorted(os.listdir(os.path.join(HERE, "tools")))
+            if name.endswith(".py")]
 
 
 def factories_without_a_device(source, filename):

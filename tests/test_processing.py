@@ -109,7 +109,7 @@ def test_images_of_absurd_shape_or_size(tmp_path, monkeypatch):
               "x = processing.preprocess(sys.argv[1])\n"
               "print(tuple(x.shape), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n")
     out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "long.png")], capture_output=True, text=True,
-                         check=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.split()
+                         check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout.split()
     assert out[:3] == ["(3,", "336,", "336)"] and int(out[3]) < 1.5e9, f"peak RSS {int(out[3]) / 1e9:.2f} GB"
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss > 0
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)

@@ -3,10 +3,12 @@ The seed paper's benchmarks on local data, for every pruning method, with the fi
 Flickr30k, NoCaps: CIDEr-D and BLEU-4 by pycocoevalcap, as lmms-eval and the papers compute them) and question sets
 (GQA-style exact match, VQAv2/VizWiz-style soft accuracy, POPE yes/no, ScienceQA/MMBench-style multiple choice).
 
-    python eval.py --model llava-1.5-7b-hf --captions coco/annotations/captions_val2017.json --images coco/val2017 \\
-        --methods none,fastv,dyrate --predictor predictor --out runs/coco
-    python eval.py --model llava-1.5-7b-hf --questions pope.jsonl --task yesno --images coco/val2014 --out runs/pope
-    python eval.py --captions data/shapes/test_captions.json --images data/shapes --methods none,vtw --out runs/shapes
+    python -m tools.eval --model llava-1.5-7b-hf --captions coco/annotations/captions_val2017.json \\
+        --images coco/val2017 --methods none,fastv,dyrate --predictor predictor --out runs/coco
+    python -m tools.eval --model llava-1.5-7b-hf --questions pope.jsonl --task yesno \\
+        --images coco/val2014 --out runs/pope
+    python -m tools.eval --captions data/shapes/test_captions.json --images data/shapes \\
+        --methods none,vtw --out runs/shapes
 
 Captions: COCO captions format, {"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]}, image
 paths relative to --images. Questions: JSONL, one {"image", "question", "answers": [...]} per line ("choices": [...]
@@ -36,7 +38,7 @@ import cli
 import dyrate
 import generate
 import processing
-import viz
+from tools import viz
 
 CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."  # lmms-eval's for LLaVA-1.5
 SHORT_SUFFIX = "\nAnswer the question using a single word or phrase."  # LLaVA-1.5's evaluation prompts

@@ -1,9 +1,9 @@
 """
 What a train.py step costs at LLaVA-1.5's real width, measured on any machine, and what it would cost at full depth.
 
-    python bench_train.py --geometry 7b --layers 4,5,6 --out runs/train-7b.json      # memory per setting (CPU ok)
-    python bench_train.py --geometry 13b --layers 4,5 --out runs/train-13b.json
-    python bench_train.py --geometry mid --time --out runs/train-time.json          # time: checkpointing, distillation
+    python -m tools.bench_train --geometry 7b --layers 4,5,6 --out runs/train-7b.json  # memory per setting (CPU ok)
+    python -m tools.bench_train --geometry 13b --layers 4,5 --out runs/train-13b.json
+    python -m tools.bench_train --geometry mid --time --out runs/train-time.json  # time: checkpointing, distillation
 
 Memory (default): a random-weight checkpoint of the geometry's full width (hidden size, heads, MLP, CLIP-L, 576 image
 tokens) but only --layers decoder layers is written in the hub layout and loaded; one train_step (train.py's) runs on
@@ -32,11 +32,11 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
 
-import bench
+from tools import bench
 import cli
 import dyrate
 import generate
-import memory
+from tools import memory
 import model
 import processing
 import train

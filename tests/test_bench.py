@@ -6,7 +6,7 @@ import json
 import pytest
 from PIL import Image
 
-import bench
+from tools import bench
 from test_dyrate import N_IMAGE
 
 

@@ -2,9 +2,11 @@
 Speed, FLOPs and memory of every method (none, fastv, vtw, dyrate) of our generation, eager and compiled, and of HF
 transformers' generate on the same weights, side by side in one run.
 
-    python bench.py                                                # CPU, mid geometry (random weights)
-    python bench.py --geometry 7b --device cuda --dtype bfloat16 --methods none,none+compile,fastv,dyrate,transformers
-    python bench.py --model path/to/llava-1.5-7b-hf --device cuda --dtype float16 --batch-sizes 1,8,32 --memory-gib 80
+    python -m tools.bench                                            # CPU, mid geometry (random weights)
+    python -m tools.bench --geometry 7b --device cuda --dtype bfloat16 \
+        --methods none,none+compile,fastv,dyrate,transformers
+    python -m tools.bench --model path/to/llava-1.5-7b-hf --device cuda --dtype float16 \
+        --batch-sizes 1,8,32 --memory-gib 80
 
 Each method generates --new-tokens greedy tokens for a prompt of 576 image + --prompt-tokens text tokens, at every
 --batch-sizes batch (identical rows). After one warm-up run per method and batch, --repeats rounds run all of them in
@@ -32,13 +34,13 @@ import torch
 import cli
 import dyrate
 import generate
-import memory
+from tools import memory
 import model
 import processing
-import viz
+from tools import viz
 
 GEOMETRIES = {  # (vision: hidden, layers, heads, intermediate), (text: hidden, layers, heads, intermediate)
-    "tiny": ((64, 2, 2, 128), (64, 4, 4, 128)),  # for dry runs of scripts (scripts/gpu_check.py --dry-run)
+    "tiny": ((64, 2, 2, 128), (64, 4, 4, 128)),  # for dry runs of scripts (tools/gpu_check.py --dry-run)
     "mid": ((512, 6, 8, 2048), (1024, 8, 16, 2816)),
     "7b": ((1024, 24, 16, 4096), (4096, 32, 32, 11008)),
     "13b": ((1024, 24, 16, 4096), (5120, 40, 40, 13824)),

@@ -224,7 +224,7 @@ def test_loading_holds_one_copy_in_memory(tmp_path):
               "print(anon() - before, sum(p.numel() * p.element_size() for p in m.parameters()))\n")
     for dtype, bound in (("float32", 1.1), ("float16", 0.1)):
         out = subprocess.run([sys.executable, "-c", script, str(tmp_path), dtype], capture_output=True, text=True,
-                             cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), check=True).stdout
         grown, size = map(int, out.split())
         assert size > 100e6 and grown <= bound * size + 16e6, \
             f"{dtype}: anonymous memory grew {grown / 1e6:.0f} MB for a {size / 1e6:.0f} MB model"

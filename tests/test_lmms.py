@@ -1,5 +1,5 @@
 """
-lmms_dyrate.py, the lmms-eval model: a local shapes task run through lmms-eval's own evaluator agrees with eval.py on
+lmms.py, the lmms-eval model: a local shapes task run through lmms-eval's own evaluator agrees with eval.py on
 the same records, each task's pruning costs are logged, loglikelihood is refused with the tasks that asked for it, and
 the model is found by name once registered. Skipped without the optional extra (requirements-lmms.txt).
 """
@@ -11,10 +11,10 @@ import pytest
 pytest.importorskip("lmms_eval", reason="lmms-eval is an optional extra (pip install --no-deps -r "
                                         "requirements-lmms.txt)")
 
-import eval  # noqa: E402
-import lmms_dyrate  # noqa: E402
+from tools import eval  # noqa: E402
+from tools import lmms  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 SHAPES = os.path.join(HERE, "models", "shapes")
 
 TASK = """task: dyrate_shapes_short
@@ -43,7 +43,7 @@ metadata:
 UTILS = f"""import sys
 sys.path.insert(0, {HERE!r})
 from PIL import Image
-import eval
+from tools import eval
 
 
 def doc_to_visual(doc):
@@ -85,7 +85,7 @@ def test_lmms_eval_scores_a_local_task_as_eval_py_does(task, tmp_path, capsys):
     from lmms_eval.tasks import TaskManager
     manager = TaskManager(include_path=str(task / "tasks"), include_defaults=False)
     for method, extra in (("none", {}), ("fastv", dict(ratio="0.75"))):
-        lm = lmms_dyrate.DyRate(model=SHAPES, method=method, conv="llava-hf", pad="false", batch_size="4", **extra)
+        lm = lmms.DyRate(model=SHAPES, method=method, conv="llava-hf", pad="false", batch_size="4", **extra)
         res = simple_evaluate(model=lm, tasks=["dyrate_shapes_short"], task_manager=manager, bootstrap_iters=0,
                               log_samples=True)
         ours = eval.main(["--model", SHAPES, "--questions", str(task / "questions.jsonl"), "--task", "short",
@@ -107,12 +107,12 @@ def test_lmms_eval_scores_a_local_task_as_eval_py_does(task, tmp_path, capsys):
 def test_loglikelihood_is_refused_naming_the_tasks_and_the_model_is_found_by_name():
     from lmms_eval.api.instance import Instance
     from lmms_eval.models import MODEL_REGISTRY_V2
-    lm = lmms_dyrate.DyRate(model=SHAPES)
+    lm = lmms.DyRate(model=SHAPES)
     request = Instance(request_type="loglikelihood", arguments=("ctx", "target", None, 0, "seedbench_ppl", "test"),
                        idx=0, metadata={"task": "seedbench_ppl", "doc_id": 0, "repeats": 1, "split": "test"})
     with pytest.raises(NotImplementedError, match="seedbench_ppl"):
         lm.loglikelihood([request])
-    lmms_dyrate.register()
-    assert MODEL_REGISTRY_V2.get_model_class("dyrate", force_simple=True) is lmms_dyrate.DyRate
+    lmms.register()
+    assert MODEL_REGISTRY_V2.get_model_class("dyrate", force_simple=True) is lmms.DyRate
     with pytest.raises(SystemExit, match="needs --predictor"):
-        lmms_dyrate.DyRate(model=SHAPES, method="dyrate")
+        lmms.DyRate(model=SHAPES, method="dyrate")

@@ -25,6 +25,8 @@ from test_dyrate import K, N_IMAGE
 
 N_TRAIN = 24
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+
 
 @pytest.fixture(scope="session")
 def data(tmp_path_factory):
@@ -208,7 +210,7 @@ def test_torchrun_two_processes(ckpt, data, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                           "train.py", *argv(ckpt, data, tmp_path / "ddp", "--max-iters", "3", "--batch-size", "2")],
-                         capture_output=True, text=True, env=env, cwd=os.path.dirname(os.path.abspath(__file__)),
+                         capture_output=True, text=True, env=env, cwd=ROOT,
                          timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.count("step 3/3") == 1  # only rank 0 logs

@@ -3,7 +3,7 @@ This implementation as an lmms-eval model, so that the field's own harness (lmms
 LLaVA-1.5 with any pruning method of dyrate.py. The one file that imports lmms-eval, an optional extra:
 
     pip install --no-deps -r requirements-lmms.txt
-    python lmms_dyrate.py --model dyrate --tasks pope --batch_size 8 --output_path runs/lmms \
+    python -m tools.lmms --model dyrate --tasks pope --batch_size 8 --output_path runs/lmms \
         --model_args model=llava-1.5-7b-hf,method=fastv,ratio=0.5,conv=vicuna_v1,pad=true   # lmms-eval's CLI
 
 or from Python, an instance handed to lmms-eval's evaluator (no registration needed):
@@ -30,7 +30,7 @@ import cli
 import dyrate
 import generate
 
-MANIFEST = ModelManifest(model_id="dyrate", simple_class_path="lmms_dyrate.DyRate")
+MANIFEST = ModelManifest(model_id="dyrate", simple_class_path="tools.lmms.DyRate")
 
 
 def flag(value):
@@ -121,13 +121,13 @@ class DyRate(lmms):
     def loglikelihood(self, requests):
         tasks = sorted({req.task_name or req.args[4] for req in requests})
         raise NotImplementedError(
-            f"lmms_dyrate.DyRate generates answers; it does not score given continuations, which {', '.join(tasks)} "
+            f"tools.lmms.DyRate generates answers; it does not score given continuations, which {', '.join(tasks)} "
             f"ask for (output_type loglikelihood or multiple_choice). The seed paper's benchmarks are generate_until "
             f"tasks: coco2017_cap_val, flickr30k_test, nocaps_val, gqa, vizwiz_vqa_val, scienceqa_img, pope, "
             f"mmbench_en_dev, mme.")
 
     def generate_until_multi_round(self, requests):
-        raise NotImplementedError("lmms_dyrate.DyRate answers single-turn questions (generate_until) only.")
+        raise NotImplementedError("tools.lmms.DyRate answers single-turn questions (generate_until) only.")
 
     def clean(self):
         """lmms-eval calls this after each evaluation and would delete the model: keep it, so one instance serves
@@ -142,7 +142,7 @@ def register():
 
 
 if __name__ == "__main__":  # lmms-eval's own command line, with this model registered as "dyrate"
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     register()
     from lmms_eval.__main__ import cli_evaluate
     cli_evaluate()

@@ -1,5 +1,5 @@
 """
-scripts/gpu_check.py's dry run: every step of the GPU check on the CPU with every geometry shrunk, so that a mistake in
+tools/gpu_check.py's dry run: every step of the GPU check on the CPU with every geometry shrunk, so that a mistake in
 the script is found here and not on a GPU machine's clock.
 """
 import json
@@ -9,12 +9,12 @@ import sys
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
 
 @pytest.mark.slow
 def test_gpu_check_dry_run(tmp_path):
-    run = subprocess.run([sys.executable, "scripts/gpu_check.py", "--out", str(tmp_path), "--dry-run"], cwd=HERE,
+    run = subprocess.run([sys.executable, "-m", "tools.gpu_check", "--out", str(tmp_path), "--dry-run"], cwd=HERE,
                          capture_output=True, text=True, timeout=600)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert run.returncode == 0 and all(s["ok"] for s in summary["steps"].values()), (run.stdout, summary)

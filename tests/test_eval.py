@@ -12,13 +12,13 @@ import time
 import pytest
 import torch
 
-import eval
+from tools import eval
 import generate
 import model
 import processing
 from conftest import assert_close
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 SHAPES = os.path.join(HERE, "models", "shapes")
 
 
@@ -158,7 +158,8 @@ def test_shapes_stand_in_end_to_end(shapes_data, tmp_path, capsys, placement):
 def torchrun(args, ranks=2):
     """eval.py under torchrun on the CPU (gloo), a process per rank."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--standalone", "eval.py",
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--standalone", "-m",
+            "tools.eval",
             *args], env
 
 

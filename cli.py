@@ -42,21 +42,18 @@ def add_model_args(p, default_model=SHAPES_MODEL, required=False, default_device
     return g
 
 
-def add_pruning_args(p, method=True):
-    """--method (several=True: --methods, comma-separated), --k, --ratio, --predictor."""
+def add_pruning_args(p, several=False):
+    """--method (several=True: --methods, comma-separated), --k, --predictor."""
     g = p.add_argument_group("visual-token pruning (dyrate.py)")
-    if method == "several":
-        g.add_argument("--methods", default="none", help=f"comma-separated: {', '.join(dyrate.METHODS)}")
-    elif method:
-        g.add_argument("--method", choices=dyrate.METHODS, default="none",
-                       help="none; fastv: drop --ratio of the image tokens once at prefill; vtw: drop them all at "
-                            "prefill, before layer K; dyrate: a learned rate at every step (needs --predictor); mass: "
-                            "a training-free rate at every step (--mass)")
+    names = ", ".join(dyrate.RULES)
+    if several:
+        g.add_argument("--methods", default="none", help=f"comma-separated rules with their parameters ({names})")
+    else:
+        g.add_argument("--method", default="none", help=f"the pruning rule, NAME or NAME:key=value:... ({names}): "
+                       "e.g. fastv:ratio=0.75 drops 75%% of the image tokens at the prefill; mass:eps=1e-5 drops the "
+                       "least attended at every step; dyrate needs --predictor")
     add_k_arg(g)
-    g.add_argument("--ratio", type=float, default=0.5, help="FastV's R: the fraction of the image tokens dropped")
-    g.add_argument("--mass", type=float, default=0.05, help="the mass rule's eps: at every step the least attended "
-                   "kept image tokens go while the share of the attention they carry stays below eps")
-    g.add_argument("--predictor", default=None, help="DyRate rate predictor file written by train.py")
+    g.add_argument("--predictor", default=None, help="DyRate rate predictor file written by train.py (--method dyrate)")
     return g
 
 
@@ -65,12 +62,19 @@ def add_k_arg(group):
                        f"tokens (default {dyrate.DEFAULT_K}, or the predictor's)")
 
 
-def check_pruning_flags(methods, predictor):
-    """The flag combinations: dyrate needs --predictor, and --predictor needs dyrate."""
-    if "dyrate" in methods and predictor is None:
-        raise ValueError("--method dyrate needs --predictor FILE (train one with train.py)")
-    if predictor is not None and "dyrate" not in methods:
-        raise ValueError("--predictor is used by --method dyrate only")
+def rule(spec, predictor, cfg, dev):
+    """--method (and --predictor, the learned rule's file) as a dyrate rule."""
+    if predictor is not None:
+        if spec.split(":")[0] != "dyrate":
+            raise ValueError(f"--predictor is used by --method dyrate only, not by {spec!r}")
+        spec = f"dyrate:predictor={predictor}"
+    return dyrate.parse_rule(spec, cfg, dev)
+
+
+def rules(specs, predictor, cfg, dev):
+    """--methods as {spec: rule}, in order."""
+    return {spec: rule(spec, predictor if spec.split(":")[0] == "dyrate" else None, cfg, dev)
+            for spec in specs.split(",")}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -35,7 +35,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # the one place tolerances are stated. float32: measured 2e-7 against transformers on the CPU; GPU kernels round
 # differently (cuDNN's TF32 convolution in CLIP's patch embedding, other attention kernels), hence 1e-4. Half
 # precision: one rounding of a logit near 1 is 2^-8 (bfloat16) or 2^-11 (float16); a forward through a few layers
-# compounds several, and transformers' own eager and sdpa paths differ by ~10 roundings (REFERENCE.md section 2).
+# compounds several, and transformers' own eager and sdpa paths differ by ~10 roundings (~1e-3 fp16, ~6e-3 bf16 on
+# LLaVA-1.5 logits, with the same argmax: transformers' LlavaForConditionalGeneration, eager against sdpa).
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 8e-2}
 # A decode step's probed attention (model.py: explicit fp32 softmax and PV, then the dtype) against SDPA's, as a
 # fraction of the output's largest magnitude: measured at 7B width 1.1e-6 in float32 and one bfloat16 rounding

@@ -1,9 +1,9 @@
 """
-DyRate: dynamic visual-token reduction *during generation* for LLaVA-1.5, with the FastV and VTW baselines in the same
-machinery and the cost accounting of all of them. model.py calls into this file at one place: the `pruner` argument
-of LlamaModel.forward, which asks hook.probe_rows(...) which query rows' attention layer K-1 must return and calls
-hook(...) before layer K. Two hooks: Pruner (inference: rate, rank, drop) and TrainMask (training: a straight-through
-Gumbel-Softmax keep mask).
+DyRate: dynamic visual-token reduction *during generation* for LLaVA-1.5, with the FastV, VTW and training-free
+baselines as rules of the same machinery. model.py calls into this file at one place: the `pruner` argument of
+LlamaModel.forward, which asks pruner.probe_rows(...) which query rows' attention layer K-1 must return and calls
+pruner(...) before layer K. Two such hooks: Pruner (inference: a rule's rate, FastV's ranking, the drop) and TrainMask
+(training: a straight-through Gumbel-Softmax keep mask).
 
 Conventions (the README's "How DyRate works" walks through an example):
 - Decoder layers are 0-based. Pruning layer K (default 2): layers < K always see every token; layers >= K see only the
@@ -14,11 +14,12 @@ Conventions (the README's "How DyRate works" walks through an example):
 - A rate r is the fraction of the image tokens dropped from layers >= K: a row keeps floor((1 - r) * n_image + 1/2).
 - Step 0 is the prefill; step t >= 1 is the forward that consumes new token t-1.
 
-Read top to bottom: statistics, the predictor, the inference Pruner, the training TrainMask, costs, baselines' helpers.
+Read top to bottom: statistics, the predictor, the rules, the inference Pruner, the training TrainMask, the budget's
+cost. tools/costs.py reports a generation's costs from the Pruner's history; tools/fast.py holds the fast path.
 """
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -28,10 +29,10 @@ from safetensors.torch import save_file
 
 import processing
 
-METHODS = ("none", "fastv", "vtw", "dyrate", "mass")
 DEFAULT_K = 2  # the pruning layer of FastV's and the seed paper's LLaVA-1.5 experiments
 TYPES = ("system", "image", "instruction", "response")
 PREDICTOR_FORMAT = "dyrate-predictor-1"
+BUDGETS = ("flops", "kv", "nocache")  # what a budget may be on (budget_cost)
 
 
 def keep_count(rate, n_image):
@@ -171,60 +172,177 @@ def drop_tokens(x, positions, n_valid, drop_mask, image_start, n_image):
     return x.gather(1, idx[..., None].expand(-1, -1, x.shape[2])), positions.gather(1, idx), n_valid
 
 
-def compaction_moves(alive, length, moves):
-    """Physical dropping from a KV cache after a decode step, moving as few slots as possible: alive (B, S) marks the
-    slots that hold a token (slots dropped at decode steps are dead), length (B,) how many slots each row has
-    written. A row's dead slots below its new length are holes, and its alive slots at or past the new length move
-    into them (the order of past keys does not matter to attention). moves: the most holes of any row (the host
-    knows it from next_compaction). Returns src, dst (B, moves) slot indices (a row with fewer holes repeats its last
-    move, or moves slot 0 onto itself) and the new lengths (B,)."""
-    j = torch.arange(alive.shape[1], device=alive.device)
-    real = j < length[:, None]  # (B, S)
-    keep = alive & real
-    new_length = keep.sum(1)
-    hole = real & ~alive & (j < new_length[:, None])
-    mover = keep & (j >= new_length[:, None])  # as many as holes in every row
-    n_moves = hole.sum(1)
-    take = torch.minimum(torch.arange(moves, device=j.device), (n_moves - 1).clamp(min=0)[:, None])  # (B, moves)
-
-    def slots(m):  # (B, S) bool -> (B, moves): the first `moves` slots where m holds, in order, by `take`
-        return (~m).to(torch.int8).argsort(dim=1, stable=True).gather(1, take)
-    return slots(mover), slots(hole), new_length
+# ----------------------------------------------------------------------------------------------------------------------
+# the rules: which steps rank the image tokens, and the drop rate at a step. A new rule is one class and a RULES line.
 
 
-def next_compaction(alive, length):
-    """What the compaction at the next decode step will need on the host, once every row holds one more token: a
-    (2,) device tensor of the most holes of any row and the longest row after it."""
-    j = torch.arange(alive.shape[1], device=alive.device)
-    real = j < length[:, None]
-    new_length = (alive & real).sum(1) + 1
-    holes = (real & ~alive & (j < new_length[:, None])).sum(1)
-    return torch.stack([holes.max(), new_length.max()])
+@dataclass
+class Rule:
+    """none: keeps every image token (the statistics are still computed for reporting)."""
+
+    def ranks(self, step):
+        """Does this step read layer K-1's attention to rank the image tokens?"""
+        return False
+
+    def rate(self, step, shares, scores, kept_mask):
+        """The drop rate at this step, (B,) or one number for every row, from the type shares (B, H, 4), the image
+        tokens' scores (B, N) (None on a step that does not rank) and the still kept image tokens kept_mask (B, N)."""
+        return 0.0
+
+    def ranking(self, step, scores):
+        """The scores the kept tokens are chosen by: FastV's (layer K-1's attention from the current query)."""
+        return scores
+
+    def check(self):
+        """A ValueError naming the parameter a user set wrong."""
+
+    def __post_init__(self):
+        self.check()
 
 
-def check_method(method, ratio=0.5, predictor=None, schedule=None, mass=0.05):
-    """A pruning method and the arguments it uses (the Pruner's check)."""
-    if method not in METHODS:
-        raise ValueError(f"Unknown method {method!r}; choose one of {METHODS}.")
-    if method == "dyrate" and predictor is None and schedule is None:
-        raise ValueError("method 'dyrate' needs a trained predictor (train.py writes one) or a schedule of rates.")
-    if predictor is not None and method != "dyrate":
-        raise ValueError(f"A rate predictor is used by method 'dyrate' only, not by {method!r}.")
-    if method == "fastv" and not (isinstance(ratio, (int, float)) and 0 <= ratio <= 1):
-        raise ValueError(f"FastV's drop ratio R must lie in [0, 1], got {ratio!r}.")
-    if schedule is not None and (not len(schedule) or not all(0 <= float(r) <= 1 for r in schedule)):
-        raise ValueError(f"A rate schedule is a non-empty list of drop rates in [0, 1], got {list(schedule)}.")
-    if method == "mass" and not (isinstance(mass, (int, float)) and 0 <= mass <= 1):
-        raise ValueError(f"The mass rule's eps is a share of the attention in [0, 1], got {mass!r}.")
+def fraction(what, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"{what} must lie in [0, 1], got {value!r}.")
 
 
-def pruning_layer(n_layers, k=None, predictor=None):
-    """The pruning layer K for a model of n_layers decoder layers: k, else the predictor's, else DEFAULT_K (1 for a
-    2-layer model). Layer K-1 ranks the image tokens and layers >= K see the kept ones, so 1 <= K <= n_layers - 1."""
-    if predictor is not None and k is not None and k != predictor.k:
-        raise ValueError(f"The predictor was trained for K={predictor.k}, not K={k}: leave K to the predictor.")
+@dataclass
+class FastV(Rule):
+    """FastV: drop `ratio` of the image tokens once, at the prefill, the least attended by the last prompt token."""
+    ratio: float = 0.5
+
+    def check(self):
+        fraction("FastV's drop ratio", self.ratio)
+
+    def ranks(self, step):
+        return step == 0
+
+    def rate(self, step, shares, scores, kept_mask):
+        return self.ratio
+
+
+@dataclass
+class VTW(Rule):
+    """VTW: withdraw every image token before layer K, at the prefill (nothing to rank)."""
+
+    def rate(self, step, shares, scores, kept_mask):
+        return 1.0
+
+
+@dataclass
+class Schedule(Rule):
+    """A hand-set rate per step (the last one holds after), ranked by FastV's scores at every step."""
+    rates: tuple = (0.5,)
+
+    def check(self):
+        if not len(self.rates):
+            raise ValueError("a schedule needs at least one rate.")
+        for r in self.rates:
+            fraction("a scheduled rate", r)
+
+    def ranks(self, step):
+        return True
+
+    def rate(self, step, shares=None, scores=None, kept_mask=None):
+        return self.rates[min(step, len(self.rates) - 1)]
+
+
+@dataclass
+class Ramp(Rule):
+    """A hand-set dynamic schedule: from `start` at the prefill up to 1 (every image token gone) at step steps-1."""
+    start: float = 0.5
+    steps: int = 32
+
+    def check(self):
+        fraction("the ramp's start", self.start)
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"the ramp's steps must be a whole number >= 1, got {self.steps!r}.")
+
+    def ranks(self, step):
+        return True
+
+    def rate(self, step, shares=None, scores=None, kept_mask=None):
+        return self.start + (1 - self.start) * min(step, self.steps - 1) / max(self.steps - 1, 1)
+
+
+@dataclass
+class Learned(Rule):
+    """DyRate: a rate per step from the trained RatePredictor, which reads the current query's type shares."""
+    predictor: "RatePredictor" = None
+
+    def check(self):
+        if not isinstance(self.predictor, RatePredictor):
+            raise ValueError("the learned rule dyrate needs --predictor FILE (a trained predictor: train.py writes "
+                             "one), or dyrate:predictor=FILE.")
+
+    def ranks(self, step):
+        return True
+
+    def rate(self, step, shares, scores, kept_mask):
+        B, dev = len(kept_mask), kept_mask.device
+        rates = torch.tensor(self.predictor.rates, device=dev)
+        return rates[self.predictor(shares, torch.full((B,), step, device=dev)).argmax(-1)]
+
+
+@dataclass
+class Mass(Rule):
+    """Training-free: at every step, drop the least attended kept image tokens while the attention they carry stays
+    below eps (a share of the current query's attention)."""
+    eps: float = 0.05
+
+    def check(self):
+        fraction("the mass rule's eps", self.eps)
+
+    def ranks(self, step):
+        return True
+
+    def rate(self, step, shares, scores, kept_mask):
+        ascending = scores.masked_fill(~kept_mask, float("inf")).sort(-1).values  # (B, N), the gone ones last
+        keep = kept_mask.sum(1) - (ascending.cumsum(-1) < self.eps).sum(-1)
+        return 1 - keep / kept_mask.shape[1]
+
+
+RULES = {"none": Rule, "fastv": FastV, "vtw": VTW, "schedule": Schedule, "ramp": Ramp, "dyrate": Learned, "mass": Mass}
+
+
+def parse_rule(spec, cfg=None, device="cpu"):
+    """A rule from its name and parameters, 'name:key=value:key=value' (a schedule's rates joined by '/'): 'fastv',
+    'fastv:ratio=0.75', 'mass:eps=1e-5', 'ramp:start=0.5:steps=48', 'dyrate:predictor=FILE' (checked against the model
+    config cfg). A Rule passes through."""
+    if isinstance(spec, Rule):
+        return spec
+    name, *params = str(spec).split(":")
+    if name not in RULES:
+        raise ValueError(f"Unknown rule {name!r}; choose one of {', '.join(RULES)} (parameters as name:key=value).")
+    types = {f.name: f.type for f in fields(RULES[name])}
+    args = {}
+    for param in params:
+        key, _, value = param.partition("=")
+        if key not in types or not value:
+            raise ValueError(f"{spec!r}: {name} takes " + (", ".join(f"{k}=..." for k in types) or "no parameters")
+                             + f", not {param!r}.")
+        try:
+            args[key] = (RatePredictor.load(value, cfg, device) if key == "predictor" else
+                         tuple(float(r) for r in value.split("/")) if key == "rates" else
+                         int(value) if types[key] in (int, "int") else float(value))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{spec!r}: {key}={value!r} is not valid ({e}).") from None
+    return RULES[name](**args)
+
+
+def rule_name(rule):
+    """The rule's table name: 'fastv', 'mass', ..."""
+    return next(name for name, cls in RULES.items() if type(rule) is cls)
+
+
+def pruning_layer(n_layers, k=None, rule=None):
+    """The pruning layer K for a model of n_layers decoder layers: k, else a learned rule's predictor's, else
+    DEFAULT_K (1 for a 2-layer model). Layer K-1 ranks the image tokens and layers >= K see the kept ones, so
+    1 <= K <= n_layers - 1."""
+    trained = rule.predictor.k if isinstance(rule, Learned) else None
+    if trained is not None and k is not None and k != trained:
+        raise ValueError(f"The predictor was trained for K={trained}, not K={k}: leave K to the predictor.")
     top = max(1, n_layers - 1)
-    k = k if k is not None else predictor.k if predictor is not None else min(DEFAULT_K, top)
+    k = k if k is not None else trained if trained is not None else min(DEFAULT_K, top)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= top:
         raise ValueError(f"K must lie in [1, {top}] for this {n_layers}-layer model: layer K-1 ranks the image tokens "
                          f"and layers K.. see the kept ones; got {k!r}.")
@@ -244,156 +362,77 @@ class StepRecord:
 class Pruner:
     """The inference hook for one generation of a batch: its prefill (step 0) and decode steps. image_start,
     prompt_len: (B,) tensors; the image occupies token positions image_start .. image_start + n_image - 1 of each row.
+    rule: a Rule (or its name, parse_rule) says which steps rank and the rate at each. stats=True computes the type
+    shares at every step (for --json / --viz), whether the rule reads them or not."""
 
-    method: 'none' (statistics only), 'fastv' (drop `ratio` of the image tokens once, at prefill), 'vtw' (drop all at
-    prefill, before layer k), 'dyrate' (a rate per step from `predictor`, or from `schedule`, a list of rates per
-    step: hand-set baselines and tests) or 'mass' (training-free: at every step, drop the least attended still kept
-    image tokens while the attention they carry stays below `mass`). stats=True computes the type shares at every
-    step (for --json / --viz)."""
-
-    def __init__(self, method, n_image, image_start, prompt_len, k=DEFAULT_K, ratio=0.5, predictor=None,
-                 schedule=None, stats=True, mass=0.05):
-        check_method(method, ratio, predictor, schedule, mass)
-        assert predictor is None or predictor.k == k, "the predictor was trained for another K (pruning_layer)"
-        self.method, self.n_image, self.k, self.ratio, self.mass = method, n_image, k, ratio, mass
-        self.image_start, self.prompt_len = image_start, prompt_len
-        self.predictor, self.schedule, self.stats = predictor, schedule, stats
+    def __init__(self, rule, n_image, image_start, prompt_len, k=DEFAULT_K, stats=True):
+        self.rule = parse_rule(rule)
+        assert not isinstance(self.rule, Learned) or self.rule.predictor.k == k, "trained for another K (pruning_layer)"
+        self.n_image, self.k, self.image_start, self.prompt_len, self.stats = n_image, k, image_start, prompt_len, stats
         self.kept_mask = torch.ones(len(image_start), n_image, dtype=torch.bool, device=image_start.device)  # (B, N)
         self.step = 0  # the next step: 0 = the prefill
         self.history: list[StepRecord] = []
-        self.alive = None  # (B, S) bool, the slots of layers >= k that hold a token (mark_dead)
-        self.counts = self.counted = None  # host copy of next_compaction's counts, and its CUDA event (mark_dead)
-        self.pending = False  # counts are on their way that compact() has not used yet
-
-    def ranks_this_step(self):  # dyrate and mass rank at every step, fastv at prefill only, vtw and none never
-        return self.method in ("dyrate", "mass") or self.method == "fastv" and self.step == 0
-
-    def needs_probe(self):
-        return self.stats or self.ranks_this_step()
 
     def probe_rows(self, n_valid, T):
         """The query rows whose layer K-1 attention this step needs: each row's last real token, or none."""
-        return (n_valid - 1)[:, None] if self.needs_probe() else None
-
-    def rate(self, shares, scores):
-        """(B,) drop rate chosen at this step, from the type shares (B, H, 4) and the image tokens' scores (B, N)."""
-        B, dev = len(self.kept_mask), self.kept_mask.device
-        if self.method == "mass":  # the least attended kept tokens go while the mass they carry stays below eps
-            ascending = scores.masked_fill(~self.kept_mask, float("inf")).sort(-1).values  # (B, N), gone ones last
-            keep = self.kept_mask.sum(1) - (ascending.cumsum(-1) < self.mass).sum(-1)
-            return 1 - keep / self.n_image
-        if self.method == "dyrate":
-            if self.schedule is not None:
-                return torch.full((B,), float(self.schedule[min(self.step, len(self.schedule) - 1)]), device=dev)
-            rates = torch.tensor(self.predictor.rates, device=dev)
-            return rates[self.predictor(shares, torch.full((B,), self.step, device=dev)).argmax(-1)]
-        return torch.full((B,), {"none": 0.0, "fastv": float(self.ratio), "vtw": 1.0}[self.method], device=dev)
+        return (n_valid - 1)[:, None] if self.stats or self.rule.ranks(self.step) else None
 
     def __call__(self, probs, x, positions, n_valid, caches):
         """Called before layer k. probs (B, H, 1, S): layer k-1's attention of each row's current query (None when
         this step needs no ranking); x (B, T, C), positions (B, T), n_valid (B,): what enters layer k; caches: every
         layer's KVCache. Chooses the rate, then drops the lowest-ranked of the still kept image tokens: at the
         prefill from x itself (layers >= k never compute them), at a decode step from the caches of every layer >= k
-        (physically: their slots die at once and are compacted at a later step, compact()). Kept counts never grow.
+        (physically, at once: KVCache.drop). Kept counts never grow.
         A decode step reads nothing back to the host. Returns x, positions, n_valid and key mask (None) for layers
         >= k."""
-        with torch.profiler.record_function("dyrate"):  # the method's own work (bench.py --profile)
-            prefill, ranks = self.step == 0, self.ranks_this_step()
-            if not prefill:
-                self.compact(caches)
-            shares = scores = None
-            if probs is not None:
-                shares = type_shares(probs, self.image_start, self.n_image, self.prompt_len)[:, 0]  # (B, H, 4)
-                scores = image_scores(probs, self.image_start, self.n_image)[:, 0]  # (B, N)
-            rate, keep, kept_mask = self.decide(shares, scores)
-            drop = self.kept_mask & ~kept_mask  # (B, N)
-            self.history.append(StepRecord(keep, drop, rate, shares, ranks))
-            self.kept_mask, self.step = kept_mask, self.step + 1
-            if prefill and bool(drop.any()):  # the dropped tokens never enter layers >= k
-                x, positions, n_valid = drop_tokens(x, positions, n_valid, drop, self.image_start, self.n_image)
-            elif not prefill and ranks:
-                self.mark_dead(drop, caches)
-            return x, positions, n_valid, None
+        prefill, ranks = self.step == 0, self.rule.ranks(self.step)
+        shares = scores = None
+        if probs is not None:
+            shares = type_shares(probs, self.image_start, self.n_image, self.prompt_len)[:, 0]  # (B, H, 4)
+            scores = image_scores(probs, self.image_start, self.n_image)[:, 0]  # (B, N)
+        rate, keep, kept_mask = self.decide(shares, scores if ranks else None)
+        drop = self.kept_mask & ~kept_mask  # (B, N)
+        self.history.append(StepRecord(keep, drop, rate, shares, ranks))
+        self.kept_mask, self.step = kept_mask, self.step + 1
+        if prefill and bool(drop.any()):  # the dropped tokens never enter layers >= k
+            x, positions, n_valid = drop_tokens(x, positions, n_valid, drop, self.image_start, self.n_image)
+        elif not prefill and ranks:
+            self.drop_from_caches(drop, caches)
+        return x, positions, n_valid, None
 
     def decide(self, shares, scores):
         """This step's rate (B,), kept count (B,) and kept image tokens (B, N): the rate's kept count of the still kept
-        image tokens, the best-ranked by this step's scores (None: nothing or everything goes). Kept counts never
-        grow."""
-        rate = self.rate(shares, scores)
+        image tokens, the best-ranked by the rule's ranking of this step's scores (None: a step that does not rank,
+        so nothing or everything goes). Kept counts never grow."""
+        rate = self.rule.rate(self.step, shares, scores, self.kept_mask)
+        if not torch.is_tensor(rate):  # one rate for every row
+            rate = torch.full(self.kept_mask.shape[:1], float(rate), device=self.kept_mask.device)
         kept_before = self.kept_mask.sum(1)  # (B,)
         keep = torch.minimum(kept_before, keep_count(rate, self.n_image).long())  # (B,): never grows
-        if scores is None:  # no ranking needed: nothing or everything goes
+        if scores is None:  # no ranking this step: nothing or everything goes
             assert self.step > 0 or bool(((keep == 0) | (keep == kept_before)).all())
             return rate, keep, self.kept_mask & (keep[:, None] > 0)
-        return rate, keep, rank_of(scores.masked_fill(~self.kept_mask, float("-inf"))) < keep[:, None]
+        ranking = self.rule.ranking(self.step, scores)
+        return rate, keep, rank_of(ranking.masked_fill(~self.kept_mask, float("-inf"))) < keep[:, None]
 
-    def mark_dead(self, drop, caches):
-        """A decode step's drops (B, N): their slots in the layers >= k die at once (an `alive` mask on the device,
-        shared by those caches, which hold the same slots), and the counts the compaction will need are copied to the
-        host without waiting for them."""
+    def drop_from_caches(self, drop, caches):
+        """A decode step's drops (B, N) leave the caches of every layer >= k, which hold the same slots."""
         ref = caches[self.k]
-        if self.alive is None:  # the first decode step that ranks: one mask for every layer >= k
-            self.alive = torch.ones(ref.pos.shape, dtype=torch.bool, device=ref.pos.device)  # (B, S)
-            torch._dynamo.mark_static_address(self.alive)
-            for cache in caches[self.k:]:
-                cache.alive = self.alive
         _, gone = real_and_dropped(ref.pos, ref.length, drop, self.image_start, self.n_image)  # (B, S)
-        self.alive &= ~gone
-        cuda = self.alive.device.type == "cuda"
-        if self.counts is None:  # the host's copy (pinned on CUDA, so the copy does not wait)
-            self.counts = torch.zeros(2, dtype=torch.long, device="cpu", pin_memory=cuda)
-            self.counted = torch.cuda.Event() if cuda else None
-        self.counts.copy_(next_compaction(self.alive, ref.length), non_blocking=cuda)
-        if cuda:
-            self.counted.record()
-        self.pending = True
-
-    def compact(self, caches):
-        """Compact the slots that earlier decode steps killed (compaction_moves: as many moves as holes) in every
-        layer >= k, once the counts mark_dead copied have reached the host; if they have not yet (a GPU still
-        working), a later step does it. Attention masks the dead slots until then, so nothing waits."""
-        if not self.pending or (self.counted is not None and not self.counted.query()):
-            return
-        moves, longest = (int(n) for n in self.counts.numpy())  # NOTE: a host buffer, not a read from the device
-        self.pending = False
-        ref = caches[self.k]
-        if moves == 0 and longest == ref.used:
-            return
-        src, dst, length = compaction_moves(self.alive, ref.length, moves)
         for cache in caches[self.k:]:
-            cache.move(src, dst, length, longest)
-        self.alive.fill_(True)
+            cache.drop(gone)
 
-    def select_rows(self, src, dst):
-        """Row dst[i] takes row src[i]'s pruning state (beam search: a beam takes its parent's): the kept image tokens,
-        the dead slots of the layers >= k and the history of its steps; (D,) long tensors, the rows that change."""
-        for t in (self.kept_mask, self.image_start, self.prompt_len, self.alive):
-            if t is not None:
-                t[dst] = t[src]
-        for h in self.history:  # small tensors: each step's (B, ...) record, row by row
-            for t in (h.kept_count, h.dropped_mask, h.rate, h.shares):
-                if t is not None:
-                    t[dst] = t[src]
-
-    def lineage(self, b, n_steps):
-        """Row b's first n_steps step records, as rows of their own (a finished beam's history, kept when it finishes
-        while its row goes on to other beams)."""
-        return [StepRecord(h.kept_count[b:b + 1].clone(), h.dropped_mask[b:b + 1].clone(), h.rate[b:b + 1].clone(),
-                           None if h.shares is None else h.shares[b:b + 1].clone(), h.ranked)
-                for h in self.history[:n_steps]]
-
-    def row_summary(self, b, n_steps, cfg, prompt_len, dtype=torch.float16, history=None):
-        """Row b's first n_steps steps (of `history`, else this pruner's) as plain lists, with their costs next to
-        none's (costs()), for --json."""
+    def summary(self, b, n_steps, history=None):
+        """Row b's first n_steps steps (of `history`, else this pruner's) as plain lists: what tools/costs.py counts
+        and --json, --viz report."""
         steps = (self.history if history is None else history)[:n_steps]
-        kept = [int(h.kept_count[b]) for h in steps]
-        probes = sum(h.ranked for h in steps)
-        learned = self.method == "dyrate" and self.schedule is None
-        return dict(kept_visual=kept, dropped_at_step=[h.dropped_mask[b].nonzero()[:, 0].tolist() for h in steps],
+        learned = isinstance(self.rule, Learned)
+        return dict(kept_visual=[int(h.kept_count[b]) for h in steps], probes=sum(h.ranked for h in steps),
+                    dropped_at_step=[h.dropped_mask[b].nonzero()[:, 0].tolist() for h in steps],
                     rates=[round(float(h.rate[b]), 6) for h in steps],
                     type_shares=[None if h.shares is None else [round(v, 6) for v in h.shares[b].mean(0).tolist()]
                                  for h in steps],
-                    **costs(cfg, prompt_len, kept, self.k, probes, self.predictor.flops() if learned else 0, dtype))
+                    k=self.k, predictor_flops=self.rule.predictor.flops() if learned else 0)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -532,94 +571,17 @@ def kv_cache_bytes(cfg, prompt_len, n_new, kept, k, dtype):
     return per_token * (k * n + (t.num_hidden_layers - k) * (n - (cfg.n_image_tokens - kept)))
 
 
-def kv_bytes_read(cfg, prompt_len, kept, k, dtype):
-    """Bytes of keys and values one row's decode steps read (attention reads every key it holds once per step):
-    at step t >= 1, layers < k hold prompt_len + t tokens and layers >= k the ones kept until step t-1 (a step's own
-    drops leave at the next one) plus the new token. With the weights, what bounds a memory-bound decode step."""
-    t, N = cfg.text, cfg.n_image_tokens
-    per_token = 2 * t.num_key_value_heads * t.head_dim * torch.finfo(dtype).bits // 8
-    return sum(per_token * (k * (prompt_len + s) + (t.num_hidden_layers - k) * (prompt_len - (N - kept[s - 1]) + s))
-               for s in range(1, len(kept)))
-
-
-def fastv_flops(cfg, n_tokens, n_kept_image, k=DEFAULT_K):
-    """FastV's published convention: prefill only, per layer 4nd^2 + 2n^2d + 2ndm (n tokens, hidden d, FFN m; 2-matrix
-    FFN, multiply-adds). Returns (pruned, unpruned) so their ratio compares with the papers' TFLOPs ratios."""
-    t = cfg.text
-    d, m, L = t.hidden_size, t.intermediate_size, t.num_hidden_layers
-    per_layer = lambda n: 4 * n * d * d + 2 * n * n * d + 2 * n * d * m  # noqa: E731
-    n_short = n_tokens - (cfg.n_image_tokens - n_kept_image)
-    return k * per_layer(n_tokens) + (L - k) * per_layer(n_short), L * per_layer(n_tokens)
-
-
-def costs(cfg, prompt_len, kept, k, probes=0, predictor_flops=0, dtype=torch.float16):
-    """The one cost summary of a row's generation, from its kept image tokens per step (kept[0] at prefill), each next
-    to none's (every image token kept, no statistics): `flops` (with a KV cache), `nocache_flops` (every step
-    recomputes the kept sequence), `kv_byte_steps` (the KV cache held after each step, summed over the steps: what
-    bounds a batch; `mean_kv_bytes` is its mean), `kv_cache_bytes` at the end, `kv_bytes_read` (what the decode
-    steps' attention reads) and FastV's prefill-only count. Ints give ints; tensors (training) give differentiable
-    tensors."""
-    N, n = cfg.n_image_tokens, len(kept)
-    out = {}
-    for name, value, none in (
-            ("flops", generation_flops(cfg, prompt_len, kept, k, probes, predictor_flops)["total"],
-             generation_flops(cfg, prompt_len, [N] * n, k)["total"]),
-            ("nocache_flops", generation_flops(cfg, prompt_len, kept, k, probes, predictor_flops, cache=False)["total"],
-             generation_flops(cfg, prompt_len, [N] * n, k, cache=False)["total"]),
-            ("kv_byte_steps", sum(kv_cache_bytes(cfg, prompt_len, s + 1, kept[s], k, dtype) for s in range(n)),
-             sum(kv_cache_bytes(cfg, prompt_len, s + 1, N, k, dtype) for s in range(n))),
-            ("kv_cache_bytes", kv_cache_bytes(cfg, prompt_len, n, kept[-1], k, dtype),
-             kv_cache_bytes(cfg, prompt_len, n, N, k, dtype)),
-            ("kv_bytes_read", kv_bytes_read(cfg, prompt_len, kept, k, dtype),
-             kv_bytes_read(cfg, prompt_len, [N] * n, k, dtype)),
-            ("fastv_prefill_flops", *fastv_flops(cfg, prompt_len, kept[0], k))):
-        out.update({name: value, f"{name}_none": none})
-    out.update(flops_ratio=out["flops"] / out["flops_none"], mean_kv_bytes=out["kv_byte_steps"] / n,
-               mean_kv_bytes_none=out["kv_byte_steps_none"] / n)
-    return out
-
-
-# a budget's name -> its costs() key. NOTE: the KV budget is on byte-steps (the cache held after each step, summed),
-# so over many rows its ratio is the mean KV-cache size over every step of every row, long answers weighing more
-COSTS = {"flops": "flops", "kv": "kv_byte_steps", "nocache": "nocache_flops"}
-
-
-def cost_ratio(rows, cost="flops"):
-    """Sum of a cost over rows (costs() dicts, or generate() rows) / the same sum for none."""
-    return sum(r[cost] for r in rows) / sum(r[f"{cost}_none"] for r in rows)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# the baselines the learned rate is compared with, matched on cost
-
-
-def ramp_rates(r0, n):
-    """A hand-set dynamic schedule: from r0 at prefill up to 1 at the last of n steps."""
-    return [r0 + (1 - r0) * t / max(n - 1, 1) for t in range(n)]
-
-
-def matched_layer(cfg, lengths, target, cost="flops"):
-    """VTW's withdrawal layer K (1 .. L-1; every image token dropped before it) whose cost ratio (a costs() key)
-    over generations of the given (prompt tokens, new tokens) is closest to `target`."""
-    def ratio(k):
-        return cost_ratio([costs(cfg, prompt_len, [0] * n, k) for prompt_len, n in lengths], cost)
-    return min(range(1, max(2, cfg.text.num_hidden_layers)), key=lambda k: (abs(ratio(k) - target), k))
-
-
-def matched_keep(cfg, lengths, target, k, ramp=False, cost="flops"):
-    """FastV's kept count (or, ramp=True, the kept count at the start of a hand-set ramp) whose cost ratio (a costs()
-    key) over generations of the given (prompt tokens, new tokens) is closest to `target`. Costs depend only on the
-    kept counts: no forward needed."""
-    N = cfg.n_image_tokens
-
-    def ratio(keep):
-        rows = []
-        for prompt_len, n in lengths:
-            kept = [min(keep, keep_count(r, N)) for r in ramp_rates(1 - keep / N, n)] if ramp else [keep] * n
-            rows.append(costs(cfg, prompt_len, kept, k, n if ramp else 1))
-        return cost_ratio(rows, cost)
-    lo, hi = 0, N  # the ratio grows with the kept count: bisect for the first keep whose ratio reaches the target
-    while lo < hi:
-        mid = (lo + hi) // 2
-        lo, hi = (mid + 1, hi) if ratio(mid) < target else (lo, mid)
-    return min({max(lo - 1, 0), lo}, key=lambda keep: (abs(ratio(keep) - target), keep))
+def budget_cost(cfg, prompt_len, kept, k, budget, probes=0, predictor_flops=0, dtype=torch.float16):
+    """The cost a budget is on (one of BUDGETS) of one row's generation with kept[t] image tokens in layers >= k at
+    step t, and none's (every image token kept, no statistics): `flops` with a KV cache, `nocache` FLOPs when every
+    step recomputes the kept sequence, `kv` the KV cache held after each step summed over the steps (over many rows:
+    the mean KV-cache size, long answers weighing more). Ints give ints; tensors (training) give a differentiable
+    tensor."""
+    n, none = len(kept), [cfg.n_image_tokens] * len(kept)
+    if budget == "kv":
+        def held(counts):
+            return sum(kv_cache_bytes(cfg, prompt_len, s + 1, counts[s], k, dtype) for s in range(n))
+        return held(kept), held(none)
+    cache = budget == "flops"
+    return (generation_flops(cfg, prompt_len, kept, k, probes, predictor_flops, cache=cache)["total"],
+            generation_flops(cfg, prompt_len, none, k, cache=cache)["total"])

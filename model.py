@@ -2,17 +2,16 @@
 LLaVA-1.5 written from scratch: CLIP ViT-L/14-336 -> 2-layer GELU projector -> Llama (Vicuna).
 
 Loads the public llava-hf safetensors checkpoints (llava-hf/llava-1.5-7b-hf, -13b-hf) from a local folder and
-computes what HF transformers' LlavaForConditionalGeneration computes (test_model.py checks it). Module names mirror
-the checkpoint keys, so loading is one key canonicalisation plus a strict, shape-checked copy.
+computes what HF transformers' LlavaForConditionalGeneration computes (tests/test_model.py checks it). Module names
+mirror the checkpoint keys, so loading is one key canonicalisation plus a strict, shape-checked copy.
 
 Read top to bottom: configs, the CLIP vision tower, the projector, the Llama decoder with its KV cache, the LLaVA
 wrapper (prefill, decode_step) and its loader. dyrate.py plugs in at one place, the `pruner` argument of
-LlamaModel.forward; LlamaAttention hands a float training key mask to dyrate.masked_attention.
+LlamaModel.forward; LlamaAttention hands a float training key mask to dyrate.masked_attention. The fast path
+(tools/fast.py: compiled decode, chunked prefill) plugs in through Llava.cache_class and LlamaModel.layers_forward.
 
     model = Llava.from_pretrained("path/to/llava-1.5-7b-hf", device="cuda", dtype=torch.float16)
 """
-import contextlib
-import copy
 import json
 import os
 from dataclasses import dataclass, field, fields
@@ -271,33 +270,16 @@ class KVCache:
     `max_new` more tokens, so a layer that dropped tokens at prefill (dyrate.py) is physically smaller.
 
     Each row keeps its own valid length and each slot the RoPE position of the token in it, so rows of different
-    lengths share a batch and layers can hold different numbers of positions; attention masks the slots a row does
-    not own (slots >= a row's length hold junk, finite). Host side, `used` bounds the lengths and attention reads
-    slots [0, window): window == used, so every dropped token shrinks the next step's work. A cache with a `bucket`
-    (Llava.compile_decode) rounds window up to a multiple of bucket slots instead: a decode step's shapes change only
-    when the longest row crosses a bucket boundary, growing or compacted, so torch.compile (and CUDA graphs) see a
-    bounded number of shapes and a compacted cache still runs a smaller compiled step. The host-side counts change
-    only in reserve() and move(), which run outside compiled code; every update is in place.
-
-    `alive` (B, S) bool, None until dyrate.Pruner drops at a decode step (and then shared by the layers >= K, which
-    hold the same slots): a dropped token's slot is marked dead at once, on the device, and attention masks it; the
-    slots are compacted (move()) at the next step, once the counts the compaction needs have reached the host without
-    a wait (dyrate.Pruner.compact).
+    lengths share a batch and layers can hold different numbers of positions; attention masks the slots at or past a
+    row's length (junk, but finite). Host side, `used` bounds the lengths (it changes only in reserve()), and attention
+    reads slots [0, used). drop() forgets slots at a decode step, on the device; every update is in place.
     """
 
-    def __init__(self, batch, max_new, n_kv_heads, head_dim, dtype, device, bucket=0):
+    def __init__(self, batch, max_new, n_kv_heads, head_dim, dtype, device):
         self.shape, self.dtype, self.device, self.max_new = (batch, n_kv_heads, head_dim), dtype, device, max_new
-        self.bucket, self.used, self.window, self.fresh = bucket, 0, 0, True
-        self.k = self.v = self.pos = self.alive = None
+        self.used, self.fresh = 0, True
+        self.k = self.v = self.pos = None
         self.length = torch.zeros(batch, dtype=torch.long, device=device)
-
-    def rows(self, lo, hi):
-        """The same cache restricted to rows lo..hi-1: views of its tensors (writes land in this cache), for a prefill
-        that runs the batch in row chunks. Its host-side counts are this cache's as they stand."""
-        view = copy.copy(self)
-        view.shape = (hi - lo, *self.shape[1:])
-        view.k, view.v, view.pos, view.length = self.k[lo:hi], self.v[lo:hi], self.pos[lo:hi], self.length[lo:hi]
-        return view
 
     def reserve(self, T):
         """Before a chunk of T tokens is written (LlamaModel.run): the first call allocates T + max_new slots."""
@@ -307,23 +289,19 @@ class KVCache:
             self.k = torch.zeros(b, nkv, S, hs, dtype=self.dtype, device=self.device)
             self.v = torch.zeros_like(self.k)
             self.pos = torch.full((b, S), -1, dtype=torch.long, device=self.device)  # -1 = never written
-            for t in (self.k, self.v, self.pos, self.length):  # updated in place: CUDA graphs may keep their addresses
-                torch._dynamo.mark_static_address(t)
         else:
             self.fresh = False
-        S = self.k.shape[2]
-        assert self.used + T <= S, "KV cache overflow: more new tokens than max_new"
+        assert self.used + T <= self.k.shape[2], "KV cache overflow: more new tokens than max_new"
         self.used += T
-        self.window = self.used if not self.bucket else min(S, -(-self.used // self.bucket) * self.bucket)
 
     def update(self, k, v, positions, n_valid):
         """Write a chunk k/v (B, nkv, T, hs) at each row's end; the first n_valid[b] of row b's T tokens are real.
-        Returns the keys/values to attend to, (B, nkv, window, hs), and each row's length before the chunk."""
+        Returns the keys/values to attend to (B, nkv, S, hs) and the mask (B, 1, T, S) of the slots each query sees."""
         T = k.shape[2]
         if self.fresh:  # the first write: every row starts at slot 0
             self.k[:, :, :T], self.v[:, :, :T], self.pos[:, :T] = k, v, positions
             self.length.copy_(n_valid)
-            return k, v, torch.zeros_like(n_valid)
+            return k, v, causal_mask(torch.zeros_like(n_valid), T, T)
         base = self.length.clone()
         slots = base[:, None] + torch.arange(T, device=k.device)  # (B, T), junk tokens of short rows included
         idx = slots[:, None, :, None].expand_as(k)
@@ -331,36 +309,25 @@ class KVCache:
         self.v.scatter_(2, idx, v)
         self.pos.scatter_(1, slots, positions)
         self.length.add_(n_valid)
-        return self.k[:, :, :self.window], self.v[:, :, :self.window], base
+        return self.read(base, T)
 
-    def select_rows(self, src, dst):
-        """Row dst[i] becomes a copy of row src[i] (beam search: a beam takes its parent's keys and values), for the
-        rows that change only; (D,) long tensors. The slots and the host-side counts are the same for every row."""
-        for buf in (self.k, self.v, self.pos, self.length):
-            if buf is not None:
-                buf[dst] = buf[src]  # the right side is gathered first: a row may be both a source and a target
+    def read(self, base, T):
+        """Slots [0, used) and the mask of those the T new queries see (their row's, up to their own: base (B,) is
+        the row's length before them)."""
+        return self.k[:, :, :self.used], self.v[:, :, :self.used], causal_mask(base, T, self.used)
 
-    def nbytes(self):
-        """(B,) bytes of the keys and values each row holds (dead slots, dropped and not yet compacted, left out)."""
-        _, nkv, hs = self.shape
-        held = self.length if self.alive is None else \
-            (self.alive & (torch.arange(self.alive.shape[1], device=self.device) < self.length[:, None])).sum(1)
-        return held * (2 * nkv * hs * torch.finfo(self.dtype).bits // 8)
-
-    def move(self, src, dst, lengths, used):
-        """Physical dropping at a decode step: slot src[b, i] is copied to slot dst[b, i] (B, D), then row b holds
-        lengths[b] slots, at most `used`. Only the moved slots are copied, none when D = 0 (dyrate.compaction_moves
-        fills the holes with the last slots: attention does not depend on the order of past keys, their RoPE is
-        applied already)."""
-        B, nkv, S, hs = self.k.shape
-        first = torch.arange(B * nkv, device=src.device).view(B, nkv, 1) * S  # (B, nkv, 1): row of slot 0 of (b, h)
-        src_rows, dst_rows = (first + src[:, None]).flatten(), (first + dst[:, None]).flatten()  # (B * nkv * D,)
-        for buf in (self.k, self.v):  # whole hs-long rows copied (index_select), not element by element (gather)
-            rows = buf.view(B * nkv * S, hs)
-            rows.index_copy_(0, dst_rows, rows.index_select(0, src_rows))
-        self.pos.scatter_(1, dst, self.pos.gather(1, src))
-        self.length.copy_(lengths)
-        self.used = used
+    def drop(self, gone):
+        """Physical dropping at a decode step: each row forgets the slots gone (B, S) marks, its kept slots moving to
+        its front in order (a stable sort, as dyrate.kept_slots). All on the device: nothing is read back to the host,
+        so `used` stays an upper bound of the new lengths. NOTE: attention still reads the freed slots, masked."""
+        B, nkv, _, hs = self.k.shape
+        U = self.used
+        keep = ~gone[:, :U] & (torch.arange(U, device=gone.device) < self.length[:, None])  # (B, U)
+        order = (~keep).to(torch.int8).argsort(dim=1, stable=True)  # kept first, in their order; the rest is junk
+        for buf in (self.k, self.v):
+            buf[:, :, :U] = buf[:, :, :U].gather(2, order[:, None, :, None].expand(B, nkv, U, hs))
+        self.pos[:, :U] = self.pos[:, :U].gather(1, order)
+        self.length.copy_(keep.sum(1))
 
 
 def causal_mask(base, T, S):
@@ -385,44 +352,32 @@ class LlamaAttention(nn.Module):
         attention over the keys, then renormalises (dyrate.py's differentiable masked softmax for training)."""
         B, T, _ = x.shape
         cos, sin, positions = rope
-        with label("projections"):
-            q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-            k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-            v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         fresh = cache is None or cache.fresh  # then the mask is the plain causal triangle
         if cache is None:
-            base = torch.zeros(B, dtype=torch.long, device=x.device)
+            mask = causal_mask(torch.zeros(B, dtype=torch.long, device=x.device), T, T)  # (B, 1, T, T)
         else:
-            k, v, base = cache.update(k, v, positions, n_valid)
-        mask = causal_mask(base, T, k.shape[2])  # (B, 1, T, S)
-        if cache is not None and cache.alive is not None:  # slots dropped at a decode step, not yet compacted
-            mask = mask & cache.alive[:, None, None, :k.shape[2]]
+            k, v, mask = cache.update(k, v, positions, n_valid)  # mask (B, 1, T, S)
         scale, n_rep = self.head_dim ** -0.5, self.n_head // self.n_kv_head
         probs = None
-        with label("attention"):
-            if probe_rows is not None and T == 1:  # a decode step's only row is probed: its attention, once, explicitly
-                probs = attention_probs(q, k, mask, scale)  # (B, nh, 1, S)
-                y = (probs @ repeat_kv(v, n_rep).float()).to(v.dtype)  # NOTE: rounds unlike SDPA (see test_model.py)
-            elif key_weight is None or key_weight.dtype == torch.bool:  # a hard key mask joins the causal one
-                fresh = fresh and key_weight is None
-                mask = mask if key_weight is None else mask & key_weight[:, None]
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if fresh else mask, is_causal=fresh,
-                                                   scale=scale, enable_gqa=n_rep > 1)
-            else:
-                y = dyrate.masked_attention(attention_probs(q, k, mask, scale), key_weight[:, None],
-                                            repeat_kv(v, n_rep))
-            if probe_rows is not None and probs is None:  # the probed rows of a longer chunk, beside the kernel's pass
-                rows = probe_rows[:, None, :, None]  # (B, 1, R, 1)
-                probs = attention_probs(q.gather(2, rows.expand(-1, self.n_head, -1, self.head_dim)), k,
-                                        mask.gather(2, rows.expand(-1, -1, -1, mask.shape[3])), scale)
-        with label("projections"):
-            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), probs
-
-
-def label(name):
-    """A profiler label for what runs inside (bench.py --profile sorts a step's time by them); none when compiling."""
-    return contextlib.nullcontext() if torch.compiler.is_compiling() else torch.profiler.record_function(name)
+        if probe_rows is not None and T == 1:  # a decode step's only row is probed: its attention, once, explicitly
+            probs = attention_probs(q, k, mask, scale)  # (B, nh, 1, S)
+            y = (probs @ repeat_kv(v, n_rep).float()).to(v.dtype)  # NOTE: rounds unlike SDPA (see test_model.py)
+        elif key_weight is None or key_weight.dtype == torch.bool:  # a hard key mask joins the causal one
+            fresh = fresh and key_weight is None
+            mask = mask if key_weight is None else mask & key_weight[:, None]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if fresh else mask, is_causal=fresh,
+                                               scale=scale, enable_gqa=n_rep > 1)
+        else:
+            y = dyrate.masked_attention(attention_probs(q, k, mask, scale), key_weight[:, None], repeat_kv(v, n_rep))
+        if probe_rows is not None and probs is None:  # the probed rows of a longer chunk, beside the kernel's pass
+            rows = probe_rows[:, None, :, None]  # (B, 1, R, 1)
+            probs = attention_probs(q.gather(2, rows.expand(-1, self.n_head, -1, self.head_dim)), k,
+                                    mask.gather(2, rows.expand(-1, -1, -1, mask.shape[3])), scale)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), probs
 
 
 def repeat_kv(k, n_rep):
@@ -445,8 +400,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        with label("mlp"):
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -470,8 +424,6 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
-        self.compiled_layers, self.bucket = None, 0  # Llava.compile_decode
-        self.row_chunk = 0  # Llava.chunk_prefill
 
     def rope(self, positions, dtype):
         freqs = positions[..., None].float() * self.inv_freq  # (B, T, hs/2), built in fp32 like HF
@@ -480,23 +432,13 @@ class LlamaModel(nn.Module):
 
     def run(self, lo, hi, x, positions, n_valid, caches=None, probe_rows=None, key_weight=None, checkpoint=False):
         """Layers lo .. hi-1 on x (B, T, C); the last of them also returns the attention probabilities of the query
-        rows probe_rows (B, R), else None. The caches' host-side counts move here, outside compiled code; a one-token
-        step runs the compiled layers once Llava.compile_decode was called. checkpoint=True (training): each layer
-        keeps only its inputs for the backward pass and runs again there (activation checkpointing)."""
+        rows probe_rows (B, R), else None. The caches' host-side counts move here, outside the layers' forward.
+        checkpoint=True (training): each layer keeps only its inputs for the backward pass and runs again there
+        (activation checkpointing)."""
         for cache in caches[lo:hi] if caches is not None else ():
             cache.reserve(x.shape[1])
-        layers = self.compiled_layers if x.shape[1] == 1 and self.compiled_layers is not None else self.layers_forward
-        rows = self.row_chunk if x.shape[1] > 1 and key_weight is None else 0
-        if not rows or len(x) <= rows:
-            return layers(lo, hi, x, positions, n_valid, caches, probe_rows, key_weight, checkpoint)
-        # a prefill in row chunks (Llava.chunk_prefill): each chunk's activations, not the whole batch's, at once
-        parts = [layers(lo, hi, x[i:i + rows], positions[i:i + rows], None if n_valid is None else n_valid[i:i + rows],
-                        None if caches is None else [c.rows(i, i + rows) if lo <= n < hi else None
-                                                     for n, c in enumerate(caches)],
-                        None if probe_rows is None else probe_rows[i:i + rows], None, checkpoint)
-                 for i in range(0, len(x), rows)]
-        probs = None if probe_rows is None else torch.cat([p for _, p in parts])
-        return torch.cat([x for x, _ in parts]), probs
+        # the seam for speed: tools/fast.py replaces self.layers_forward on the instance (compiled, row chunks)
+        return self.layers_forward(lo, hi, x, positions, n_valid, caches, probe_rows, key_weight, checkpoint)
 
     def layers_forward(self, lo, hi, x, positions, n_valid, caches, probe_rows, key_weight, checkpoint=False):
         rope = self.rope(positions, x.dtype)
@@ -516,7 +458,7 @@ class LlamaModel(nn.Module):
 
         `pruner` (dyrate.Pruner at inference, dyrate.TrainMask in training) is the only hook: layer pruner.k - 1 also
         returns the attention probabilities of the query rows pruner.probe_rows(...) asks for, and before layer
-        pruner.k the pruner may drop image tokens (gather x and positions, compact the caches of the later layers)
+        pruner.k the pruner may drop image tokens (gather x and positions, KVCache.drop in the later layers' caches)
         or return a key mask for them. Returns the final-normed hidden states and the real tokens per row after it."""
         B, T, _ = x.shape
         n_valid = torch.full((B,), T, device=x.device) if n_valid is None else n_valid
@@ -609,6 +551,8 @@ def canonical_key(key):
 
 
 class Llava(nn.Module):
+    cache_class = KVCache  # what new_caches makes: a fast path (tools/fast.py) sets its subclass on the instance
+
     def __init__(self, cfg: LlavaConfig):
         super().__init__()
         self.config = cfg
@@ -622,14 +566,8 @@ class Llava(nn.Module):
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (v.num_channels, v.image_size, v.image_size):
             raise ValueError(f"pixel_values must be (n_images, {v.num_channels}, {v.image_size}, {v.image_size}), got "
                              f"{tuple(pixel_values.shape)}; make them with processing.preprocess().")
-        rows = self.language_model.model.row_chunk or len(pixel_values)  # Llava.chunk_prefill
-        h = torch.cat([self.vision_tower.vision_model(pixel_values[i:i + rows], self.config.n_vision_layers_used)
-                       for i in range(0, len(pixel_values), rows)])  # (n, 577, Cv)
+        h = self.vision_tower.vision_model(pixel_values, self.config.n_vision_layers_used)  # (n, 577, Cv)
         return h[:, 1:] if self.config.vision_feature_select_strategy == "default" else h  # "default" drops CLS
-
-    def image_features(self, pixel_values):
-        """(n_images, 3, H, W) -> projected image features (n_images, 576, text hidden)."""
-        return self.multi_modal_projector(self.vision_features(pixel_values))
 
     def embed(self, input_ids, pixel_values=None, vision=None):
         """Token embeddings (B, T, C) with the image token ids' rows replaced by the image features, in order.
@@ -662,11 +600,10 @@ class Llava(nn.Module):
         return self.language_model.lm_head(h)
 
     def new_caches(self, batch, max_new):
-        """One KV cache per decoder layer, each sized at its first write (the prompt) plus max_new tokens; read in
-        buckets of slots once compile_decode was called."""
+        """One KV cache per decoder layer, each sized at its first write (the prompt) plus max_new tokens."""
         t, p = self.config.text, self.language_model.lm_head.weight
-        return [KVCache(batch, max_new, t.num_key_value_heads, t.head_dim, p.dtype, p.device,
-                        self.language_model.model.bucket) for _ in range(t.num_hidden_layers)]
+        return [self.cache_class(batch, max_new, t.num_key_value_heads, t.head_dim, p.dtype, p.device)
+                for _ in range(t.num_hidden_layers)]
 
     def prefill(self, input_ids, caches, n_valid=None, pixel_values=None, pruner=None):
         """Step 0 of a generation: the whole prompt (B, T) into fresh caches, rows padded at the end (n_valid real
@@ -682,40 +619,9 @@ class Llava(nn.Module):
         return self.last_logits(x, positions[:, None], None, caches, pruner)
 
     def last_logits(self, x, positions, n_valid, caches, pruner):
-        with label("decoder"):  # bench.py --profile: what a step spends in the decoder
-            h, n_valid = self.language_model.model(x, positions, n_valid, caches, pruner)
+        h, n_valid = self.language_model.model(x, positions, n_valid, caches, pruner)
         last = h.gather(1, (n_valid - 1)[:, None, None].expand(-1, 1, h.shape[2]))[:, 0]  # (B, C)
         return self.language_model.lm_head(last)
-
-    def compile_decode(self, backend="inductor", bucket=64):
-        """torch.compile the decoder layers for the one-token decode steps (prefill stays eager: its length varies).
-        Caches made after this read their slots in buckets of `bucket` (see KVCache), so each segment of layers
-        compiles once per batch size and bucket of cache length: layers 0..L-1 without a pruner; with one, layers
-        0..K-1 and K..L-1, the pruner running eagerly between them and compacting the caches in place. A cache
-        compacted below a bucket boundary runs the smaller step from then on. On CUDA the segments replay as CUDA
-        graphs, one per shape."""
-        if not (isinstance(bucket, int) and bucket >= 1):
-            raise ValueError(f"bucket must be a whole number of cache slots >= 1, got {bucket!r}")
-        lm = self.language_model.model
-        cuda = self.language_model.lm_head.weight.device.type == "cuda"
-        # every (segment, batch, bucket) is one specialisation of the same code: allow them all
-        buckets = -(-self.config.text.max_position_embeddings // bucket)
-        for name in ("recompile_limit", "accumulated_recompile_limit"):
-            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 4 * buckets))
-        lm.compiled_layers = torch.compile(lm.layers_forward, backend=backend, fullgraph=True, dynamic=False,
-                                           mode="reduce-overhead" if cuda and backend == "inductor" else None)
-        lm.bucket = bucket
-        return self
-
-    def chunk_prefill(self, rows):
-        """Run each prefill (the vision tower and the decoder layers; the pruner still sees the whole batch) in chunks
-        of `rows` rows, so that its peak memory grows with the batch only through the KV caches and the hidden states
-        handed between the layers. The result is the one-pass prefill's, bit for bit where the kernels compute each
-        row alike (CPU: tested). rows = 0: one pass."""
-        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
-            raise ValueError(f"rows must be a whole number >= 0 (0: no chunks), got {rows!r}")
-        self.language_model.model.row_chunk = rows
-        return self
 
     @classmethod
     def from_pretrained(cls, model_dir, device="cpu", dtype=torch.float32):

@@ -11,11 +11,11 @@ import argparse
 import os
 
 import dyrate
-from tools import eval
 import generate
 import model
 import processing
 from shapes import experiment
+from tools import beam, costs, eval, fast
 
 DECODING = {"greedy": {}, "beam-2": dict(num_beams=2), "beam-5": dict(num_beams=5),
             "top-p 0.9": dict(temperature=1.0, top_p=0.9, seed=0)}
@@ -23,9 +23,9 @@ DECODING = {"greedy": {}, "beam-2": dict(num_beams=2), "beam-5": dict(num_beams=
 
 def methods(predictor_path, cfg):
     predictor = dyrate.RatePredictor.load(predictor_path, cfg)
-    return {"none": {}, "fastv R=0.875": dict(method="fastv", ratio=0.875),
-            f"dyrate ({os.path.basename(predictor_path)})": dict(method="dyrate", predictor=predictor),
-            "mass eps=0.05": dict(method="mass", mass=0.05)}
+    return {"none": {}, "fastv R=0.875": dict(rule=dyrate.FastV(0.875)),
+            f"dyrate ({os.path.basename(predictor_path)})": dict(rule=dyrate.Learned(predictor)),
+            "mass eps=0.05": dict(rule=dyrate.Mass(0.05))}
 
 
 def measure(llava, tok, records, batch, **kw):
@@ -33,13 +33,15 @@ def measure(llava, tok, records, batch, **kw):
     rows = []
     for i in range(0, len(records), batch):
         chunk = records[i:i + batch]
-        rows += generate.generate(llava, tok, [r["image"] for r in chunk], [r["prompt"] for r in chunk],
-                                  experiment.MAX_NEW_TOKENS, stats=False, **kw).rows
+        images, prompts = [r["image"] for r in chunk], [r["prompt"] for r in chunk]
+        rows += (beam.generate if "num_beams" in kw else generate.generate)(
+            llava, tok, images, prompts, experiment.MAX_NEW_TOKENS, stats=False, **kw).rows
     texts = {str(i): row["text"].strip() for i, row in enumerate(rows)}
     refs = {str(i): [r["answer"]] for i, r in enumerate(records)}
     return dict(accuracy=sum(texts[str(i)] == r["answer"] for i, r in enumerate(records)) / len(records),
                 cider=eval.caption_scores(refs, texts)["cider"],
-                **{f"{b}_ratio": dyrate.cost_ratio(rows, dyrate.COSTS[b]) for b in ("flops", "kv", "nocache")})
+                **{f"{b}_ratio": costs.cost_ratio(costs.add(rows, llava.config), costs.COSTS[b])
+                   for b in ("flops", "kv", "nocache")})
 
 
 def table(results):
@@ -61,6 +63,7 @@ def main(argv=None):
     p.add_argument("--out", default="runs/decoding", help="folder for decoding.json and decoding.md")
     args = p.parse_args(argv)
     llava = model.Llava.from_pretrained(args.model)
+    llava.cache_class = fast.FastKVCache  # decode-time drops compacted by moves: the same tokens, faster
     tok = processing.Tokenizer(args.model, llava.config)
     tasks = experiment.task_records(args.data)
     results = []

@@ -15,12 +15,11 @@ import time
 import numpy as np
 
 import dyrate
-from tools import eval
 import generate
 import model
 import processing
-from tools import viz
 from shapes.data import CAPTION_PROMPT, DETAIL_PROMPT, caption, detail, task
+from tools import costs, eval, fast, viz
 
 MAX_NEW_TOKENS = 64  # the longest answer, a detailed description, is at most 57 tokens with </s>
 PREDICTORS = ["models/shapes/predictor-0.55", "models/shapes/predictor-0.33", "models/shapes/predictor-kv-0.36",
@@ -79,7 +78,8 @@ def run(llava, tok, records, name, log, **kw):
     """One method on one task's records: accuracy (and, for detailed descriptions, of the first sentence), every cost
     ratio, the kept counts and how often they fall during an answer."""
     acc, rows = evaluate_answers(llava, tok, records, **kw)
-    result = dict(accuracy=acc, **{f"{b}_ratio": dyrate.cost_ratio(rows, dyrate.COSTS[b]) for b in COST_NAMES},
+    costs.add(rows, llava.config)
+    result = dict(accuracy=acc, **{f"{b}_ratio": costs.cost_ratio(rows, costs.COSTS[b]) for b in COST_NAMES},
                   kept_first=float(np.mean([r["kept_visual"][0] for r in rows])),
                   kept_last=float(np.mean([r["kept_visual"][-1] for r in rows])),
                   falls=float(np.mean([r["kept_visual"][-1] < r["kept_visual"][0] for r in rows])),
@@ -98,9 +98,9 @@ def comparison(llava, tok, records, predictors, log):
     matched on that cost."""
     cfg, N = llava.config, llava.config.n_image_tokens
     table = {"none": run(llava, tok, records, "none", log)[0],
-             "vtw": run(llava, tok, records, "vtw", log, method="vtw")[0]}
+             "vtw": run(llava, tok, records, "vtw", log, rule="vtw")[0]}
     learned = {path: (predictor, *run(llava, tok, records, f"dyrate learned ({os.path.basename(path)})", log,
-                                      method="dyrate", predictor=predictor))
+                                      rule=dyrate.Learned(predictor)))
                for path, predictor in predictors.items()}
     for cost in COST_NAMES:
         for path, (predictor, result, rows) in learned.items():
@@ -109,12 +109,12 @@ def comparison(llava, tok, records, predictors, log):
                 continue  # no-cache FLOPs, like the mean KV, reward late drops: the KV predictors stand in there
             lengths = [(row["prompt_tokens"], len(row["token_ids"])) for row in rows]
             target = result[f"{cost}_ratio"]
-            keep = dyrate.matched_keep(cfg, lengths, target, predictor.k, cost=dyrate.COSTS[cost])
-            start = dyrate.matched_keep(cfg, lengths, target, predictor.k, ramp=True, cost=dyrate.COSTS[cost])
+            keep = costs.matched_keep(cfg, lengths, target, predictor.k, cost=costs.COSTS[cost])
+            start = costs.matched_keep(cfg, lengths, target, predictor.k, ramp=True, cost=costs.COSTS[cost])
             steps = int(statistics.median(n for _, n in lengths))  # the ramp spans a typical answer
-            fastv = run(llava, tok, records, f"  fastv R={1 - keep / N:.3f}", log, method="fastv", ratio=1 - keep / N)
-            ramp = run(llava, tok, records, f"  ramp {1 - start / N:.2f}->1", log, method="dyrate",
-                       schedule=dyrate.ramp_rates(1 - start / N, steps))
+            fastv = run(llava, tok, records, f"  fastv R={1 - keep / N:.3f}", log, rule=dyrate.FastV(1 - keep / N))
+            ramp = run(llava, tok, records, f"  ramp {1 - start / N:.2f}->1", log,
+                       rule=dyrate.Ramp(1 - start / N, steps))
             table[f"{cost}: {os.path.basename(path)}"] = dict(cost=cost, target=target, learned=result,
                                                                fastv=fastv[0], ramp=ramp[0])
     return table
@@ -126,17 +126,18 @@ def serving(llava, tok, records, predictor, log, batch=32, rounds=3):
     chunk = records[:batch]
     images, prompts = [r["image"] for r in chunk], [r["prompt"] for r in chunk]
     cfg, N = llava.config, llava.config.n_image_tokens
-    rows = generate.generate(llava, tok, images, prompts, MAX_NEW_TOKENS, method="dyrate", predictor=predictor,
+    rows = generate.generate(llava, tok, images, prompts, MAX_NEW_TOKENS, rule=dyrate.Learned(predictor),
                              stats=False).rows
-    keep = dyrate.matched_keep(cfg, [(r["prompt_tokens"], len(r["token_ids"])) for r in rows],
-                               dyrate.cost_ratio(rows, dyrate.COSTS["kv"]), predictor.k, cost=dyrate.COSTS["kv"])
-    methods = {"none": {}, f"fastv R={1 - keep / N:.3f}": dict(method="fastv", ratio=1 - keep / N),
-               "dyrate learned": dict(method="dyrate", predictor=predictor)}
+    keep = costs.matched_keep(cfg, [(r["prompt_tokens"], len(r["token_ids"])) for r in rows],
+                              costs.cost_ratio(costs.add(rows, cfg), costs.COSTS["kv"]), predictor.k,
+                              cost=costs.COSTS["kv"])
+    methods = {"none": {}, f"fastv R={1 - keep / N:.3f}": dict(rule=dyrate.FastV(1 - keep / N)),
+               "dyrate learned": dict(rule=dyrate.Learned(predictor))}
     times = {m: [] for m in methods}
     for _ in range(rounds + 1):  # the first round warms up
         for m, kw in methods.items():
             g = generate.generate(llava, tok, images, prompts, MAX_NEW_TOKENS, stats=False, **kw)
-            times[m].append((g.decode_ms_per_token, dyrate.cost_ratio(g.rows, dyrate.COSTS["kv"])))
+            times[m].append((g.decode_ms_per_token, costs.cost_ratio(costs.add(g.rows, cfg), costs.COSTS["kv"])))
     out = {m: dict(decode_ms_per_token=statistics.median(t for t, _ in v[1:]), mean_kv_ratio=v[-1][1])
            for m, v in times.items()}
     for m, r in out.items():
@@ -150,13 +151,14 @@ def pictures(llava, tok, records, predictor, out, name, log):
     """The kept patches at each step and the type shares over the steps, for the first record."""
     r = records[0]
     row = generate.generate(llava, tok, [r["image"]], [r["prompt"]], max_new_tokens=MAX_NEW_TOKENS,
-                            method="dyrate", predictor=predictor).rows[0]
+                            rule=dyrate.Learned(predictor)).rows[0]
     for p in viz.save(os.path.join(out, name), r["image"], row, tok, llava.config):
         log(f"wrote {p}")
 
 
 def experiment(model_dir, data, predictors, out, log=print, serving_batch=32):
     llava = model.Llava.from_pretrained(model_dir)
+    llava.cache_class = fast.FastKVCache  # decode-time drops compacted by moves: the same tokens, faster
     tok = processing.Tokenizer(model_dir, llava.config)
     predictors = {path: dyrate.RatePredictor.load(path, llava.config) for path in predictors}
     os.makedirs(out, exist_ok=True)

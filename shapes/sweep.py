@@ -24,8 +24,8 @@ import numpy as np
 import dyrate
 import model
 import processing
-from tools import viz
 from shapes import data, experiment
+from tools import costs, fast, viz
 
 FASTV_R = [0.25, 0.5, 0.625, 0.75, 0.8125, 0.875, 0.9375, 0.97]
 RAMP_START = [0.0, 0.25, 0.5, 0.625, 0.75, 0.875, 0.9375, 0.97]
@@ -59,19 +59,19 @@ def points(llava, tok, predictors, tasks):
         steps = int(statistics.median(len(tok.tok.encode(r["answer"], add_special_tokens=False).ids) + 1
                                       for r in records))
         yield task, "none", None, {}
-        yield from ((task, "fastv", r, dict(method="fastv", ratio=r)) for r in FASTV_R)
-        yield from ((task, "vtw", k, dict(method="vtw", k=k)) for k in range(1, L))
-        yield from ((task, "ramp", r0, dict(method="dyrate", schedule=dyrate.ramp_rates(r0, steps)))
-                    for r0 in RAMP_START)
-        yield from ((task, "mass", eps, dict(method="mass", mass=eps)) for eps in MASS_EPS)
-        yield from ((task, "learned+step" if p.step else "learned", name, dict(method="dyrate", predictor=p))
+        yield from ((task, "fastv", r, dict(rule=dyrate.FastV(r))) for r in FASTV_R)
+        yield from ((task, "vtw", k, dict(rule=dyrate.VTW(), k=k)) for k in range(1, L))
+        yield from ((task, "ramp", r0, dict(rule=dyrate.Ramp(r0, steps))) for r0 in RAMP_START)
+        yield from ((task, "mass", eps, dict(rule=dyrate.Mass(eps))) for eps in MASS_EPS)
+        yield from ((task, "learned+step" if p.step else "learned", name, dict(rule=dyrate.Learned(p)))
                     for name, p in predictors.items())
 
 
 def measure(llava, tok, records, kw):
     """One point: accuracy and every cost ratio over the task's records."""
     accuracy, rows = experiment.evaluate_answers(llava, tok, records, **kw)
-    return dict(accuracy=accuracy, **{f"{b}_ratio": dyrate.cost_ratio(rows, dyrate.COSTS[b]) for b in COSTS},
+    costs.add(rows, llava.config)
+    return dict(accuracy=accuracy, **{f"{b}_ratio": costs.cost_ratio(rows, costs.COSTS[b]) for b in COSTS},
                 kept_first=float(np.mean([r["kept_visual"][0] for r in rows])),
                 kept_last=float(np.mean([r["kept_visual"][-1] for r in rows])))
 
@@ -131,6 +131,7 @@ def main(argv=None):
     p.add_argument("--out", default="runs/sweep", help="folder for sweep.json, the plots and table.md")
     args = p.parse_args(argv)
     llava = model.Llava.from_pretrained(args.model)
+    llava.cache_class = fast.FastKVCache  # decode-time drops compacted by moves: the same tokens, faster
     tok = processing.Tokenizer(args.model, llava.config)
     predictors = {os.path.basename(path): dyrate.RatePredictor.load(path, llava.config) for path in args.predictors}
     os.makedirs(args.out, exist_ok=True)

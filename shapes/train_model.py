@@ -373,7 +373,7 @@ def train_model(out, iters, vision_iters, batch, lr, seed, eval_every, prune_ite
             log(f"held-out exact match {acc:.3f} on {len(val)} single-turn questions ({accuracy_line(val, rows)}) | "
                 f"{time.perf_counter() - t0:.0f} s")
             if prune_iters:
-                acc, rows = evaluate_answers(llava, tok, val, method="fastv", ratio=0.75)
+                acc, rows = evaluate_answers(llava, tok, val, rule=dyrate.FastV(0.75))
                 log(f"  with FastV K=2 R=0.75: {acc:.3f} ({accuracy_line(val, rows)})")
             save_model(llava, out)
     return llava, tok, cfg

@@ -6,14 +6,14 @@ import json
 import pytest
 from PIL import Image
 
-from tools import bench
 from test_dyrate import N_IMAGE
+from tools import bench
 
 
 def test_bench_runs_every_method_on_a_checkpoint(ckpt, tmp_path, capsys):
     """bench.py end to end on a checkpoint folder (no timing asserted: benchmarks print figures): ours and
     transformers produce the same tokens, each method keeps what it should, memory and FLOPs are reported."""
-    rows = bench.main(["--model", ckpt[0], "--methods", "none,fastv,vtw,dyrate,dyrate-ramp,transformers",
+    rows = bench.main(["--model", ckpt[0], "--methods", "none,fastv,vtw,dyrate,ramp,transformers",
                        "--new-tokens", "5", "--repeats", "1", "--batch-sizes", "1,2", "--out", str(tmp_path / "b.json"),
                        "--plot", str(tmp_path / "t.png")])
     out = capsys.readouterr().out
@@ -22,7 +22,7 @@ def test_bench_runs_every_method_on_a_checkpoint(ckpt, tmp_path, capsys):
     for B in (1, 2):
         assert by[("none", B)]["tokens"] == by[("transformers", B)]["tokens"]
         assert by[("fastv", B)]["kept_visual"] == by[("dyrate", B)]["kept_visual"] == [N_IMAGE // 2] * 5
-        assert by[("vtw", B)]["kept_visual"] == [0] * 5 and by[("dyrate-ramp", B)]["kept_visual"][-1] == 0
+        assert by[("vtw", B)]["kept_visual"] == [0] * 5 and by[("ramp", B)]["kept_visual"][-1] == 0
         assert by[("vtw", B)]["tflops"] < by[("fastv", B)]["tflops"] < by[("none", B)]["tflops"]
     assert all(r["peak_memory_bytes"] > r["kv_cache_bytes"] for r in rows)  # measured: the whole process
     assert Image.open(tmp_path / "t.png").size == (720, 420)
@@ -76,10 +76,11 @@ def test_bench_checks_its_arguments_before_building_anything(ckpt, tmp_path, mon
     monkeypatch.setattr(bench, "random_models", no_build)
     monkeypatch.setattr(bench, "checkpoint_models", no_build)
     (tmp_path / "a_file").write_text("")
-    for extra, message in ((["--methods", "none,fast"], "unknown method 'fast'"),
+    for extra, message in ((["--methods", "none,fast"], "Unknown rule 'fast'"),
                            (["--batch-sizes", "1,x"], "--batch-sizes"), (["--batch-sizes", "0"], "--batch-sizes"),
                            (["--new-tokens", "1"], "--new-tokens must be at least 2"),
-                           (["--repeats", "0"], "--repeats"), (["--ratio", "2"], "--ratio"),
+                           (["--repeats", "0"], "--repeats"), (["--rate", "2"], "--rate"),
+                           (["--methods", "fastv:eps=1"], "fastv takes ratio="),
                            (["--k", "40"], r"K must lie in \[1, 7\] for this 8-layer model"),
                            (["--memory-gib", "-1"], "--memory-gib"),
                            (["--out", str(tmp_path / "a_file" / "b.json")], "cannot make the folder"),

@@ -12,11 +12,11 @@ import time
 import pytest
 import torch
 
-from tools import eval
 import generate
 import model
 import processing
 from conftest import assert_close
+from tools import eval
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 SHAPES = os.path.join(HERE, "models", "shapes")
@@ -138,8 +138,8 @@ def test_shapes_stand_in_end_to_end(shapes_data, tmp_path, capsys, placement):
     """The README's eval commands on a handful of records: captions (CIDEr) and questions (accuracy) for several
     methods, a table, and the files."""
     where = ["--device", placement[0], "--dtype", str(placement[1]).removeprefix("torch.")]
-    results = run(shapes_data, tmp_path / "c", "--methods", "none,vtw,fastv", "--ratio", "0.75", *where)
-    by = {r["method"]: r for r in results}
+    results = run(shapes_data, tmp_path / "c", "--methods", "none,vtw,fastv:ratio=0.75", *where)
+    by = {r["method"].split(":")[0]: r for r in results}
     assert by["none"]["cider"] > by["vtw"]["cider"] and by["vtw"]["flops_ratio"] < by["fastv"]["flops_ratio"] < 1
     assert by["fastv"]["mean_kept_image_tokens"] == 64 and by["none"]["flops_ratio"] == 1.0
     assert "method" in capsys.readouterr().out
@@ -167,21 +167,21 @@ def same_predictions(a, b):
     """The predictions files of two runs, without what depends on how they were batched (timings, batch size)."""
     def lines(out):
         return [{k: v for k, v in json.loads(line).items() if k not in ("prefill_ms", "decode_ms_per_token", "batch")}
-                for line in open(os.path.join(out, "predictions-fastv.jsonl"))]
+                for line in open(os.path.join(out, "predictions-fastv:ratio=0.75.jsonl"))]
     return lines(a) == lines(b)
 
 
 @pytest.mark.slow
 def test_two_ranks_give_one_process_predictions_and_metrics_and_resume_with_one(shapes_data, tmp_path):
     common = ["--model", SHAPES, "--captions", str(shapes_data / "test_captions.json"), "--images", str(shapes_data),
-              "--methods", "fastv", "--ratio", "0.75", "--batch-size", "1", "--device", "cpu"]
+              "--methods", "fastv:ratio=0.75", "--batch-size", "1", "--device", "cpu"]
     eval.main(common + ["--out", str(tmp_path / "one")])
     cmd, env = torchrun(common + ["--out", str(tmp_path / "two")])
     run = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert same_predictions(tmp_path / "one", tmp_path / "two")
     assert sorted(os.listdir(tmp_path / "two")) == sorted(os.listdir(tmp_path / "one"))  # the shards merged away
-    metrics = [json.loads((tmp_path / d / "metrics-fastv.json").read_text()) for d in ("one", "two")]
+    metrics = [json.loads((tmp_path / d / "metrics-fastv:ratio=0.75.json").read_text()) for d in ("one", "two")]
     timing = ("prefill_ms", "decode_ms_per_token", "tokens_per_s")
     assert [{k: v for k, v in m.items() if k not in timing} for m in metrics][0] == \
         [{k: v for k, v in m.items() if k not in timing} for m in metrics][1]
@@ -196,7 +196,7 @@ def test_two_ranks_give_one_process_predictions_and_metrics_and_resume_with_one(
             break
         time.sleep(0.2)
     proc.wait(timeout=120)
-    cut = eval.read_done(str(tmp_path / "cut"), "fastv")
+    cut = eval.read_done(str(tmp_path / "cut"), "fastv:ratio=0.75")
     assert 1 <= len(cut) < 6 or proc.returncode == 0
     eval.main(common + ["--out", str(tmp_path / "cut"), "--resume"])
     assert same_predictions(tmp_path / "one", tmp_path / "cut")

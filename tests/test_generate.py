@@ -14,6 +14,7 @@ import model
 import processing
 from conftest import assert_close, greedy_agrees, prompt_inputs, random_image
 from test_dyrate import random_predictor
+from tools import beam
 
 N_FASTV = 32  # FastV R=0.5 keeps half of the tiny checkpoints' 64 image tokens
 
@@ -102,8 +103,8 @@ def test_cli_json(ckpt, ours, tmp_path, capsys):
 def test_cli_pruning_json_and_viz(ckpt, ours, tmp_path, capsys):
     path = tmp_path / "x.png"
     random_image(17).save(path)
-    generate.main(["--image", str(path), "--model", ckpt[0], "--json", "--max-new-tokens", "5", "--method", "fastv",
-            "--ratio", "0.75", "--viz", str(tmp_path / "new" / "v")])  # the folder is made
+    generate.main(["--image", str(path), "--model", ckpt[0], "--json", "--max-new-tokens", "5", "--method",
+                   "fastv:ratio=0.75", "--viz", str(tmp_path / "new" / "v")])  # the folder is made
     got = json.loads(capsys.readouterr().out)
     assert got["kept_visual"] == [16] * len(got["token_ids"]) and len(got["dropped_at_step"][0]) == 48
     assert got["rates"][0] == 0.75 and len(got["type_shares"][0]) == 4 and abs(sum(got["type_shares"][0]) - 1) < 1e-5
@@ -139,7 +140,10 @@ def test_bad_options_fail_before_the_model_loads(ckpt, ours, tmp_path, monkeypat
                            (["--max-new-tokens", "0"], "max_new_tokens must be"),
                            (["--max-new-tokens", "600"], "exceed the model's context of 512"),
                            (["--method", "none", "--predictor", str(tmp_path / "p")], "used by --method dyrate only"),
-                           (["--method", "fastv", "--ratio", "1.5"], r"R must lie in \[0, 1\]"),
+                           (["--method", "fastv:ratio=1.5"], r"drop ratio must lie in \[0, 1\]"),
+                           (["--method", "fastv:eps=1"], "fastv takes ratio=..., not 'eps=1'"),
+                           (["--method", "nonsense"], "Unknown rule 'nonsense'"),
+                           (["--num-beams", "2", "--temperature", "1"], "use temperature 0"),
                            (["--k", "9"], r"K must lie in \[1, 3\]"), (["--device", "cuda:3"], "--device cuda:3"),
                            (["--device", "tpu"], "--device tpu: 'tpu' is not a device torch knows"),
                            (["--image", str(tmp_path)], "is a folder"),
@@ -159,13 +163,13 @@ def test_small_models_and_odd_requests(ours, tmp_path, capsys):
     small = model.Llava.from_pretrained(folder)
     tok = processing.Tokenizer(folder, small.config)
     for method in ("none", "fastv"):
-        row = generate.generate(small, tok, [random_image(19)], ["Hi"], max_new_tokens=3, method=method).rows[0]
+        row = generate.generate(small, tok, [random_image(19)], ["Hi"], max_new_tokens=3, rule=method).rows[0]
         assert row["k"] == 1
     for images, prompts in ((["x.png"], [""]), (["x.png"], [5]), ("x.png", ["Hi"])):
         with pytest.raises(ValueError, match="non-empty text|a list of images"):
             generate.generate(*ours, images, prompts, max_new_tokens=2)
-    with pytest.raises(ValueError, match="drop rates in"):
-        generate.generate(*ours, [random_image(19)], ["Hi"], max_new_tokens=2, method="dyrate", schedule=[2.0])
+    with pytest.raises(ValueError, match=r"scheduled rate must lie in \[0, 1\], got 2.0"):
+        generate.generate(*ours, [random_image(19)], ["Hi"], max_new_tokens=2, rule="schedule:rates=0.5/2")
     path = tmp_path / "x.png"
     random_image(20).save(path)
     capsys.readouterr()
@@ -182,7 +186,7 @@ def beams(llava, ids, lengths, px, num_beams, n_new, eos, returns=1, length_pena
     B = len(ids)
     ids, lengths, px = (t.repeat_interleave(num_beams, 0) for t in (ids, lengths, px))
     caches = llava.new_caches(B * num_beams, n_new)
-    search = generate.BeamSearch(B, num_beams, n_new, eos, caches, pruner, length_penalty)
+    search = beam.BeamSearch(B, num_beams, n_new, eos, caches, pruner, length_penalty)
     with torch.no_grad():
         for _ in generate.decode(llava, ids, lengths, px, caches, n_new, pruner, search.choose):
             if search.over:
@@ -224,7 +228,7 @@ class Replay(dyrate.Pruner):
     """A pruner that drops, at every step, exactly the image tokens a recorded history dropped."""
 
     def __init__(self, history, n_image, start, length, k):
-        super().__init__("dyrate", n_image, start, length, k, schedule=[0.0], stats=False)
+        super().__init__(dyrate.Schedule([0.0]), n_image, start, length, k, stats=False)
         self.recorded = history
 
     def decide(self, shares, scores):
@@ -232,8 +236,8 @@ class Replay(dyrate.Pruner):
         return h.rate, h.kept_count, self.kept_mask & ~h.dropped_mask
 
 
-@pytest.mark.parametrize("method,kw", [("fastv", dict(ratio=0.5)),
-                                       ("dyrate", dict(schedule=[0.25, 0.5, 0.5, 0.75, 0.75, 0.875, 1.0])),
+@pytest.mark.parametrize("method,kw", [(dyrate.FastV(0.5), {}),
+                                       (dyrate.Schedule([0.25, 0.5, 0.5, 0.75, 0.75, 0.875, 1.0]), {}),
                                        ("dyrate", "predictor")])
 def test_each_beam_prunes_for_itself(ours, method, kw):
     """Beam search with pruning, a ragged batch of two: each returned hypothesis's score is the one of forced-decoding
@@ -247,7 +251,8 @@ def test_each_beam_prunes_for_itself(ours, method, kw):
         stats = dyrate.Pruner("none", N_IMAGE, starts, lengths, K)
         with torch.no_grad():
             list(generate.decode(llava, ids, lengths, px, llava.new_caches(2, 6), 6, stats))
-        kw = dict(predictor=random_predictor(center=torch.stack([h.shares for h in stats.history]).mean((0, 1))))
+        method, kw = dyrate.Learned(random_predictor(center=torch.stack([h.shares for h in stats.history]).mean(
+            (0, 1)))), {}
     N, n_new = 3, 7
     pruner = dyrate.Pruner(method, N_IMAGE, starts.repeat_interleave(N), lengths.repeat_interleave(N), K, **kw)
     out = beams(llava, ids, lengths, px, N, n_new, None, N, 1.0, pruner)
@@ -267,32 +272,33 @@ def test_each_beam_prunes_for_itself(ours, method, kw):
             assert [int(h.kept_count[0]) for h in hook.history] == [int(h.kept_count[0]) for h in history]
             assert all(torch.equal(a.dropped_mask, h.dropped_mask) for a, h in zip(hook.history, history))
         kept_sets.setdefault(b, set()).add(tuple(tuple(h.dropped_mask[0].nonzero()[:, 0].tolist()) for h in history))
-    if method == "dyrate":
+    if isinstance(method, dyrate.Learned):
         assert any(len(sets) > 1 for sets in kept_sets.values())  # diverged beams kept different tokens
 
 
-@pytest.mark.parametrize("method,kw", [("none", {}), ("fastv", dict(ratio=0.5)), ("vtw", {}), ("mass", dict(mass=0.1)),
-                                       ("dyrate", dict(schedule=[0.25, 0.5, 0.75]))])
+@pytest.mark.parametrize("method,kw", [("none", {}), (dyrate.FastV(0.5), {}), ("vtw", {}), (dyrate.Mass(0.1), {}),
+                                       (dyrate.Schedule([0.25, 0.5, 0.75]), {})])
 def test_one_beam_is_greedy(ours, method, kw):
     llava, tok = ours
     images, prompts = [random_image(8), random_image(9, (90, 200))], ["Describe the picture.", "How many shapes?"]
-    greedy = generate.generate(llava, tok, images, prompts, max_new_tokens=10, method=method, **kw)
-    one = generate.generate(llava, tok, images, prompts, max_new_tokens=10, method=method, num_beams=1, **kw)
+    greedy = generate.generate(llava, tok, images, prompts, max_new_tokens=10, rule=method, **kw)
+    one = beam.generate(llava, tok, images, prompts, max_new_tokens=10, num_beams=1, rule=method, **kw)
     for a, b in zip(greedy.rows, one.rows):
+        b.pop("score"), b.pop("logprob_sum")
         assert a.pop("type_shares") == b.pop("type_shares") and a == b
 
 
 def test_generate_with_beams_returns_the_best_hypotheses(ours, capsys, ckpt, tmp_path):
     llava, tok = ours
-    out = generate.generate(llava, tok, [random_image(8), random_image(9)], ["Describe the picture.", "Hi"],
-                            max_new_tokens=8, method="fastv", num_beams=3, num_return_sequences=2)
+    out = beam.generate(llava, tok, [random_image(8), random_image(9)], ["Describe the picture.", "Hi"],
+                        max_new_tokens=8, num_beams=3, num_return_sequences=2, rule="fastv")
     assert len(out.rows) == 4 and all("score" in r and "kept_visual" in r for r in out.rows)
     assert out.rows[0]["score"] >= out.rows[1]["score"] and out.rows[2]["score"] >= out.rows[3]["score"]
     assert out.rows[0]["kept_visual"] == [N_FASTV] * len(out.rows[0]["token_ids"])
     for bad, message in ((dict(num_beams=0), "num_beams"), (dict(num_beams=2, num_return_sequences=3), "num_return"),
-                         (dict(num_beams=2, temperature=1.0), "temperature 0")):
+                         (dict(num_beams=2, length_penalty=float("nan")), "length_penalty")):
         with pytest.raises(ValueError, match=message):
-            generate.generate(llava, tok, [random_image(8)], ["Hi"], max_new_tokens=4, **bad)
+            beam.generate(llava, tok, [random_image(8)], ["Hi"], max_new_tokens=4, **bad)
     path = tmp_path / "x.png"
     random_image(10).save(path)
     generate.main(["--image", str(path), "--model", ckpt[0], "--json", "--max-new-tokens", "5", "--num-beams", "3",
@@ -300,29 +306,3 @@ def test_generate_with_beams_returns_the_best_hypotheses(ours, capsys, ckpt, tmp
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and all("score" in json.loads(line) for line in lines)
 
-
-def test_beams_through_the_compiled_decode_keep_its_buckets(ckpt, ours):
-    """Beam search over a compiled decode (a graph-counting backend, buckets of 16 slots), with decode-time drops: the
-    eager search's sequences and scores, and a second search compiles nothing (a reorder copies rows in place; the
-    caches' buckets and host-side counts stay as they were)."""
-    llava, tok = ours
-    compiled, graphs = model.Llava.from_pretrained(ckpt[0]), []
-
-    def count_graphs(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-    compiled.compile_decode(backend=count_graphs, bucket=16)
-    images, prompts = [random_image(8), random_image(9, (90, 200))], ["Describe the picture.", "How many shapes?"]
-    kw = dict(max_new_tokens=8, method="dyrate", schedule=[0.25, 0.5, 0.75, 0.75, 1.0], num_beams=3,
-              num_return_sequences=2)
-    try:
-        eager = generate.generate(llava, tok, images, prompts, **kw).rows
-        for i in range(2):
-            before = len(graphs)
-            got = generate.generate(compiled, tok, images, prompts, **kw).rows
-            assert [r["token_ids"] for r in got] == [r["token_ids"] for r in eager]
-            assert_close(torch.tensor([r["score"] for r in got]), torch.tensor([r["score"] for r in eager]), 1e-5,
-                         "beam scores")
-            assert i == 0 and len(graphs) > before or i == 1 and len(graphs) == before
-    finally:
-        torch._dynamo.reset()

@@ -21,9 +21,9 @@ def test_gpu_check_dry_run(tmp_path):
     assert set(summary["steps"]) == {"pytest", "bench", "generate", "train"}
     bench = json.loads((tmp_path / "bench-7b.json").read_text())
     assert {r["method"] for r in bench["results"]} == {"none", "none+compile", "fastv", "dyrate", "dyrate+compile",
-                                                       "dyrate-ramp", "dyrate-ramp+compile", "transformers"}
+                                                       "ramp", "ramp+compile", "transformers"}
     generated = json.loads((tmp_path / "generate-7b.json").read_text())
-    assert set(generated["runs"]) == {"none", "fastv", "dyrate ramp"} and generated["load_s"] > 0
+    assert set(generated["runs"]) == {"none", "fastv", "ramp"} and generated["load_s"] > 0
     assert generated["runs"]["fastv"]["kept_visual"] == [288, 288]
     trained = json.loads((tmp_path / "train-7b.json").read_text())
     assert trained["live_peak"] > 0 and trained["batch"] == 2

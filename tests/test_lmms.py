@@ -11,8 +11,7 @@ import pytest
 pytest.importorskip("lmms_eval", reason="lmms-eval is an optional extra (pip install --no-deps -r "
                                         "requirements-lmms.txt)")
 
-from tools import eval  # noqa: E402
-from tools import lmms  # noqa: E402
+from tools import eval, lmms  # noqa: E402
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 SHAPES = os.path.join(HERE, "models", "shapes")
@@ -89,18 +88,18 @@ def test_lmms_eval_scores_a_local_task_as_eval_py_does(task, tmp_path, capsys):
         res = simple_evaluate(model=lm, tasks=["dyrate_shapes_short"], task_manager=manager, bootstrap_iters=0,
                               log_samples=True)
         ours = eval.main(["--model", SHAPES, "--questions", str(task / "questions.jsonl"), "--task", "short",
-                          "--suffix", "", "--images", str(task / "data"), "--methods", method, "--ratio", "0.75",
+                          "--suffix", "", "--images", str(task / "data"), "--methods", lm.method,
                           "--out", str(tmp_path / method)])[0]
         harness = res["results"]["dyrate_shapes_short"]["exact_match,none"]
         assert harness == ours["accuracy"] and ours["records"] == 8, (method, harness, ours["accuracy"])
         answers = [s["filtered_resps"][0] for s in sorted(res["samples"]["dyrate_shapes_short"],
                                                           key=lambda s: s["doc_id"])]
-        with open(tmp_path / method / f"predictions-{method}.jsonl") as f:
+        with open(tmp_path / method / f"predictions-{lm.method}.jsonl") as f:
             assert answers == [json.loads(line)["prediction"] for line in f]
         costs = lm.costs["dyrate_shapes_short"]
         assert costs["answers"] == 8 and abs(costs["flops_ratio"] - ours["flops_ratio"]) < 1e-12
         assert (costs["flops_ratio"] < 1) == (method == "fastv")
-        assert f"dyrate dyrate_shapes_short: {method}" in capsys.readouterr().err
+        assert f"dyrate dyrate_shapes_short: {lm.method}" in capsys.readouterr().err
 
 
 @pytest.mark.slow

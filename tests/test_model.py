@@ -71,7 +71,7 @@ def test_logits_and_features_match_transformers(layout, ckpt, ours, tmp_path):
         hf.set_attn_implementation("sdpa")  # same attention kernel in the vision tower: bit-identical features
         ref_features = hf.model.get_image_features(pixel_values=px).pooler_output[0]
         hf.set_attn_implementation("eager")
-        assert torch.equal(llava.image_features(px)[0], ref_features)
+        assert torch.equal(llava.multi_modal_projector(llava.vision_features(px))[0], ref_features)
 
 
 def test_logits_match_transformers_on_every_device(ours, placement, placed):

@@ -17,6 +17,7 @@ import generate
 import model
 import processing
 from shapes import data, experiment, sweep, train_model
+from tools import costs
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 SHIPPED = os.path.join(HERE, "models", "shapes")
@@ -206,8 +207,8 @@ def dyrate_on_held_out(shipped, budget):
     llava, tok = shipped
     cfg, records = llava.config, held_out(96)
     predictor = dyrate.RatePredictor.load(os.path.join(SHIPPED, f"predictor-{budget}"), cfg)
-    accuracy, rows = experiment.evaluate_answers(llava, tok, records, method="dyrate", predictor=predictor)
-    return accuracy, dyrate.cost_ratio(rows)
+    accuracy, rows = experiment.evaluate_answers(llava, tok, records, rule=dyrate.Learned(predictor))
+    return accuracy, costs.cost_ratio(costs.add(rows, cfg))
 
 
 def test_unpruned_shipped_model_is_accurate(unpruned):
@@ -232,7 +233,7 @@ def test_kv_predictor_drops_during_a_detailed_description(shipped):
     predictor = dyrate.RatePredictor.load(os.path.join(SHIPPED, "predictor-kv-0.3"), llava.config)
     assert predictor.meta["budget"] == "kv" and predictor.meta["target"] == 0.3
     row = generate.generate(llava, tok, [os.path.join(EXAMPLES, example["image"])], [example["prompt"]],
-                            max_new_tokens=experiment.MAX_NEW_TOKENS, method="dyrate", predictor=predictor).rows[0]
+                            max_new_tokens=experiment.MAX_NEW_TOKENS, rule=dyrate.Learned(predictor)).rows[0]
     kept = row["kept_visual"]
     assert kept[-1] < kept[0] and kept[len(kept) // 2] < kept[0], kept
     assert row["text"] == example["answer"]
@@ -240,7 +241,7 @@ def test_kv_predictor_drops_during_a_detailed_description(shipped):
 
 def test_held_out_set_sees_pruning_that_loses_the_image(shipped, unpruned):
     """The control for the test above: dropping every image token (VTW) from layer 2 on loses most answers here."""
-    accuracy = experiment.evaluate_answers(*shipped, unpruned[0], method="vtw")[0]
+    accuracy = experiment.evaluate_answers(*shipped, unpruned[0], rule="vtw")[0]
     assert accuracy < unpruned[1] - 0.4
 
 

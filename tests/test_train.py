@@ -1,12 +1,13 @@
 """
-Tests of train.py on a tiny random LLaVA (conftest.py): data reading and skipping, self-distillation cache, the loss
-and the FLOPs ratio moving toward the target, checkpoint round trip, exact resume after Ctrl-C, the predictor in
-generate.py, and a two-process torchrun. CPU, about 20 s.
+Tests of train.py and tools/distill.py on a tiny random LLaVA (conftest.py): data reading and skipping, the
+self-distilled answers' cache, the loss and the FLOPs ratio moving toward the target, checkpoint round trip, exact
+resume after Ctrl-C, the predictor in generate.py, and two-process torchruns. CPU, about 20 s.
 """
 import dataclasses
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,15 +23,21 @@ import model
 import train
 from conftest import TOLERANCE, assert_close, random_image
 from test_dyrate import K, N_IMAGE
+from tools import distill
 
 N_TRAIN = 24
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
 
+def distill_argv(ckpt, folder, *extra):
+    return ["--model", ckpt[0], "--data", str(folder / "train.jsonl"), "--max-new-tokens", "8", "--device", "cpu",
+            *extra]
+
+
 @pytest.fixture(scope="session")
-def data(tmp_path_factory):
-    """24 usable records (every third with an answer, the rest to self-distil) and eight bad ones."""
+def data(ckpt, tmp_path_factory):
+    """24 usable records (every third with an answer, the rest self-distilled by tools.distill) and eight bad ones."""
     folder = tmp_path_factory.mktemp("data")
     rows = []
     for i in range(N_TRAIN):
@@ -46,6 +53,7 @@ def data(tmp_path_factory):
              json.dumps({"image": "img2.png", "prompt": "Hi", "answer": 7}), json.dumps({"image": "img3.png",
                                                                                          "prompt": ["Hi"]})]
     (folder / "train.jsonl").write_text("\n".join(rows) + "\n")
+    distill.main(distill_argv(ckpt, folder))
     return folder
 
 
@@ -55,10 +63,14 @@ def argv(ckpt, data, out, *extra):
             "--eval-interval", "1000", "--device", "cpu", "--target", "0.78", *extra]
 
 
-def test_records_are_read_skipped_and_distilled_once(ckpt, ours, data, capsys):
+def no_load(*a, **kw):
+    raise AssertionError("the model was loaded before the options were checked")
+
+
+def test_records_are_read_skipped_and_distilled_once(ckpt, ours, data, tmp_path, monkeypatch, capsys):
     llava, tok = ours
     args = train.parse_args(argv(ckpt, data, data / "p"))
-    samples, skipped = train.load_samples(str(data / "train.jsonl"), llava, tok, args, print)
+    samples, skipped = train.load_samples(str(data / "train.jsonl"), llava.config, tok, args, print)
     assert len(samples) == N_TRAIN
     assert skipped == {"image not found": 1, "empty prompt": 1, "bad JSON line": 1, "longer than the context (512)": 1,
                        "unreadable image": 1, "no image path": 1, "answer is not text": 1, "prompt is not text": 1}
@@ -71,8 +83,16 @@ def test_records_are_read_skipped_and_distilled_once(ckpt, ours, data, capsys):
                               max_new_tokens=8).rows[0]["token_ids"]
     assert samples[1].answer == first  # the unpruned model's own greedy answer
     capsys.readouterr()
-    again, _ = train.load_samples(str(data / "train.jsonl"), llava, tok, args, print)
-    assert "distilled" not in capsys.readouterr().out and [s.answer for s in again] == [s.answer for s in samples]
+    distill.main(distill_argv(ckpt, data))  # a rerun distils nothing
+    assert "distilled" not in capsys.readouterr().out and train.read_answers(str(data / "train.jsonl")) == cache
+    again, _ = train.load_samples(str(data / "train.jsonl"), llava.config, tok, args, print)
+    assert [s.answer for s in again] == [s.answer for s in samples]
+    # without the answers, train.py stops before the weights load and names the command that distils them
+    shutil.copytree(data, tmp_path / "raw", ignore=shutil.ignore_patterns("*.answers*"))
+    monkeypatch.setattr(model.Llava, "from_pretrained", no_load)
+    command = rf"`python -m tools.distill --model {re.escape(ckpt[0])} --data .*raw.* --max-new-tokens 8`"
+    with pytest.raises(SystemExit, match=rf"{N_TRAIN - N_TRAIN // 3 + 1} record\(s\) have no answer.*{command}"):
+        train.main(argv(ckpt, tmp_path / "raw", tmp_path / "p"))
 
 
 def test_llava_conversation_json(tmp_path):
@@ -85,7 +105,7 @@ def test_llava_conversation_json(tmp_path):
 
 
 def test_training_moves_flops_to_target_and_loss_down(ckpt, data, tmp_path, capsys):
-    predictor, held_out = train.main(argv(ckpt, data, tmp_path / "p", "--max-iters", "40", "--compare"))
+    predictor, held_out = train.main(argv(ckpt, data, tmp_path / "p", "--max-iters", "40"))
     log = capsys.readouterr().out
     steps = [line for line in log.splitlines() if line.startswith("step ")]
     losses = [float(line.split("loss ")[1].split()[0]) for line in steps]
@@ -94,7 +114,6 @@ def test_training_moves_flops_to_target_and_loss_down(ckpt, data, tmp_path, caps
     assert sum(losses[-10:]) < sum(losses[:10])
     assert abs(sum(ratios[-10:]) / 10 - 0.78) < abs(sum(ratios[:10]) / 10 - 0.78)
     assert abs(held_out["flops_ratio"] - 0.78) < 0.03  # held out, hard decisions, real inference path
-    assert "fastv R=" in log and "dyrate (learned)" in log and "vtw K=" in log and "mass rule eps=" in log
 
 
 def test_state_round_trip(tmp_path):
@@ -105,10 +124,10 @@ def test_state_round_trip(tmp_path):
     optimizer.step()
     torch.rand(5, generator=generator)
     args = train.parse_args(["--model", "m", "--data", "d", "--out", "o"])
-    train.save_state(str(tmp_path / "s"), predictor, optimizer, generator, 7, args, {"agreement": 0.5})
+    train.write_state(str(tmp_path / "s"), train.capture(7, {"agreement": 0.5}, predictor, optimizer, generator, args))
     p2, g2 = dyrate.RatePredictor(4, [0.0, 0.5, 1.0]), torch.Generator()
     o2 = torch.optim.AdamW(p2.parameters(), lr=0.1)
-    meta = train.load_state(str(tmp_path / "s"), p2, o2, g2)
+    meta = train.restore(train.read_state(str(tmp_path / "s")), p2, o2, g2)
     assert meta["iter"] == 7 and meta["held_out"] == {"agreement": 0.5}
     assert all(torch.equal(a, b) for a, b in zip(predictor.state_dict().values(), p2.state_dict().values()))
     for key in ("exp_avg", "exp_avg_sq", "step"):
@@ -157,17 +176,22 @@ def test_resume_refuses_other_options_and_nothing_to_train(ckpt, data, tmp_path,
     assert "already at step 2 of 2: nothing to train" in out and "predictor written" not in out
 
 
-def test_bad_options_fail_before_the_model_loads(ckpt, data, tmp_path, monkeypatch):
-    def no_load(*a, **kw):
-        raise AssertionError("the model was loaded before the options were checked")
+def failure(args, capsys):
+    """What train.py says when it refuses its options: main()'s error, or argparse's (on stderr)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        train.main(args)
+    return f"{stop.value.code} {capsys.readouterr().err}"
+
+
+def test_bad_options_fail_before_the_model_loads(ckpt, data, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(model.Llava, "from_pretrained", no_load)
-    for extra, message in ((["--max-iters", "0"], "--max-iters must be at least 1.*--eval-only"),
-                           (["--rates", "1:0"], "--rates '1:0'"), (["--rates", "0,1,0.5"], "increasing"),
-                           (["--target", "0"], "--target"), (["--lr", "nan"], "--lr"),
-                           (["--device", "cuda:7"], "--device cuda:7"), (["--resume"], "no training state"),
-                           (["--eval-only"], "does not exist")):
-        with pytest.raises(SystemExit, match=message):
-            train.main(argv(ckpt, data, tmp_path / "p", *extra))
+    for extra, message in ((["--max-iters", "0"], "--max-iters: must be a whole number >= 1, got 0.*tools.compare"),
+                           (["--rates", "1:0"], "--rates: '1:0'"), (["--rates", "0,1,0.5"], "--rates: .*increasing"),
+                           (["--target", "0"], r"--target: must be a number in \(0, 1\]"),
+                           (["--lr", "nan"], "--lr: must be a number > 0, got nan"),
+                           (["--device", "cuda:7"], "--device cuda:7"), (["--resume"], "no training state")):
+        assert re.search(message, failure(argv(ckpt, data, tmp_path / "p", *extra), capsys)), extra
     for out, message in ((tmp_path / "missing" / "p", "does not exist; create it first"), (tmp_path, "is a folder")):
         with pytest.raises(SystemExit, match=message):
             train.main(argv(ckpt, data, out))
@@ -177,7 +201,7 @@ def test_bad_options_fail_before_the_model_loads(ckpt, data, tmp_path, monkeypat
 
 
 def test_small_data_gets_a_proportional_held_out_split(ckpt, data, tmp_path, capsys):
-    lines = (data / "train.jsonl").read_text().splitlines()[:6]
+    lines = [line for line in (data / "train.jsonl").read_text().splitlines() if '"answer": "' in line][:6]
     (data / "six.jsonl").write_text("\n".join(lines) + "\n")
     args = ["--model", ckpt[0], "--data", str(data / "six.jsonl"), "--out", str(tmp_path / "p"), "--max-iters", "1",
             "--batch-size", "2", "--distill-max-new-tokens", "8", "--eval-max-new-tokens", "4", "--target", "0.9"]
@@ -196,7 +220,7 @@ def test_predictor_file_works_in_generate_and_mismatch_is_refused(ckpt, data, tm
     generate.main(["--image", str(image), "--model", ckpt[0], "--method", "dyrate", "--predictor", str(tmp_path / "p"),
             "--json", "--max-new-tokens", "4"])
     got = json.loads(capsys.readouterr().out)
-    assert got["method"] == "dyrate" and len(got["rates"]) == len(got["token_ids"])
+    assert got["rule"] == "dyrate" and len(got["rates"]) == len(got["token_ids"])
     assert all(r in [i / 8 for i in range(9)] for r in got["rates"])
     with pytest.raises(ValueError, match="trained for a different model"):
         dyrate.RatePredictor.load(tmp_path / "p", model.LlavaConfig())
@@ -206,12 +230,21 @@ def test_predictor_file_works_in_generate_and_mismatch_is_refused(ckpt, data, tm
 
 @pytest.mark.slow
 def test_torchrun_two_processes(ckpt, data, tmp_path):
-    """DDP on CPU (gloo): two ranks, each a frozen model copy, the predictor's gradients all-reduced."""
+    """DDP on CPU (gloo): two ranks distil each its share of the answers (one answers file each, read together), then
+    train, each with a frozen model copy, the predictor's gradients all-reduced."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-                          "train.py", *argv(ckpt, data, tmp_path / "ddp", "--max-iters", "3", "--batch-size", "2")],
-                         capture_output=True, text=True, env=env, cwd=ROOT,
-                         timeout=120)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
+    shutil.copytree(data, tmp_path / "raw", ignore=shutil.ignore_patterns("*.answers*"))
+    run = subprocess.run([*torchrun, "-m", "tools.distill", *distill_argv(ckpt, tmp_path / "raw")], capture_output=True,
+                         text=True, env=env, cwd=ROOT, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert os.path.isfile(tmp_path / "raw" / "train.jsonl.answers.rank1.jsonl")
+    sharded = train.read_answers(str(tmp_path / "raw" / "train.jsonl"))  # keyed by image path: the folders differ
+    assert {k.replace(str(tmp_path / "raw"), str(data)): v for k, v in sharded.items()} == \
+        train.read_answers(str(data / "train.jsonl"))
+    run = subprocess.run([*torchrun, "train.py", *argv(ckpt, tmp_path / "raw", tmp_path / "ddp", "--max-iters", "3",
+                                                        "--batch-size", "2")],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.count("step 3/3") == 1  # only rank 0 logs
     assert dyrate.RatePredictor.load(tmp_path / "ddp",
@@ -346,12 +379,12 @@ def test_batched_distillation_streams_to_the_cache_and_survives_an_interrupt(ckp
                                                                              monkeypatch, capsys):
     """Distilling in batches of 5 gives the answers of one at a time; an interrupt after two batches leaves their
     answers in the cache, and the rerun distils only the rest; the unreadable image is skipped and counted."""
-    import shutil
     llava, tok = ours
-    for name, size in (("one", "1"), ("five", "5")):
+    for name in ("one", "five"):
         shutil.copytree(data, tmp_path / name, ignore=shutil.ignore_patterns("*.answers*"))
-    one = train.load_samples(str(tmp_path / "one" / "train.jsonl"), llava, tok, train.parse_args(
-        argv(ckpt, tmp_path / "one", tmp_path / "p", "--distill-batch-size", "1")), print)[0]
+    distill.main(distill_argv(ckpt, tmp_path / "one", "--batch-size", "1"))
+    one = train.load_samples(str(tmp_path / "one" / "train.jsonl"), llava.config, tok,
+                             train.parse_args(argv(ckpt, tmp_path / "one", tmp_path / "p")), print)[0]
     real, calls = generate.generate, []
 
     def interrupted(*a, **kw):
@@ -360,16 +393,17 @@ def test_batched_distillation_streams_to_the_cache_and_survives_an_interrupt(ckp
             raise KeyboardInterrupt
         return real(*a, **kw)
     monkeypatch.setattr(generate, "generate", interrupted)
-    args = train.parse_args(argv(ckpt, tmp_path / "five", tmp_path / "p", "--distill-batch-size", "5"))
     with pytest.raises(KeyboardInterrupt):
-        train.load_samples(str(tmp_path / "five" / "train.jsonl"), llava, tok, args, print)
+        distill.main(distill_argv(ckpt, tmp_path / "five", "--batch-size", "5"))
     assert len(train.read_answers(str(tmp_path / "five" / "train.jsonl"))) == 10  # two batches of 5, on disk
     calls.clear()
     capsys.readouterr()
     monkeypatch.setattr(generate, "generate", lambda *a, **kw: calls.append(len(a[2])) or real(*a, **kw))
-    five, skipped = train.load_samples(str(tmp_path / "five" / "train.jsonl"), llava, tok, args, print)
+    distill.main(distill_argv(ckpt, tmp_path / "five", "--batch-size", "5"))
     assert sum(calls) == N_TRAIN - N_TRAIN // 3 - 10  # the rest only (the unreadable image never reaches generate)
     assert "distilled 7/7 answers" in capsys.readouterr().out
+    five, skipped = train.load_samples(str(tmp_path / "five" / "train.jsonl"), llava.config, tok,
+                                       train.parse_args(argv(ckpt, tmp_path / "five", tmp_path / "p")), print)
     assert [s.answer for s in five] == [s.answer for s in one] and len(five) == N_TRAIN
     assert skipped["unreadable image"] == 1
 

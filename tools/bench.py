@@ -10,10 +10,11 @@ transformers' generate on the same weights, side by side in one run.
 
 Each method generates --new-tokens greedy tokens for a prompt of 576 image + --prompt-tokens text tokens, at every
 --batch-sizes batch (identical rows). After one warm-up run per method and batch, --repeats rounds run all of them in
-turn (drift hits all alike); medians are reported, CUDA synchronised. Methods: none, fastv (K, R), vtw (K), dyrate (a
---predictor, else a predictor whose bias always picks the constant rate R, so its per-step work is real),
-dyrate-ramp (rates rising from R to 1 on the 9 candidates 0, 1/8, .., 1: cache compaction at several steps),
-transformers (LlavaForConditionalGeneration, sdpa); a "+compile" suffix runs ours with Llava.compile_decode.
+turn (drift hits all alike); medians are reported, CUDA synchronised. Methods: any rule of dyrate.RULES with its
+parameters (fastv:ratio=0.75, mass:eps=1e-5, ...); dyrate runs --predictor, else a predictor whose bias always picks
+the constant --rate, so its per-step work is real; a bare ramp rises from --rate to 1 over the answer (compaction at
+several steps);
+transformers (LlavaForConditionalGeneration, sdpa); a "+compile" suffix runs ours with tools.fast.compile_decode.
 Memory is measured, never computed: the peak of each run (CUDA: the allocator's peak, weights included; CPU: the
 process's peak resident set, Linux's VmHWM, reset before each run after the heap's free pages go back to the OS).
 With --memory-gib, the largest batch that fits that memory is found for each of our methods by running it
@@ -34,10 +35,9 @@ import torch
 import cli
 import dyrate
 import generate
-from tools import memory
 import model
 import processing
-from tools import viz
+from tools import beam, costs, fast, memory, viz
 
 GEOMETRIES = {  # (vision: hidden, layers, heads, intermediate), (text: hidden, layers, heads, intermediate)
     "tiny": ((64, 2, 2, 128), (64, 4, 4, 128)),  # for dry runs of scripts (tools/gpu_check.py --dry-run)
@@ -152,11 +152,17 @@ def parse_args(argv=None):
     g = cli.add_model_args(p, default_model=None, default_device="cpu")
     g.add_argument("--geometry", choices=sorted(GEOMETRIES), default="mid", help="random-weight model of this size "
                    "(without --model)")
-    g = cli.add_pruning_args(p, method=False)
-    g.add_argument("--methods", default="none,fastv,vtw,dyrate,dyrate-ramp,transformers",
-                   help="comma-separated: none, fastv, vtw, dyrate, dyrate-ramp, mass, transformers; add +compile to "
-                        "one of ours for the compiled decode path (e.g. none+compile), +beamN for beam search with N "
-                        "beams (e.g. fastv+beam5). --ratio is also dyrate's constant rate and where the ramp starts")
+    g = p.add_argument_group("methods")
+    g.add_argument("--methods", default="none,fastv,vtw,dyrate,ramp,transformers",
+                   help=f"comma-separated: transformers, or our rules with their parameters "
+                        f"({', '.join(dyrate.RULES)}, e.g. fastv:ratio=0.75, mass:eps=1e-5); add +compile to one of "
+                        f"ours for the compiled decode path (e.g. none+compile), +beamN for beam search with N beams "
+                        f"(e.g. fastv+beam5). Without --predictor, dyrate's predictor always picks --rate; ramp runs "
+                        f"from --rate to 1 over the answer")
+    cli.add_k_arg(g)
+    g.add_argument("--predictor", default=None, help="DyRate rate predictor file written by train.py (for dyrate)")
+    g.add_argument("--rate", type=float, default=0.5, help="the stand-in predictor's constant rate and the ramp's "
+                   "start (rules named without parameters)")
     g.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the +compile methods "
                    "(eager or aot_eager check the path without compiling code)")
     g = p.add_argument_group("workload")
@@ -173,11 +179,8 @@ def parse_args(argv=None):
     g.add_argument("--profile", action="store_true", help="also split each of our runs' decode ms/token into "
                    "attention, MLP/projections, DyRate's own work and the rest (one profiled run each)")
     g.add_argument("--prefill-rows", type=int, default=0, help="run prefills in chunks of this many rows "
-                   "(Llava.chunk_prefill): the largest batch is then set by the KV caches; 0: one pass")
+                   "(tools.fast.chunk_prefill): the largest batch is then set by the KV caches; 0: one pass")
     return p.parse_args(argv)
-
-
-METHODS = ("none", "fastv", "vtw", "dyrate", "dyrate-ramp", "mass", "transformers")
 
 
 def variant(method):
@@ -197,9 +200,10 @@ def check_args(args):
     methods = args.methods.split(",")
     for m in methods:
         base, compiled, beams = variant(m)
-        if base not in METHODS or base == "transformers" and (compiled or beams) or beams == 1 or not m:
-            raise ValueError(f"unknown method {m!r} in --methods; choose from {', '.join(METHODS)}, with +compile "
-                             f"or +beamN (N >= 2 beams) for ours")
+        if base == "transformers" and (compiled or beams) or beams == 1 or not m:
+            raise ValueError(f"{m!r} in --methods: +compile and +beamN (N >= 2 beams) are for our rules only")
+        if base != "transformers" and base.split(":")[0] != "dyrate":
+            dyrate.parse_rule(base)  # an unknown rule or parameter is an error here
     try:
         batches = [int(b) for b in args.batch_sizes.split(",")]
     except ValueError:
@@ -215,12 +219,11 @@ def check_args(args):
     dev = cli.device(args.device)
     if args.memory_gib is not None:
         check_budget(args.memory_gib, dev)
-    if not 0 <= args.ratio <= 1:
-        raise ValueError(f"--ratio must lie in [0, 1], got {args.ratio}")
+    dyrate.fraction("--rate", args.rate)
     cfg = cli.config(args.model) if args.model else geometry_config(args.geometry)
     cfg.check_length(1 + args.prompt_tokens + cfg.n_image_tokens + args.new_tokens)
-    predictor = cli.load_predictor(args.predictor, cfg, dev)
-    args.k = dyrate.pruning_layer(cfg.text.num_hidden_layers, args.k, predictor)
+    predictor = None if args.predictor is None else dyrate.RatePredictor.load(args.predictor, cfg, dev)
+    args.k = dyrate.pruning_layer(cfg.text.num_hidden_layers, args.k, predictor and dyrate.Learned(predictor))
     cli.check_writable_folder(args.out, "--out", make=True)
     if args.plot:
         cli.check_writable_folder(args.plot, "--plot", make=True)
@@ -248,18 +251,50 @@ def check_budget(gib, dev):
 
 def build_models(args, methods, dev, dtype):
     """transformers' model (if a method needs it), ours on the same weights, and a second Llava on the same tensors
-    with its decode compiled (if a +compile method needs it)."""
+    with its decode compiled (if a +compile method needs it). Both run the fast path (tools/fast.py): KV caches that
+    drop by moves, without waiting for the host."""
     log(f"building {args.model or args.geometry} on {dev} in {args.dtype} ...")
     hf, ours = checkpoint_models(args.model, dev, dtype, "transformers" in methods) if args.model else \
         random_models(args.geometry, dev, dtype)
-    ours.chunk_prefill(args.prefill_rows)
+    ours.cache_class = fast.FastKVCache
+    fast.chunk_prefill(ours, args.prefill_rows)
     compiled = None
     if any(variant(m)[1] for m in methods):
         with torch.device("meta"):
             compiled = model.Llava(ours.config)
-        compiled = share_weights(compiled, ours.state_dict(), dev).compile_decode(args.compile_backend)
-        compiled.chunk_prefill(args.prefill_rows)
+        compiled = fast.compile_decode(share_weights(compiled, ours.state_dict(), dev), args.compile_backend)
+        fast.chunk_prefill(compiled, args.prefill_rows)
     return hf, ours, compiled
+
+
+def profiler_labels(llava):
+    """--profile's labels, put in from outside the model: forward hooks open a profiler label as each decoder layer's
+    attention block ("self_attn"), its projections ("projections") and MLP ("mlp") start, and close it as they end
+    (none inside compiled code, which traces no label). Returns the hooks' handles."""
+    handles = []
+    for layer in llava.language_model.model.layers:
+        a = layer.self_attn
+        for module, name in [(a, "self_attn"), (layer.mlp, "mlp")] + [(p, "projections") for p in
+                                                                       (a.q_proj, a.k_proj, a.v_proj, a.o_proj)]:
+            labels = []
+
+            def enter(module, args, name=name, labels=labels):
+                if not torch.compiler.is_compiling():
+                    labels.append(torch.profiler.record_function(name).__enter__())
+
+            def leave(module, args, output, labels=labels):
+                if labels and not torch.compiler.is_compiling():
+                    labels.pop().__exit__(None, None, None)
+            handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    return handles
+
+
+class LabelledPruner(dyrate.Pruner):
+    """A Pruner whose work carries the profiler label "dyrate" (--profile: the method's own work)."""
+
+    def __call__(self, *args):
+        with torch.profiler.record_function("dyrate"):
+            return super().__call__(*args)
 
 
 class Workload:
@@ -269,24 +304,25 @@ class Workload:
     def __init__(self, args, hf, ours, compiled, predictor, dev):
         self.args, self.hf, self.ours, self.compiled, self.dev = args, hf, ours, compiled, dev
         self.cfg, N = ours.config, ours.config.n_image_tokens
-        self.predictor = predictor or constant_predictor(self.cfg.text.num_attention_heads, args.ratio, args.k, dev)
+        self.predictor = predictor or constant_predictor(self.cfg.text.num_attention_heads, args.rate, args.k, dev)
         torch.manual_seed(1)
         text = torch.randint(3, self.cfg.image_token_index, (args.prompt_tokens,), device="cpu").tolist()
         self.prompt = [self.cfg.bos_token_id] + text[:5] + [self.cfg.image_token_index] * N + text[5:]  # image at 6
-        n = args.new_tokens
-        # the ramp: rates rising from R to 1 on the 9 candidates 0, 1/8, .., 1 (compaction at several steps)
-        self.ramp = [round((args.ratio + (1 - args.ratio) * t / max(n - 1, 1)) * 8) / 8 for t in range(n)]
+
+    def rule(self, method):
+        """A --methods entry's rule: dyrate with --predictor or the stand-in, a bare ramp from --rate over the
+        answer."""
+        if method.split(":")[0] == "dyrate":
+            return dyrate.Learned(self.predictor)
+        return dyrate.Ramp(self.args.rate, self.args.new_tokens) if method == "ramp" else dyrate.parse_rule(method)
 
     def pruner(self, method, B):
         T, N, k = len(self.prompt), self.cfg.n_image_tokens, self.args.k
         start, length = torch.full((B,), 6, device=self.dev), torch.full((B,), T, device=self.dev)
         if method == "none":
             return None
-        if method == "dyrate-ramp":
-            return dyrate.Pruner("dyrate", N, start, length, k, schedule=self.ramp)
-        return dyrate.Pruner(method, N, start, length, k, self.args.ratio,
-                             self.predictor if method == "dyrate" else None, stats=method == "dyrate",
-                             mass=self.args.mass)
+        rule = self.rule(method)
+        return LabelledPruner(rule, N, start, length, k, stats=isinstance(rule, dyrate.Learned))
 
     def inputs(self, B):
         """The prompt ids (B, T) and pixel values (B, 3, S, S) of B identical rows."""
@@ -303,7 +339,7 @@ class Workload:
         ids, px = self.inputs(rows)
         hook, caches = self.pruner(base, rows), llava.new_caches(rows, self.args.new_tokens)
         lengths = torch.full((rows,), len(self.prompt), device=self.dev)
-        choose = generate.BeamSearch(B, beams, self.args.new_tokens, None, caches, hook).choose if beams else None
+        choose = beam.BeamSearch(B, beams, self.args.new_tokens, None, caches, hook).choose if beams else None
         steps = generate.decode(llava, ids, lengths, px, caches, self.args.new_tokens, hook, choose)
         return ((token[::max(beams, 1)], logits) for token, logits in steps), hook  # each prompt's first beam
 
@@ -326,11 +362,16 @@ class Workload:
 
     @torch.inference_mode()
     def profile(self, method, B):
-        """One run's decode steps under torch's profiler: ms per token in attention, MLP and projections, DyRate's own
-        work (statistics, predictor, ranking, marking and compaction: the pruner), and the rest (norms, RoPE, cache
-        writes, embeddings, LM head, sampling, and the decode loop's Python); their sum is what the profiler saw
+        """One run's decode steps under torch's profiler: ms per token in attention (the attention blocks without
+        their projections: RoPE, cache writes and masks included), MLP and projections, DyRate's own work
+        (statistics, predictor, ranking, dropping: the pruner), and the rest (norms, embeddings, LM head, sampling,
+        compaction at a step that drops nothing, and the decode loop's Python); their sum is what the profiler saw
         under one "decode step" label per step, and the step time measured around the profiler should come near it
         (what it does not see: the profiler's own work and this loop)."""
+        compiled = variant(method)[1]
+        handles = profiler_labels(self.compiled if compiled else self.ours)
+        if compiled:  # torch.compile guards on the hooks: compile with them before measuring
+            self.run(method, B)
         steps, _ = self.steps(method, B)
         next(steps)
         cuda = self.dev.type == "cuda"
@@ -346,7 +387,9 @@ class Workload:
                 n += 1
             generate.sync(self.dev)
             seconds = time.perf_counter() - t0
-        cats = {"attention": "attention", "mlp": "mlp/projections", "projections": "mlp/projections",
+        for handle in handles:
+            handle.remove()
+        cats = {"self_attn": "attention", "mlp": "mlp/projections", "projections": "mlp/projections",
                 "dyrate": "dyrate"}
         split, total = dict.fromkeys(("attention", "mlp/projections", "dyrate", "rest"), 0.0), 0.0
         for e in prof.events():
@@ -355,8 +398,9 @@ class Workload:
             ms = (e.device_time_total if cuda and e.device_time_total else e.cpu_time_total) / 1e3 / n
             if e.cpu_parent is None:  # the top-level events: the decoder's forward, the embedding, the LM head, ...
                 total += ms
-            if e.name in cats:  # the labels, which never nest in one another
+            if e.name in cats:  # the labels, which nest only as projections inside self_attn
                 split[cats[e.name]] += ms
+                split["attention"] -= ms if e.name == "projections" else 0
         split["rest"] = total - sum(split.values())
         return dict(step_ms=seconds * 1e3 / n, **{f"{k}_ms": v for k, v in split.items()})
 
@@ -380,8 +424,8 @@ class Workload:
         dtype = self.ours.language_model.lm_head.weight.dtype
 
         def summary(steps):  # the first `steps` steps: kept counts, FLOPs, KV bytes
-            return hook.row_summary(0, steps, cfg, T, dtype) if hook else \
-                dyrate.costs(cfg, T, [N] * steps, self.args.k, dtype=dtype)
+            row = hook.summary(0, steps) if hook else dict(kept_visual=[N] * steps, probes=0, predictor_flops=0)
+            return dict(row, **costs.row_costs(cfg, dict(row, prompt_tokens=T, k=self.args.k), dtype))
         whole, first = summary(n), summary(1)
         total_s = r["prefill_s"] + r["decode_s"]
         weights = sum(p.numel() * p.element_size() for name, p in self.ours.language_model.named_parameters()
@@ -516,7 +560,7 @@ def report(rows, args, cfg, T, searches):
     mem = "peak MiB" if torch.device(args.device).type == "cuda" else "RSS MiB"
     print(f"\n{args.model or args.geometry + ' geometry (random weights)'}, {device_name(args.device)}, {args.dtype}, "
           f"prompt {T} tokens ({cfg.n_image_tokens} image), {args.new_tokens} greedy new tokens, K={args.k}, "
-          f"R={args.ratio}, median of {args.repeats} interleaved rounds; (x) = ratio to none at the same batch; "
+          f"rate {args.rate}, median of {args.repeats} interleaved rounds; (x) = ratio to none at the same batch; "
           f"{mem}: the run's measured peak")
     print(f"{'method':20}{'batch':>6}{'prefill ms':>11}{'(x)':>6}{'prefill TF':>11}{'(x)':>6}{'decode ms/tok':>14}"
           f"{'(x)':>6}{'limit':>6}{'total ms':>10}{'tok/s':>8}{'TFLOPs':>8}{'(x)':>6}{'no-cache':>9}{mem:>10}"

@@ -32,14 +32,13 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
 
-from tools import bench
 import cli
 import dyrate
 import generate
-from tools import memory
 import model
 import processing
 import train
+from tools import bench, distill, memory
 
 SETTINGS = {  # name -> train.py flags (besides --batch-size)
     "defaults": [],
@@ -239,7 +238,8 @@ def report_memory(result, args):
 
 def time_sweep(args, device, dtype, log):
     """Interleaved rounds on one random model of the geometry (full depth, a tokenizer written beside it): a step
-    without and with checkpointing, and self-distillation (train.distill) of --batch-size samples at batch 1 and 8."""
+    without and with checkpointing, and self-distillation (tools/distill.py) of --batch-size samples at batch 1 and
+    8."""
     cfg = bench.geometry_config(args.geometry)
     folder = os.path.join(args.work, f"{args.geometry}-{cfg.text.num_hidden_layers}")
     if not os.path.isfile(os.path.join(folder, "config.json")):
@@ -255,11 +255,11 @@ def time_sweep(args, device, dtype, log):
 
     def distil(batch):
         def run():
-            a = step_args(batch, "defaults", device)
-            a.distill_batch_size, a.distill_max_new_tokens = batch, 32
+            a = distill.parse_args(["--model", "m", "--data", "d", "--batch-size", str(batch), "--max-new-tokens",
+                                    "32"])
             path = os.path.join(args.work, "answers.jsonl")
             t0 = time.perf_counter()
-            train.distill(llava, tok, questions, path, a, lambda msg: None)
+            distill.distill(llava, tok, questions, path, a, lambda msg: None)
             os.remove(path)
             return time.perf_counter() - t0
         return run

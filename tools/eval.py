@@ -35,10 +35,9 @@ import torch
 import torch.distributed as dist
 
 import cli
-import dyrate
 import generate
 import processing
-from tools import viz
+from tools import beam, costs, fast, viz
 
 CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."  # lmms-eval's for LLaVA-1.5
 SHORT_SUFFIX = "\nAnswer the question using a single word or phrase."  # LLaVA-1.5's evaluation prompts
@@ -223,7 +222,7 @@ def progress(done, total, new, seconds, skipped):
           end="", file=sys.stderr, flush=True)
 
 
-def predict(llava, tok, chunk, method, args, predictor):
+def predict(llava, tok, chunk, args, rule):
     """One batch of records -> their prediction lines (a record whose image does not decode: a skipped line)."""
     todo, images, lines = [], [], []
     for r in chunk:
@@ -234,17 +233,20 @@ def predict(llava, tok, chunk, method, args, predictor):
             lines.append(dict(id=r["id"], skipped="unreadable image"))
     if not todo:
         return lines
-    out = generate.generate(llava, tok, images, [r["prompt"] for r in todo], **options(args, method, predictor))
-    for r, row in zip(todo, out.rows):
-        costs = {key: row[key] for key in row if key.removesuffix("_none").endswith(("flops", "bytes", "steps"))}
+    prompts = [r["prompt"] for r in todo]
+    out = beam.generate(llava, tok, images, prompts, args.max_new_tokens, args.num_beams, **options(args, rule)) \
+        if args.num_beams > 1 else generate.generate(llava, tok, images, prompts, args.max_new_tokens,
+                                                     **options(args, rule))
+    for r, row in zip(todo, costs.add(out.rows, llava.config)):
+        figures = {key: row[key] for key in row if key.removesuffix("_none").endswith(("flops", "bytes", "steps"))}
         lines.append(dict(id=r["id"], prediction=row["text"].strip(), new_tokens=len(row["token_ids"]),
                           kept_visual=row["kept_visual"], prefill_ms=out.prefill_ms,
-                          decode_ms_per_token=out.decode_ms_per_token, batch=len(todo), **costs,
+                          decode_ms_per_token=out.decode_ms_per_token, batch=len(todo), **figures,
                           **(dict(type_shares=row["type_shares"]) if args.figure2 else {})))
     return lines
 
 
-def run_method(llava, tok, records, method, args, predictor, log, rank=0, world=1):
+def run_method(llava, tok, records, method, args, rule, log, rank=0, world=1):
     """Predictions of one method for every record not done yet (--resume: by any earlier run), this rank's shard of
     them (records i with i % world == rank), streamed to its own file; then rank 0 merges every file in record order
     and scores them. Returns the scores (rank 0) or None."""
@@ -259,7 +261,7 @@ def run_method(llava, tok, records, method, args, predictor, log, rank=0, world=
     t0, new, skipped = time.perf_counter(), 0, sum("skipped" in p for p in done.values())
     with open(path, "a") as f:
         for i in range(rounds):
-            lines = predict(llava, tok, batches[i], method, args, predictor) if i < len(batches) else []
+            lines = predict(llava, tok, batches[i], args, rule) if i < len(batches) else []
             processing.append_lines(f, lines)
             counts = collective_sum([len(lines), sum("skipped" in line for line in lines)], args.device, world)
             count, skipped, new = count + counts[0], skipped + counts[1], new + counts[0]
@@ -322,11 +324,11 @@ def summarize(method, records, done, args, tokens_per_s, log):
     if not rows:
         raise ValueError(f"{method}: no record could be evaluated ({dict(skipped)}).")
     metrics = caption_scores(refs, preds) if args.task == "caption" else question_scores(args.task, preds, refs)
-    costs = {f"{budget}_ratio": dyrate.cost_ratio(rows, cost) for budget, cost in dyrate.COSTS.items()}
+    ratios = {f"{budget}_ratio": costs.cost_ratio(rows, cost) for budget, cost in costs.COSTS.items()}
     per_batch = {}  # timings are per generate() call: count each batch once
     for p in rows:
         per_batch.setdefault((p["prefill_ms"], p["decode_ms_per_token"]), p)
-    result = dict(method=method, task=args.task, records=len(preds), skipped=dict(skipped), **metrics, **costs,
+    result = dict(method=method, task=args.task, records=len(preds), skipped=dict(skipped), **metrics, **ratios,
                   mean_kept_image_tokens=sum(sum(p["kept_visual"]) / len(p["kept_visual"]) for p in rows) / len(rows),
                   mean_kv_bytes=sum(p["mean_kv_bytes"] for p in rows) / len(rows),
                   prefill_ms=sum(p["prefill_ms"] for p in per_batch.values()) / len(per_batch),
@@ -337,8 +339,8 @@ def summarize(method, records, done, args, tokens_per_s, log):
         processing.write_json(os.path.join(args.out, f"results-{method}.json"), results)  # COCO results format
     processing.write_json(os.path.join(args.out, f"metrics-{method}.json"), result)
     score = " | ".join(f"{k} {result[k]:.4f}" for k in metrics)
-    log(f"{method}: {score} | FLOPs {costs['flops_ratio']:.3f} (no-cache {costs['nocache_ratio']:.3f}), mean KV "
-        f"{costs['kv_ratio']:.3f} of none | image tokens kept {result['mean_kept_image_tokens']:.1f} | prefill "
+    log(f"{method}: {score} | FLOPs {ratios['flops_ratio']:.3f} (no-cache {ratios['nocache_ratio']:.3f}), mean KV "
+        f"{ratios['kv_ratio']:.3f} of none | image tokens kept {result['mean_kept_image_tokens']:.1f} | prefill "
         f"{result['prefill_ms']:.1f} ms, decode {result['decode_ms_per_token']:.2f} ms/token | {len(preds)} records"
         + (f", skipped {sum(skipped.values())} ({', '.join(f'{n} {w}' for w, n in skipped.items())})" if skipped
            else ""))
@@ -361,7 +363,7 @@ def parse_args(argv=None):
     g.add_argument("--images", required=True, help="the folder image paths are relative to")
     g.add_argument("--limit", type=int, default=None, help="only the first N records")
     cli.add_model_args(p)
-    g = cli.add_pruning_args(p, method="several")
+    g = cli.add_pruning_args(p, several=True)
     g.add_argument("--original", action="store_true", help="the original LLaVA-1.5 evaluation settings: vicuna_v1 "
                    "template and pad-to-square (the papers' numbers)")
     g.add_argument("--max-new-tokens", type=int, default=None, help="default 64 for captions (lmms-eval), 16 else")
@@ -392,10 +394,6 @@ def check_args(args):
         raise FileNotFoundError(f"{'--captions' if args.captions else '--questions'} {data!r} does not exist.")
     if not os.path.isdir(args.images):
         raise FileNotFoundError(f"--images {args.images!r} is not a folder.")
-    for m in args.methods:
-        if m not in dyrate.METHODS:
-            raise ValueError(f"unknown method {m!r} in --methods; choose from {', '.join(dyrate.METHODS)}")
-    cli.check_pruning_flags(args.methods, args.predictor)
     if args.figure2 and args.methods != ["none"]:
         raise ValueError("--figure2 measures the unpruned model: drop --methods (or give --methods none)")
     for name, value in (("--batch-size", args.batch_size), ("--limit", args.limit or 1),
@@ -431,11 +429,9 @@ def read_records(data, args, cfg, tok):
     return records
 
 
-def options(args, method, predictor):
-    """generate()'s arguments for one method."""
-    return dict(max_new_tokens=args.max_new_tokens, conv=args.conv, pad=args.pad, method=method, k=args.k,
-                ratio=args.ratio, predictor=predictor if method == "dyrate" else None, stats=args.figure2,
-                mass=args.mass, num_beams=args.num_beams)
+def options(args, rule):
+    """generate()'s (and beam search's) arguments for one rule."""
+    return dict(rule=rule, k=args.k, conv=args.conv, pad=args.pad, stats=args.figure2)
 
 
 def figure2(shares):
@@ -486,16 +482,20 @@ def main(argv=None):
         if world > 1:
             dist.barrier()  # every rank has checked OUT before any writes to it
         cfg, tok = cli.checkpoint(args.model)
-        predictor = cli.load_predictor(args.predictor, cfg, device)
+        rules = cli.rules(",".join(args.methods), args.predictor, cfg, device)
         records = read_records(data, args, cfg, tok)
         first = next(r for r in records if not r["skip"])
-        for m in args.methods:  # every option checked on a real record before the weights load
-            generate.prepare(cfg, tok, [first["image"]], [first["prompt"]], device, **options(args, m, predictor))
+        if args.num_beams > 1:
+            beam.check_options(args.num_beams, 1, 1.0)
+        for rule in rules.values():  # every option checked on a real record before the weights load
+            generate.make_batch(cfg, tok, [first["image"]], [first["prompt"]], args.max_new_tokens, device=device,
+                                **options(args, rule))
         log(f"{len(records)} records ({data}), task {args.task}")
         llava = cli.load_model(args.model, device, cli.dtype(args.dtype, device), log)
+        llava.cache_class = fast.FastKVCache  # decode-time drops compacted by moves (the same tokens, less work)
         try:
             with cli.sigterm_raises_stop():
-                results = [run_method(llava, tok, records, m, args, predictor, log, rank, world) for m in args.methods]
+                results = [run_method(llava, tok, records, m, args, rules[m], log, rank, world) for m in args.methods]
         except cli.INTERRUPTS as e:
             print(file=sys.stderr)
             sys.exit(f"interrupted: the predictions so far are in {args.out}; rerun with --resume to continue"

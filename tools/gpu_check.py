@@ -50,7 +50,7 @@ def run_pytest(args):
 
 def run_bench(args):
     """bench.py on random weights of LLaVA-1.5-7B's geometry (on a dry run: tiny, the compile path with aot_eager)."""
-    methods = "none,none+compile,fastv,dyrate,dyrate+compile,dyrate-ramp,dyrate-ramp+compile,transformers"
+    methods = "none,none+compile,fastv,dyrate,dyrate+compile,ramp,ramp+compile,transformers"
     cmd = [sys.executable, "-m", "tools.bench", "--geometry", geometry(args.dry_run), "--device", args.device,
            "--dtype", "bfloat16" if not args.dry_run else "float32", "--methods", methods, "--batch-sizes",
            "1,16" if not args.dry_run else "1", "--repeats", "2" if not args.dry_run else "1", "--new-tokens",
@@ -94,8 +94,8 @@ def run_generate(args):
     image = os.path.join(args.work, "image.png")
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)).save(image)
     runs = {}
-    for name, kw in (("none", {}), ("fastv", dict(method="fastv", ratio=0.5)),
-                     ("dyrate ramp", dict(method="dyrate", schedule=[0.5 + 0.5 * t / 63 for t in range(64)]))):
+    for name, kw in (("none", {}), ("fastv", dict(rule="fastv:ratio=0.5")),
+                     ("ramp", dict(rule="ramp:start=0.5:steps=64"))):
         generate.generate(llava, tok, [image], ["Describe the image in detail."], 4, **kw)  # warm-up
         out = generate.generate(llava, tok, [image], ["Describe the image in detail."], 64, **kw)
         runs[name] = dict(prefill_ms=out.prefill_ms, decode_tokens_per_s=1e3 / out.decode_ms_per_token,

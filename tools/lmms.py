@@ -21,6 +21,7 @@ import gc
 import os
 import sys
 from collections import defaultdict
+from dataclasses import fields
 
 import torch
 from lmms_eval.api.model import lmms
@@ -29,6 +30,7 @@ from lmms_eval.models.registry_v2 import ModelManifest
 import cli
 import dyrate
 import generate
+from tools import beam, costs, fast
 
 MANIFEST = ModelManifest(model_id="dyrate", simple_class_path="tools.lmms.DyRate")
 
@@ -42,18 +44,21 @@ class DyRate(lmms):
     """LLaVA-1.5 (model.py) with a visual-token pruning method (dyrate.py), for lmms-eval's simple tasks."""
     is_simple = True
 
-    def __init__(self, model=cli.SHAPES_MODEL, method="none", k=None, ratio=0.5, mass=0.05, predictor=None,
-                 conv="vicuna_v1", pad=True, dtype=None, device=None, batch_size=1, num_beams=1, **unused):
+    def __init__(self, model=cli.SHAPES_MODEL, method="none", k=None, predictor=None, conv="vicuna_v1", pad=True,
+                 dtype=None, device=None, batch_size=1, num_beams=1, **params):
         super().__init__()
         with cli.user_errors():  # the command line's errors: one line, before anything loads
-            cli.check_pruning_flags([method], predictor)
             self._device = cli.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
             self.cfg, self.tok = cli.checkpoint(model)
-            self.predictor = cli.load_predictor(predictor, self.cfg, self._device)
-            self.options = dict(method=method, k=None if k is None else int(k), ratio=float(ratio),
-                                mass=float(mass), predictor=self.predictor, conv=conv, pad=flag(pad), stats=False)
+            rule_params = {key: value for key, value in params.items()  # e.g. method=fastv,ratio=0.75
+                           if key in {f.name for f in fields(dyrate.RULES.get(method.split(":")[0], dyrate.Rule))}}
+            spec = method + "".join(f":{key}={value}" for key, value in rule_params.items())
+            self.options = dict(rule=cli.rule(spec, predictor, self.cfg, self._device), conv=conv, pad=flag(pad),
+                                k=None if k is None else int(k), stats=False)
+            self.method = spec
             self.batch_size_per_gpu, self.num_beams = int(batch_size), int(num_beams)
             self.llava = cli.load_model(model, self._device, cli.dtype(dtype, self._device))
+            self.llava.cache_class = fast.FastKVCache  # as tools/eval.py: the same tokens, less work
         self.costs = {}  # task -> its pruning costs, after generate_until
 
     @property
@@ -94,10 +99,15 @@ class DyRate(lmms):
             images.append(visuals[0])
         prompts = [ctx.replace("<image>", "").strip() for ctx, *_ in args]  # the template places the image
         temperature = float(gen_kwargs.get("temperature") or 0.0)
-        out = generate.generate(self.llava, self.tok, images, prompts, int(gen_kwargs.get("max_new_tokens") or 1024),
-                                temperature=temperature if gen_kwargs.get("do_sample", temperature > 0) else 0.0,
-                                top_p=float(gen_kwargs.get("top_p") or 1.0),
-                                num_beams=int(gen_kwargs.get("num_beams") or self.num_beams), **self.options)
+        max_new, num_beams = int(gen_kwargs.get("max_new_tokens") or 1024), int(gen_kwargs.get("num_beams") or
+                                                                                 self.num_beams)
+        if num_beams > 1:
+            out = beam.generate(self.llava, self.tok, images, prompts, max_new, num_beams, **self.options)
+        else:
+            out = generate.generate(self.llava, self.tok, images, prompts, max_new, **self.options,
+                                    temperature=temperature if gen_kwargs.get("do_sample", temperature > 0) else 0.0,
+                                    top_p=float(gen_kwargs.get("top_p") or 1.0))
+        costs.add(out.rows, self.cfg)
         texts = []
         for row in out.rows:
             text = row["text"]
@@ -109,10 +119,10 @@ class DyRate(lmms):
     def log_costs(self, rows):
         """Each task's pruning costs over its answers, as ratios to none's, in `.costs` and on stderr."""
         for task, task_rows in rows.items():
-            self.costs[task] = dict({f"{b}_ratio": dyrate.cost_ratio(task_rows, c) for b, c in dyrate.COSTS.items()},
+            self.costs[task] = dict({f"{b}_ratio": costs.cost_ratio(task_rows, c) for b, c in costs.COSTS.items()},
                                     mean_kept_image_tokens=sum(sum(r["kept_visual"]) / len(r["kept_visual"])
                                                                for r in task_rows) / len(task_rows),
-                                    answers=len(task_rows), method=self.options["method"])
+                                    answers=len(task_rows), method=self.method)
             c = self.costs[task]
             print(f"dyrate {task}: {c['method']} | FLOPs {c['flops_ratio']:.3f} | mean KV {c['kv_ratio']:.3f} | "
                   f"no-cache FLOPs {c['nocache_ratio']:.3f} of none | image tokens kept "

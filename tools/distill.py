@@ -1,0 +1,95 @@
+"""
+Self-distillation, the step before training (as nanoGPT's data/*/prepare.py precedes its train.py): the frozen
+unpruned model's greedy answer for every record that has none, appended batch by batch to DATA.answers.jsonl (one
+file per torchrun rank, DATA.answers.rankR.jsonl), keyed by model, template, answer length and prompt, where
+train.py finds them. A rerun answers only what is missing; an interrupt loses one batch at most; a record whose image
+does not decode is recorded as such (train.py skips and counts it).
+
+    python -m tools.distill --model DIR --data train.jsonl                  # then: python train.py --data train.jsonl
+    torchrun --nproc_per_node=8 -m tools.distill --model DIR --data train.jsonl --batch-size 16
+"""
+import argparse
+import sys
+import time
+
+import torch.distributed as dist
+
+import cli
+import generate
+import processing
+import train
+
+
+def answers_file(data, rank=0):
+    """Where a rank appends the answers it distils (one file per rank: no two processes write one file)."""
+    return f"{data}.answers.jsonl" if rank == 0 else f"{data}.answers.rank{rank}.jsonl"
+
+
+def distill(model, tok, todo, path, args, log):
+    """The unpruned model's greedy answers for the samples `todo`, in batches through generate(), each batch appended
+    to `path` when it finishes; a sample whose image does not decode is recorded as such. A progress line (done/total,
+    samples/s, ETA) every 10 s."""
+    t0 = last = time.perf_counter()
+    with open(path, "a") as f:
+        for i in range(0, len(todo), args.batch_size):
+            chunk, images, lines = [], [], []
+            for s in todo[i:i + args.batch_size]:
+                try:
+                    images.append(processing.load_image(s.image))
+                    chunk.append(s)
+                except (ValueError, OSError):
+                    lines.append(dict(key=s.key, skipped="unreadable image"))
+            if chunk:
+                rows = generate.generate(model, tok, images, [s.prompt for s in chunk], args.distill_max_new_tokens,
+                                         conv=args.conv, pad=args.pad, stats=False).rows
+                lines += [dict(key=s.key, answer=row["token_ids"]) for s, row in zip(chunk, rows)]
+            processing.append_lines(f, lines)
+            done, now = min(i + args.batch_size, len(todo)), time.perf_counter()
+            if now - last >= 10 or done == len(todo):
+                rate = done / (now - t0)
+                log(f"distilled {done}/{len(todo)} answers with the unpruned model | {rate:.2f} samples/s | ETA "
+                    f"{(len(todo) - done) / rate / 60:.1f} min")
+                last = now
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Answer the records that have no answer with the unpruned model (greedy), "
+                                            "for train.py.")
+    cli.add_model_args(p, default_model=None, required=True)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, help="JSONL ({image, prompt, answer?}) or LLaVA conversation JSON")
+    g.add_argument("--image-folder", default=None, help="folder image paths are relative to (default: the data file's)")
+    g.add_argument("--conv", choices=sorted(processing.TEMPLATES), default="llava-hf", help="prompt template")
+    g.add_argument("--pad", action="store_true", help="pad images to a square first (original LLaVA)")
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", dest="distill_max_new_tokens", type=train.number(int, 1),
+                   default=train.ANSWER_TOKENS, help="answer length (train.py --distill-max-new-tokens, if not this "
+                   "default)")
+    g.add_argument("--batch-size", type=train.number(int, 1), default=8, help="samples per generate() call")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with cli.user_errors():  # every check that needs no weights, then torchrun, the data, and the weights if needed
+        train.check_files((("--data", args.data),), args.image_folder)
+        rank, world, device = cli.distributed(cli.device(args.device))
+        log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
+        cfg, tok = cli.checkpoint(args.model)
+        samples = train.load_samples(args.data, cfg, tok, args, log, need_answers=False)[0]
+        todo = [s for s in samples if s.answer is None]
+        model = cli.load_model(args.model, device, cli.dtype(args.dtype, device), log) if todo else None
+    if todo:
+        distill(model, tok, todo[rank::world], answers_file(args.data, rank), args, log)
+    if world > 1:
+        dist.barrier()  # every rank's share is on disk
+        dist.destroy_process_group()
+    log(f"{len(todo)} answers written next to {args.data}; train.py reads them" if todo else
+        f"nothing to distil: every record of {args.data} has an answer")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit("interrupted: the answers of the finished batches are saved; rerun to distil the rest")

@@ -221,6 +221,18 @@ class FastV(Rule):
 
 
 @dataclass
+class Random(FastV):
+    """A baseline: FastV's step and ratio, but the dropped image tokens drawn uniformly at random, row b of a batch
+    seeded with seed + b."""
+    seed: int = 0
+
+    def ranking(self, step, scores):
+        g = torch.Generator(scores.device)
+        return torch.stack([torch.rand(scores.shape[1], generator=g.manual_seed(self.seed + b), device=scores.device)
+                            for b in range(len(scores))])  # (B, N)
+
+
+@dataclass
 class VTW(Rule):
     """VTW: withdraw every image token before layer K, at the prefill (nothing to rank)."""
 
@@ -301,7 +313,8 @@ class Mass(Rule):
         return 1 - keep / kept_mask.shape[1]
 
 
-RULES = {"none": Rule, "fastv": FastV, "vtw": VTW, "schedule": Schedule, "ramp": Ramp, "dyrate": Learned, "mass": Mass}
+RULES = {"none": Rule, "fastv": FastV, "vtw": VTW, "schedule": Schedule, "ramp": Ramp, "dyrate": Learned, "mass": Mass,
+         "random": Random}
 
 
 def parse_rule(spec, cfg=None, device="cpu"):

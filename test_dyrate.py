@@ -381,3 +381,33 @@ def test_mass_rule(ours):
             L = int(lengths[b])
             run_steps(llava, ids[b:b + 1, :L], lengths[b:b + 1], px[b:b + 1], alone, 8)
             assert [int(h.kept_count[0]) for h in alone.history] == kept[:, b].tolist(), (eps, b)
+
+
+def test_random_rule_drops_fastvs_count_uniformly_at_random(ours):
+    """random: FastV's step and count, the tokens drawn at random (each row by its own seed, so a row alone drops what
+    it drops in a batch), the same set for the same seed; over many seeds every image token goes about as often."""
+    llava, _ = ours
+    ids, lengths, px, starts = two_rows(ours)
+    fastv = dyrate.Pruner(dyrate.FastV(0.75), N_IMAGE, starts, lengths, K)
+    run_steps(llava, ids, lengths, px, fastv, 4)
+    dropped = []
+    for seed in range(40):
+        rule = dyrate.parse_rule(f"random:ratio=0.75:seed={seed}")
+        pruner = dyrate.Pruner(rule, N_IMAGE, starts, lengths, K)
+        run_steps(llava, ids, lengths, px, pruner, 4)
+        assert [h.kept_count.tolist() for h in pruner.history] == [h.kept_count.tolist() for h in fastv.history]
+        assert not any(h.dropped_mask.any() for h in pruner.history[1:])  # at the prefill only, as FastV
+        dropped.append(pruner.history[0].dropped_mask)  # (B, N)
+        if seed < 2:
+            again = dyrate.Pruner(rule, N_IMAGE, starts, lengths, K)
+            run_steps(llava, ids, lengths, px, again, 1)
+            assert torch.equal(again.history[0].dropped_mask, dropped[-1])
+            alone = dyrate.Pruner(rule, N_IMAGE, starts[:1], lengths[:1], K)
+            L = int(lengths[0])
+            run_steps(llava, ids[:1, :L], lengths[:1], px[:1], alone, 1)
+            assert torch.equal(alone.history[0].dropped_mask[0], dropped[-1][0])
+    dropped = torch.stack(dropped).float()  # (seeds, B, N)
+    assert not torch.equal(dropped[0], dropped[1]) and not torch.equal(dropped[0, 0], dropped[0, 1])
+    assert not torch.equal(dropped[0], fastv.history[0].dropped_mask.float())
+    share = dropped.mean((0, 1))  # (N,) how often each token went: 0.75 on average, none always kept or always gone
+    assert abs(float(share.mean()) - 0.75) < 1e-6 and 0.4 < float(share.min()) and float(share.max()) < 1.0

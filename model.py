@@ -1,14 +1,7 @@
 """
-LLaVA-1.5 written from scratch: CLIP ViT-L/14-336 -> 2-layer GELU projector -> Llama (Vicuna).
-
-Loads the public llava-hf safetensors checkpoints (llava-hf/llava-1.5-7b-hf, -13b-hf) from a local folder and
-computes what HF transformers' LlavaForConditionalGeneration computes (tests/test_model.py checks it). Module names
-mirror the checkpoint keys, so loading is one key canonicalisation plus a strict, shape-checked copy.
-
-Read top to bottom: configs, the CLIP vision tower, the projector, the Llama decoder with its KV cache, the LLaVA
-wrapper (prefill, decode_step) and its loader. dyrate.py plugs in at one place, the `pruner` argument of
-LlamaModel.forward; LlamaAttention hands a float training key mask to dyrate.masked_attention. The fast path
-(tools/fast.py: compiled decode, chunked prefill) plugs in through Llava.cache_class and LlamaModel.layers_forward.
+LLaVA-1.5 from scratch: CLIP ViT-L/14-336 -> 2-layer GELU projector -> Llama (Vicuna), computing what transformers'
+LlavaForConditionalGeneration computes (tests/test_model.py); module names mirror the llava-hf checkpoint keys. Seams:
+LlamaModel.forward's `pruner` (dyrate.py); Llava.cache_class and LlamaModel.layers_forward (tools/fast.py).
 
     model = Llava.from_pretrained("path/to/llava-1.5-7b-hf", device="cuda", dtype=torch.float16)
 """
@@ -71,125 +64,83 @@ class LlavaConfig:
     projector_hidden_act: str = "gelu"  # NOTE: exact (erf) GELU here, unlike CLIP's quick_gelu
 
     @property
-    def n_image_tokens(self):
-        """Image features (= image token ids in the prompt) per image: 576 for LLaVA-1.5."""
-        n = (self.vision.image_size // self.vision.patch_size) ** 2
-        return n + (self.vision_feature_select_strategy == "full")
+    def n_image_tokens(self):  # image features = image token ids in the prompt, per image: 576 for LLaVA-1.5
+        return (self.vision.image_size // self.vision.patch_size) ** 2 + (self.vision_feature_select_strategy == "full")
 
     @property
-    def n_vision_layers_used(self):
-        """CLIP blocks that run: hidden_states[f] is the output of block f-1, hidden_states[0] the embeddings."""
-        f = self.vision_feature_layer
-        return f if f >= 0 else self.vision.num_hidden_layers + 1 + f
+    def n_vision_layers_used(self):  # hidden_states[f] is the output of block f-1, hidden_states[0] the embeddings
+        return self.vision_feature_layer % (self.vision.num_hidden_layers + 1)
 
     def check_length(self, n_tokens):
         limit = self.text.max_position_embeddings
         if n_tokens > limit:
-            raise ValueError(f"{n_tokens} tokens (prompt with its {self.n_image_tokens} image tokens, plus new "
-                             f"tokens) exceed the model's context of {limit}: shorten the prompt or ask for fewer "
-                             f"tokens.")
+            raise ValueError(f"{n_tokens} tokens (prompt with its {self.n_image_tokens} image tokens, plus new tokens) "
+                             f"exceed the model's context of {limit}: shorten the prompt or ask for fewer tokens.")
 
     @classmethod
     def from_json(cls, path):
+        """config.json's values over our defaults (null = absent), or a ValueError saying what is wrong."""
         try:
             with open(path) as f:
                 d = json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path} is not valid JSON ({e}); the download may be incomplete.") from None
-        parts = [("the file", d)] + [(key, d.get(key)) for key in ("text_config", "vision_config")
-                                     if isinstance(d, dict) and d.get(key) is not None]
-        for what, v in parts:
+        subs = ("text_config", "vision_config")
+        for what, v in [("the file", d)] + [(k, d[k]) for k in subs if isinstance(d, dict) and d.get(k) is not None]:
             if not isinstance(v, dict):
-                raise ValueError(f"{path}: {what} must be a JSON object, got {type(v).__name__}; is this a "
-                                 f"LLaVA-1.5 config.json?")
-        tc = d.get("text_config") or {}
+                raise ValueError(f"{path}: {what} must be a JSON object, not {type(v).__name__}: is this LLaVA-1.5's?")
+        tc, vc = (d.get(k) or {} for k in subs)
         rope = tc.get("rope_parameters") or tc.get("rope_scaling") or {}  # newer files keep theta in rope_parameters
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise ValueError(f"{path}: RoPE scaling {rope} is not supported; LLaVA-1.5 uses plain RoPE.")
 
-        def pick(dc, src):  # the keys the file gives; absent or null ones keep our (LLaVA-1.5-7B) defaults
+        def pick(dc, src):  # the fields src gives, type-checked against our defaults' types
             given = {f.name: src[f.name] for f in fields(dc) if src.get(f.name) is not None}
-            for f in fields(dc):
-                want, value = type(f.default), given.get(f.name)
-                if f.name not in given or want not in (int, float, str):
-                    continue
-                if f.name in ("eos_token_id", "vision_feature_layer") and isinstance(value, list):
-                    continue  # these lists get their own message below
-                if isinstance(value, bool) or not isinstance(value, (int, float) if want is float else want):
-                    raise ValueError(f"{path}: {f.name} = {value!r} is not of type {want.__name__}.")
+            for name, value in given.items():
+                default = getattr(dc, name, None)  # None for the nested configs
+                want = (int, float) if type(default) is float else type(default)
+                if type(default) in (int, float, str) and (isinstance(value, bool) or not isinstance(value, want)):
+                    raise ValueError(f"{path}: {name} = {value!r} is not of type {type(default).__name__} "
+                                     f"(LLaVA-1.5-7B has {default!r}).")
             return dc(**given)
         text = pick(TextConfig, {"rope_theta": rope.get("rope_theta"), **tc})
         text.num_key_value_heads = tc.get("num_key_value_heads") or text.num_attention_heads
         text.head_dim = tc.get("head_dim") or text.hidden_size // text.num_attention_heads
         cfg = pick(cls, {**d, **{k: tc[k] for k in ("bos_token_id", "eos_token_id") if tc.get(k) is not None}})
-        cfg.vision, cfg.text = pick(VisionConfig, d.get("vision_config") or {}), text
-        for ok, what in [(text.hidden_act == "silu", f"text hidden_act {text.hidden_act!r}"),
-                         (cfg.vision.hidden_act in ("quick_gelu", "gelu"),
-                          f"vision hidden_act {cfg.vision.hidden_act!r}"),
+        cfg.vision, cfg.text = pick(VisionConfig, vc), text
+        v, strategy = cfg.vision, cfg.vision_feature_select_strategy
+        for ok, what in [(rope.get("rope_type", rope.get("type", "default")) == "default", f"RoPE scaling {rope}"),
+                         (text.hidden_act == "silu", f"text hidden_act {text.hidden_act!r}"),
+                         (v.hidden_act in ("quick_gelu", "gelu"), f"vision hidden_act {v.hidden_act!r}"),
                          (cfg.projector_hidden_act == "gelu", f"projector_hidden_act {cfg.projector_hidden_act!r}"),
-                         (isinstance(cfg.vision_feature_layer, int), "vision_feature_layer list (LLaVA-1.5 uses -2)"),
-                         (cfg.vision_feature_select_strategy in ("default", "full"), "vision_feature_select_strategy"),
-                         (isinstance(cfg.eos_token_id, int), "eos_token_id list"),
+                         (strategy in ("default", "full"), f"vision_feature_select_strategy {strategy!r}"),
                          (text.num_attention_heads % text.num_key_value_heads == 0, "key/value head count")]:
             if not ok:
                 raise ValueError(f"{path}: unsupported {what}. This is a LLaVA-1.5 (CLIP + Llama) implementation.")
         return cfg
 
 
-def quick_gelu(x):
-    return x * torch.sigmoid(1.702 * x)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
-# CLIP vision tower (vision_tower.vision_model.*)
-
-
-class CLIPAttention(nn.Module):
-    def __init__(self, cfg: VisionConfig):
-        super().__init__()
-        self.n_head = cfg.num_attention_heads
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-
-    def forward(self, x):
-        B, T, C = x.shape
-        hs = C // self.n_head
-        projections = (self.q_proj, self.k_proj, self.v_proj)
-        q, k, v = (proj(x).view(B, T, self.n_head, hs).transpose(1, 2) for proj in projections)  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, scale=hs ** -0.5)  # (B, nh, T, hs), bidirectional
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
-
-
-class CLIPMLP(nn.Module):
-    def __init__(self, cfg: VisionConfig):
-        super().__init__()
-        self.act = quick_gelu if cfg.hidden_act == "quick_gelu" else F.gelu
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+# CLIP vision tower (vision_tower.vision_model.*) and the projector (multi_modal_projector.*)
 
 
 class CLIPEncoderLayer(nn.Module):
+    """A pre-LN ViT block: bidirectional attention, its projections with biases; an MLP with quick_gelu."""
+
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.self_attn = CLIPAttention(cfg)
-        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.mlp = CLIPMLP(cfg)
-        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        C, self.n_head, self.quick_gelu = cfg.hidden_size, cfg.num_attention_heads, cfg.hidden_act == "quick_gelu"
+        self.self_attn = nn.ModuleDict({name: nn.Linear(C, C) for name in ("q_proj", "k_proj", "v_proj", "out_proj")})
+        self.layer_norm1 = nn.LayerNorm(C, eps=cfg.layer_norm_eps)
+        self.mlp = nn.ModuleDict(dict(fc1=nn.Linear(C, cfg.intermediate_size), fc2=nn.Linear(cfg.intermediate_size, C)))
+        self.layer_norm2 = nn.LayerNorm(C, eps=cfg.layer_norm_eps)
 
     def forward(self, x):
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
-
-
-class CLIPEncoder(nn.Module):
-    def __init__(self, cfg: VisionConfig):
-        super().__init__()
-        self.layers = nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        (B, T, C), attn, mlp = x.shape, self.self_attn, self.mlp
+        h, hs = self.layer_norm1(x), C // self.n_head
+        q, k, v = [attn[name](h).view(B, T, self.n_head, hs).transpose(1, 2) for name in ("q_proj", "k_proj", "v_proj")]
+        y = F.scaled_dot_product_attention(q, k, v, scale=hs ** -0.5)  # (B, nh, T, hs)
+        x = x + attn.out_proj(y.transpose(1, 2).reshape(B, T, C))
+        h = mlp.fc1(self.layer_norm2(x))
+        return x + mlp.fc2(h * torch.sigmoid(1.702 * h) if self.quick_gelu else F.gelu(h))
 
 
 class CLIPVisionEmbeddings(nn.Module):
@@ -212,7 +163,8 @@ class CLIPVisionTransformer(nn.Module):
         super().__init__()
         self.embeddings = CLIPVisionEmbeddings(cfg)
         self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # NOTE: HF's spelling, kept
-        self.encoder = CLIPEncoder(cfg)
+        self.encoder = nn.ModuleDict(dict(layers=nn.ModuleList(CLIPEncoderLayer(cfg)
+                                                               for _ in range(cfg.num_hidden_layers))))
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # in the checkpoint, unused
 
     def forward(self, pixel_values, n_layers):
@@ -221,12 +173,6 @@ class CLIPVisionTransformer(nn.Module):
         for layer in self.encoder.layers[:n_layers]:
             x = layer(x)
         return x  # (B, 577, C)
-
-
-class CLIPVisionModel(nn.Module):
-    def __init__(self, cfg: VisionConfig):
-        super().__init__()
-        self.vision_model = CLIPVisionTransformer(cfg)
 
 
 class LlavaMultiModalProjector(nn.Module):
@@ -240,7 +186,7 @@ class LlavaMultiModalProjector(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Llama decoder (language_model.*)
+# Llama decoder (language_model.model.*) with its KV cache
 
 
 class LlamaRMSNorm(nn.Module):
@@ -259,21 +205,11 @@ def rope_inv_freq(cfg: TextConfig, device=None):
     return 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float, device=device) / cfg.head_dim))
 
 
-def apply_rope(x, cos, sin):
-    """Rotate-half RoPE (HF layout, so HF q/k weights load unpermuted). x (B, nh, T, hs), cos/sin (B, 1, T, hs)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
 class KVCache:
-    """One decoder layer's keys and values (gpt-fast style): preallocated at the first write (the prompt) plus
-    `max_new` more tokens, so a layer that dropped tokens at prefill (dyrate.py) is physically smaller.
-
-    Each row keeps its own valid length and each slot the RoPE position of the token in it, so rows of different
-    lengths share a batch and layers can hold different numbers of positions; attention masks the slots at or past a
-    row's length (junk, but finite). Host side, `used` bounds the lengths (it changes only in reserve()), and attention
-    reads slots [0, used). drop() forgets slots at a decode step, on the device; every update is in place.
-    """
+    """One decoder layer's keys and values (gpt-fast style), allocated at the first write (the prompt) plus `max_new`
+    slots. Each row has its own length and each slot its token's RoPE position, so ragged rows share a batch and
+    layers hold different numbers of tokens. Attention reads slots [0, used) (`used`: on the host, a bound of the
+    lengths) and masks those at or past a row's length (zeros or junk, but finite). Updates are in place."""
 
     def __init__(self, batch, max_new, n_kv_heads, head_dim, dtype, device):
         self.shape, self.dtype, self.device, self.max_new = (batch, n_kv_heads, head_dim), dtype, device, max_new
@@ -283,14 +219,12 @@ class KVCache:
 
     def reserve(self, T):
         """Before a chunk of T tokens is written (LlamaModel.run): the first call allocates T + max_new slots."""
-        if self.k is None:
+        self.fresh = self.k is None
+        if self.fresh:
             (b, nkv, hs), S = self.shape, T + self.max_new
-            # zeros: a ragged batch reads (masked) slots it never wrote, which must be finite
             self.k = torch.zeros(b, nkv, S, hs, dtype=self.dtype, device=self.device)
             self.v = torch.zeros_like(self.k)
             self.pos = torch.full((b, S), -1, dtype=torch.long, device=self.device)  # -1 = never written
-        else:
-            self.fresh = False
         assert self.used + T <= self.k.shape[2], "KV cache overflow: more new tokens than max_new"
         self.used += T
 
@@ -304,24 +238,20 @@ class KVCache:
             return k, v, causal_mask(torch.zeros_like(n_valid), T, T)
         base = self.length.clone()
         slots = base[:, None] + torch.arange(T, device=k.device)  # (B, T), junk tokens of short rows included
-        idx = slots[:, None, :, None].expand_as(k)
-        self.k.scatter_(2, idx, k)
-        self.v.scatter_(2, idx, v)
+        for buf, new in ((self.k, k), (self.v, v)):
+            buf.scatter_(2, slots[:, None, :, None].expand_as(new), new)
         self.pos.scatter_(1, slots, positions)
         self.length.add_(n_valid)
         return self.read(base, T)
 
     def read(self, base, T):
-        """Slots [0, used) and the mask of those the T new queries see (their row's, up to their own: base (B,) is
-        the row's length before them)."""
+        """Slots [0, used) and the mask of those the T new queries see; base (B,): the row lengths before them."""
         return self.k[:, :, :self.used], self.v[:, :, :self.used], causal_mask(base, T, self.used)
 
     def drop(self, gone):
-        """Physical dropping at a decode step: each row forgets the slots gone (B, S) marks, its kept slots moving to
-        its front in order (a stable sort, as dyrate.kept_slots). All on the device: nothing is read back to the host,
-        so `used` stays an upper bound of the new lengths. NOTE: attention still reads the freed slots, masked."""
-        B, nkv, _, hs = self.k.shape
-        U = self.used
+        """Each row forgets the slots gone (B, S) marks, its kept slots moving to its front in order (a stable sort,
+        as dyrate.kept_slots). Nothing is read back to the host, so `used` stays an upper bound of the lengths."""
+        (B, nkv, _, hs), U = self.k.shape, self.used
         keep = ~gone[:, :U] & (torch.arange(U, device=gone.device) < self.length[:, None])  # (B, U)
         order = (~keep).to(torch.int8).argsort(dim=1, stable=True)  # kept first, in their order; the rest is junk
         for buf in (self.k, self.v):
@@ -336,6 +266,16 @@ def causal_mask(base, T, S):
     return (torch.arange(S, device=base.device) <= q[:, :, None])[:, None]
 
 
+def repeat_kv(k, n_rep):  # (B, nkv, S, hs) -> (B, nkv * n_rep, S, hs): each key/value head serves n_rep query heads
+    return k if n_rep == 1 else k.repeat_interleave(n_rep, dim=1)
+
+
+def attention_probs(q, k, mask, scale):
+    """softmax(q k^T) in fp32: q (B, nh, R, hs), k (B, nkv, S, hs), mask (B, 1, R, S) -> (B, nh, R, S)."""
+    scores = (q.float() @ repeat_kv(k, q.shape[1] // k.shape[1]).float().transpose(-1, -2)) * scale
+    return scores.masked_fill(~mask, float("-inf")).softmax(-1)
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -346,30 +286,26 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x, rope, cache=None, n_valid=None, probe_rows=None, key_weight=None):
-        """x (B, T, C). rope = (cos, sin, positions). Without a cache the chunk attends to itself (causal).
-        probe_rows (B, R): also return those query rows' attention probabilities (B, nh, R, S), from this forward.
-        key_weight (B, T, S): bool, a key mask joining the causal one; float in [0, 1], multiplies each query's
-        attention over the keys, then renormalises (dyrate.py's differentiable masked softmax for training)."""
-        B, T, _ = x.shape
-        cos, sin, positions = rope
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        fresh = cache is None or cache.fresh  # then the mask is the plain causal triangle
+        """x (B, T, C), rope = (cos, sin, positions); without a cache the chunk attends to itself. probe_rows (B, R):
+        also return those query rows' attention (B, nh, R, S). key_weight (B, T, S): a bool key mask joining the
+        causal one, or float weights in [0, 1] (training: dyrate.masked_attention renormalises them)."""
+        (B, T, _), (cos, sin, positions) = x.shape, rope
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = [p(x).view(B, T, -1, self.head_dim).transpose(1, 2) for p in projections]  # (B, nh or nkv, T, hs)
+        half = self.head_dim // 2  # NOTE: rotate-half RoPE (HF's layout), so HF's q/k weights load unpermuted
+        q, k = [t * cos + torch.cat((-t[..., half:], t[..., :half]), dim=-1) * sin for t in (q, k)]
         if cache is None:
             mask = causal_mask(torch.zeros(B, dtype=torch.long, device=x.device), T, T)  # (B, 1, T, T)
         else:
-            k, v, mask = cache.update(k, v, positions, n_valid)  # mask (B, 1, T, S)
-        scale, n_rep = self.head_dim ** -0.5, self.n_head // self.n_kv_head
-        probs = None
+            k, v, mask = cache.update(k, v, positions, n_valid)  # (B, nkv, S, hs), mask (B, 1, T, S)
+        causal = (cache is None or cache.fresh) and key_weight is None  # the mask is the plain triangle
+        scale, n_rep, probs = self.head_dim ** -0.5, self.n_head // self.n_kv_head, None
         if probe_rows is not None and T == 1:  # a decode step's only row is probed: its attention, once, explicitly
             probs = attention_probs(q, k, mask, scale)  # (B, nh, 1, S)
             y = (probs @ repeat_kv(v, n_rep).float()).to(v.dtype)  # NOTE: rounds unlike SDPA (see test_model.py)
         elif key_weight is None or key_weight.dtype == torch.bool:  # a hard key mask joins the causal one
-            fresh = fresh and key_weight is None
             mask = mask if key_weight is None else mask & key_weight[:, None]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if fresh else mask, is_causal=fresh,
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
                                                scale=scale, enable_gqa=n_rep > 1)
         else:
             y = dyrate.masked_attention(attention_probs(q, k, mask, scale), key_weight[:, None], repeat_kv(v, n_rep))
@@ -378,18 +314,6 @@ class LlamaAttention(nn.Module):
             probs = attention_probs(q.gather(2, rows.expand(-1, self.n_head, -1, self.head_dim)), k,
                                     mask.gather(2, rows.expand(-1, -1, -1, mask.shape[3])), scale)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), probs
-
-
-def repeat_kv(k, n_rep):
-    """(B, nkv, S, hs) -> (B, nkv * n_rep, S, hs): each key/value head serves n_rep query heads."""
-    return k if n_rep == 1 else k.repeat_interleave(n_rep, dim=1)
-
-
-def attention_probs(q, k, mask, scale):
-    """Explicit softmax(q k^T) in fp32 for the given query rows: q (B, nh, R, hs), k (B, nkv, S, hs),
-    mask (B, 1, R, S)."""
-    scores = (q.float() @ repeat_kv(k, q.shape[1] // k.shape[1]).float().transpose(-1, -2)) * scale  # (B, nh, R, S)
-    return scores.masked_fill(~mask, float("-inf")).softmax(-1)
 
 
 class LlamaMLP(nn.Module):
@@ -431,83 +355,64 @@ class LlamaModel(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype), positions
 
     def run(self, lo, hi, x, positions, n_valid, caches=None, probe_rows=None, key_weight=None, checkpoint=False):
-        """Layers lo .. hi-1 on x (B, T, C); the last of them also returns the attention probabilities of the query
-        rows probe_rows (B, R), else None. The caches' host-side counts move here, outside the layers' forward.
-        checkpoint=True (training): each layer keeps only its inputs for the backward pass and runs again there
-        (activation checkpointing)."""
+        """Layers lo .. hi-1 on x (B, T, C), the last also returning the attention of the rows probe_rows (B, R). The
+        caches' host-side counts move here; layers_forward is the seam tools/fast.py replaces (compiled, row chunks)."""
         for cache in caches[lo:hi] if caches is not None else ():
             cache.reserve(x.shape[1])
-        # the seam for speed: tools/fast.py replaces self.layers_forward on the instance (compiled, row chunks)
         return self.layers_forward(lo, hi, x, positions, n_valid, caches, probe_rows, key_weight, checkpoint)
 
     def layers_forward(self, lo, hi, x, positions, n_valid, caches, probe_rows, key_weight, checkpoint=False):
-        rope = self.rope(positions, x.dtype)
-        probs = None
+        rope, probs = self.rope(positions, x.dtype), None
         for i in range(lo, hi):
             inputs = (x, rope, caches[i] if caches is not None else None, n_valid, probe_rows if i == hi - 1 else None,
                       key_weight)
-            if checkpoint:
+            if checkpoint:  # training: keep only the layer's inputs, run it again in the backward pass
                 x, probs = torch.utils.checkpoint.checkpoint(self.layers[i], *inputs, use_reentrant=False)
             else:
                 x, probs = self.layers[i](*inputs)
         return x, probs
 
-    def forward(self, x, positions, n_valid=None, caches=None, pruner=None):
-        """x (B, T, C) input embeddings; positions (B, T): each token's RoPE position = its index in its row's full
-        sequence (never a cache length); n_valid (B,): real tokens per row, the rest of a row is padding at its end.
-
-        `pruner` (dyrate.Pruner at inference, dyrate.TrainMask in training) is the only hook: layer pruner.k - 1 also
-        returns the attention probabilities of the query rows pruner.probe_rows(...) asks for, and before layer
-        pruner.k the pruner may drop image tokens (gather x and positions, KVCache.drop in the later layers' caches)
-        or return a key mask for them. Returns the final-normed hidden states and the real tokens per row after it."""
+    def forward(self, x, positions=None, n_valid=None, caches=None, pruner=None):
+        """x (B, T, C); positions (B, T): each token's index in its row's whole sequence (arange by default, never a
+        cache length); n_valid (B,): real tokens per row, then padding. The one hook, `pruner` (dyrate.Pruner or
+        TrainMask), sees layer k-1's attention of its probe_rows(), then may drop image tokens or mask them as keys.
+        Returns the normed hidden states and the real tokens per row."""
         B, T, _ = x.shape
+        positions = torch.arange(T, device=x.device).expand(B, T) if positions is None else positions
         n_valid = torch.full((B,), T, device=x.device) if n_valid is None else n_valid
-        L = len(self.layers)
         if pruner is None:
-            return self.norm(self.run(0, L, x, positions, n_valid, caches)[0]), n_valid
-        K = pruner.k
-        x, probs = self.run(0, K, x, positions, n_valid, caches, pruner.probe_rows(n_valid, T))
-        # dyrate: from layer K on, layers see only the kept image tokens (or, in training, a key mask)
+            return self.norm(self.run(0, len(self.layers), x, positions, n_valid, caches)[0]), n_valid
+        x, probs = self.run(0, pruner.k, x, positions, n_valid, caches, pruner.probe_rows(n_valid, T))
         x, positions, n_valid, key_weight = pruner(probs, x, positions, n_valid, caches)
-        x, _ = self.run(K, L, x, positions, n_valid, caches, key_weight=key_weight)
+        x, _ = self.run(pruner.k, len(self.layers), x, positions, n_valid, caches, key_weight=key_weight)
         return self.norm(x), n_valid
 
 
-class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: TextConfig):
-        super().__init__()
-        self.model = LlamaModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # not tied to embed_tokens
-
-
 # ----------------------------------------------------------------------------------------------------------------------
-# Checkpoint files: which safetensors files hold the weights, in which key layout (Llava.from_pretrained reads them)
+# LLaVA: the image features replace the image token ids' embeddings, then it is a plain Llama; and its loading
 
 
 def check_device(device):
-    """A torch.device this machine has, or a clear error."""
+    """A torch.device this machine has, or a ValueError saying which to use."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"{device!r} is not a device torch knows ({e}); use cpu, cuda or cuda:N.") from None
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"only cpu and cuda devices are supported, not {device!r}.")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("this machine has no CUDA GPU that torch can use; use cpu.")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"there are only {torch.cuda.device_count()} CUDA devices.")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"{device!r}: torch sees {torch.cuda.device_count()} CUDA GPU(s) here; use one or cpu.")
     return dev
 
 
 def read_config(model_dir):
     """The LlavaConfig of a checkpoint folder, from its config.json alone (no weights read)."""
-    config_path = os.path.join(os.fspath(model_dir), "config.json")
+    model_dir = os.fspath(model_dir)
     if os.path.isfile(model_dir):
-        raise ValueError(f"{os.fspath(model_dir)!r} is a file: pass the checkpoint folder (with config.json and the "
-                         f"safetensors files).")
-    if not os.path.isdir(model_dir) or not os.path.isfile(config_path):
-        raise FileNotFoundError(f"No LLaVA checkpoint at {os.fspath(model_dir)!r} (no config.json).")
-    return LlavaConfig.from_json(config_path)
+        raise ValueError(f"{model_dir!r} is a file: pass the checkpoint folder (config.json, safetensors files).")
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise FileNotFoundError(f"No LLaVA checkpoint at {model_dir!r} (no config.json).")
+    return LlavaConfig.from_json(os.path.join(model_dir, "config.json"))
 
 
 def checkpoint_files(model_dir):
@@ -517,48 +422,38 @@ def checkpoint_files(model_dir):
             names = sorted(set(json.load(f)["weight_map"].values()))
         missing = [n for n in names if not os.path.isfile(os.path.join(model_dir, n))]
         if missing:
-            raise FileNotFoundError(f"{model_dir}: shard(s) {missing} listed in model.safetensors.index.json are "
-                                    f"missing (partial download?).")
+            raise FileNotFoundError(f"{model_dir}: shards {missing} named in the index are missing; download them.")
         return [os.path.join(model_dir, n) for n in names]
     if os.path.isfile(os.path.join(model_dir, "model.safetensors")):
         return [os.path.join(model_dir, "model.safetensors")]
     pickled = any(n.endswith((".bin", ".pt", ".pth")) for n in os.listdir(model_dir))
     raise FileNotFoundError(f"{model_dir}: no model.safetensors or model.safetensors.index.json"
-                            + (" (pickled .bin weights are not loaded; use safetensors)" if pickled else "")
-                            + ".")
+                            + (" (pickled .bin weights are not loaded; use safetensors)" if pickled else "") + ".")
 
 
 def canonical_key(key):
-    """Map any of the three key layouts to the hub's, which our module names mirror; None = a buffer to skip.
-    hub: language_model.model.*, language_model.lm_head.*, vision_tower.vision_model.*, multi_modal_projector.*
-    transformers 4.52-4.57 in memory: model.language_model.*, lm_head.*, model.vision_tower.vision_model.*, ...
-    transformers 5 save_pretrained: the hub's, but vision_tower.* without vision_model."""
-    if key.startswith("model.language_model."):
-        key = "language_model.model." + key[len("model.language_model."):]
-    elif key == "lm_head.weight":
-        key = "language_model.lm_head.weight"
-    elif key.startswith("model."):
-        key = key[len("model."):]
+    """The hub's name (= our module's) of a key in any of three layouts, None for a derived buffer. In memory,
+    transformers 4.52-4.57 say model.language_model.*, lm_head.*, model.*; transformers 5 saves no vision_model."""
+    for old, new in (("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+                     ("model.", "")):
+        if key.startswith(old):
+            key = new + key[len(old):]
+            break
     if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
         key = "vision_tower.vision_model." + key[len("vision_tower."):]
-    if key.endswith(("rotary_emb.inv_freq", "embeddings.position_ids")):  # derived buffers some exports contain
-        return None
-    return key
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# LLaVA: the image features replace the image token ids' embeddings, then it is a plain Llama
+    return None if key.endswith(("rotary_emb.inv_freq", "embeddings.position_ids")) else key
 
 
 class Llava(nn.Module):
-    cache_class = KVCache  # what new_caches makes: a fast path (tools/fast.py) sets its subclass on the instance
+    cache_class = KVCache  # what new_caches makes: tools/fast.py sets its subclass on the instance
 
     def __init__(self, cfg: LlavaConfig):
         super().__init__()
-        self.config = cfg
-        self.vision_tower = CLIPVisionModel(cfg.vision)
+        self.config = cfg  # module names as the checkpoint's: vision_tower.vision_model.*, language_model.model.*
+        self.vision_tower = nn.ModuleDict(dict(vision_model=CLIPVisionTransformer(cfg.vision)))
         self.multi_modal_projector = LlavaMultiModalProjector(cfg)
-        self.language_model = LlamaForCausalLM(cfg.text)
+        self.language_model = nn.ModuleDict(dict(  # NOTE: lm_head is not tied to embed_tokens
+            model=LlamaModel(cfg.text), lm_head=nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)))
 
     def vision_features(self, pixel_values):
         """(n_images, 3, H, W) -> CLIP features at LLaVA's feature layer (n_images, 576, vision hidden)."""
@@ -570,8 +465,7 @@ class Llava(nn.Module):
         return h[:, 1:] if self.config.vision_feature_select_strategy == "default" else h  # "default" drops CLS
 
     def embed(self, input_ids, pixel_values=None, vision=None):
-        """Token embeddings (B, T, C) with the image token ids' rows replaced by the image features, in order.
-        vision: the images' vision_features, when the caller computed them already (instead of pixel_values)."""
+        """(B, T, C) token embeddings, the image ids' replaced by the features of pixel_values (or given `vision`)."""
         cfg = self.config
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
@@ -591,12 +485,9 @@ class Llava(nn.Module):
         return x
 
     def forward(self, input_ids, pixel_values=None, pruner=None):
-        """The full sequence without a cache: logits (B, T, vocab). With a training pruner (dyrate.py), layers >= K
-        see its key mask; a pruner that drops tokens returns logits for the kept positions only."""
-        B, T = input_ids.shape
-        self.config.check_length(T)
-        positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        h, _ = self.language_model.model(self.embed(input_ids, pixel_values), positions, pruner=pruner)
+        """Logits (B, T, V) of the whole sequence, without a cache (only the kept positions' if a pruner drops)."""
+        self.config.check_length(input_ids.shape[1])
+        h, _ = self.language_model.model(self.embed(input_ids, pixel_values), pruner=pruner)
         return self.language_model.lm_head(h)
 
     def new_caches(self, batch, max_new):
@@ -606,11 +497,9 @@ class Llava(nn.Module):
                 for _ in range(t.num_hidden_layers)]
 
     def prefill(self, input_ids, caches, n_valid=None, pixel_values=None, pruner=None):
-        """Step 0 of a generation: the whole prompt (B, T) into fresh caches, rows padded at the end (n_valid real
-        tokens each), with the images. Returns the logits of each row's last real token (B, V)."""
-        B, T = input_ids.shape
-        positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        return self.last_logits(self.embed(input_ids, pixel_values), positions, n_valid, caches, pruner)
+        """Step 0: the prompts (B, T), rows padded at the end (n_valid real tokens each), into fresh caches. Returns
+        the logits of each row's last real token (B, V)."""
+        return self.last_logits(self.embed(input_ids, pixel_values), None, n_valid, caches, pruner)
 
     def decode_step(self, token, positions, caches, pruner=None):
         """One new token per row, token (B,) at RoPE positions (B,) (its index in the row's full sequence), over the
@@ -627,11 +516,9 @@ class Llava(nn.Module):
     def from_pretrained(cls, model_dir, device="cpu", dtype=torch.float32):
         """Load a llava-hf checkpoint folder (config.json + model.safetensors or a sharded index). Tensors go from the
         memory-mapped files straight to `device` in `dtype`, one at a time, into a model built on the meta device."""
-        model_dir = os.fspath(model_dir)
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"dtype must be a torch dtype such as torch.float16, got {dtype!r}.")
-        device = check_device(device)
-        cfg = read_config(model_dir)
+        device, cfg = check_device(device), read_config(model_dir)
         with torch.device("meta"):
             model = cls(cfg)
         expected, state = model.state_dict(), {}
@@ -639,8 +526,7 @@ class Llava(nn.Module):
             try:
                 f = safe_open(path, framework="pt", device=str(device))
             except (SafetensorError, OSError) as e:
-                raise ValueError(f"{path} is not a readable safetensors file ({e}): the download is incomplete or "
-                                 f"corrupt.") from None
+                raise ValueError(f"{path} is not a readable safetensors file ({e}); download it again.") from None
             with f:
                 for key in f.keys():
                     name = canonical_key(key)

@@ -296,7 +296,13 @@ def test_corrupt_files_are_clear_errors(ckpt, tmp_path):
     for text, message in (("{broken", "config.json is not valid JSON"), ("[1, 2]", "the file must be a JSON object"),
                           (json.dumps(dict(config, text_config=[1])), "text_config must be a JSON object"),
                           (json.dumps(dict(config, text_config=dict(config["text_config"], hidden_size="big"))),
-                           "hidden_size = 'big' is not of type int")):
+                           "hidden_size = 'big' is not of type int"),
+                          (json.dumps(dict(config, text_config=dict(config["text_config"], eos_token_id=[2, 3]))),
+                           r"eos_token_id = \[2, 3\] is not of type int \(LLaVA-1.5-7B has 2\)"),
+                          (json.dumps(dict(config, vision_feature_layer=[-2, -5])), "vision_feature_layer = .* int"),
+                          (json.dumps(dict(config, projector_hidden_act="relu")), "unsupported projector_hidden_act"),
+                          (json.dumps(dict(config, text_config=dict(config["text_config"], num_key_value_heads=3))),
+                           "unsupported key/value head count")):
         (folder / "config.json").write_text(text)
         with pytest.raises(ValueError, match=message):
             model.read_config(folder)

@@ -544,35 +544,31 @@ def layer_flops(t, T, S):
     return proj + 2 * 3 * T * t.hidden_size * t.intermediate_size + 2 * 2 * t.num_attention_heads * T * S * t.head_dim
 
 
-def generation_flops(cfg, prompt_len, kept, k=DEFAULT_K, probes=0, predictor_flops=0, n_images=1, cache=True):
-    """Matmul FLOPs of generating len(kept) tokens for one row, from what was processed: kept[t] image tokens remain
-    in layers >= k at step t (kept[0] at prefill). Ints give ints; tensors (training) give a differentiable tensor.
-    `probes` steps computed the layer k-1 statistics (probe + type shares) and ran the predictor. cache=False: the
-    no-cache convention, in which every step recomputes the whole kept sequence so far (FastV's original code); the
-    image features are computed once. Returns a dict: vision, projector, prefill, decode, overhead, total."""
+def generation_flops(cfg, prompt_len, kept, k=DEFAULT_K, probes=0, predictor_flops=0, cache=True):
+    """Matmul FLOPs of generating len(kept) tokens for one row: kept[t] image tokens remain in layers >= k at step t
+    (kept[0] at prefill). `probes` steps computed the layer k-1 statistics and ran the predictor. cache=False: every
+    step recomputes the whole kept sequence so far (FastV's original code); the image features are computed once."""
     t, v, N = cfg.text, cfg.vision, cfg.n_image_tokens
     Tv = (v.image_size // v.patch_size) ** 2 + 1  # CLIP runs on the patches + CLS
-    vision = n_images * (2 * (Tv - 1) * v.num_channels * v.patch_size ** 2 * v.hidden_size + cfg.n_vision_layers_used
+    vision = (2 * (Tv - 1) * v.num_channels * v.patch_size ** 2 * v.hidden_size + cfg.n_vision_layers_used
                          * (2 * 4 * Tv * v.hidden_size ** 2 + 2 * 2 * Tv * v.hidden_size * v.intermediate_size
                             + 2 * 2 * Tv * Tv * v.hidden_size))
-    projector = n_images * 2 * N * (v.hidden_size * t.hidden_size + t.hidden_size ** 2)
+    projector = 2 * N * (v.hidden_size * t.hidden_size + t.hidden_size ** 2)
     lm_head, late = 2 * t.hidden_size * t.vocab_size, t.num_hidden_layers - k
     steps = []
     for step in range(len(kept)):
         full, short = prompt_len + step, prompt_len - (N - kept[step]) + step  # tokens in layers < k and >= k
         if cache and step > 0:  # one new token attending to the cached keys
-            # NOTE: a decode step's drops leave the caches at the next step (Pruner.compact): it still reads them
+            # NOTE: a decode step's own drops are counted from the next step on (tools/fast.py compacts them then)
             seen = prompt_len - (N - kept[step - 1]) + step
             steps.append(k * layer_flops(t, 1, full) + late * layer_flops(t, 1, seen) + lm_head)
         else:  # the whole (kept) sequence so far
             steps.append(k * layer_flops(t, full, full) + late * layer_flops(t, short, short) + lm_head)
-    prefill, decode = steps[0], sum(steps[1:])
     keys_at_probe = sum(prompt_len + s for s in range(probes))  # layer k-1 holds every token
     # the prefill's probe scores (beside SDPA's pass; a decode step's probe is its attention), type shares, predictor
     overhead = (2 * t.num_attention_heads * t.head_dim * prompt_len if probes else 0) \
         + 2 * t.num_attention_heads * 4 * keys_at_probe + probes * predictor_flops
-    total = vision + projector + prefill + decode + overhead
-    return dict(vision=vision, projector=projector, prefill=prefill, decode=decode, overhead=overhead, total=total)
+    return vision + projector + sum(steps) + overhead
 
 
 def kv_cache_bytes(cfg, prompt_len, n_new, kept, k, dtype):
@@ -596,5 +592,5 @@ def budget_cost(cfg, prompt_len, kept, k, budget, probes=0, predictor_flops=0, d
             return sum(kv_cache_bytes(cfg, prompt_len, s + 1, counts[s], k, dtype) for s in range(n))
         return held(kept), held(none)
     cache = budget == "flops"
-    return (generation_flops(cfg, prompt_len, kept, k, probes, predictor_flops, cache=cache)["total"],
-            generation_flops(cfg, prompt_len, none, k, cache=cache)["total"])
+    return (generation_flops(cfg, prompt_len, kept, k, probes, predictor_flops, cache=cache),
+            generation_flops(cfg, prompt_len, none, k, cache=cache))

@@ -186,8 +186,8 @@ def test_straight_through_gradient_reaches_predictor(ours):
     predictor.zero_grad()
     pruner = dyrate.TrainMask(predictor, N_IMAGE, torch.tensor([start]), torch.tensor([L]))
     llava(seq, px, pruner=pruner)
-    ratio = dyrate.generation_flops(llava.config, L, pruner.kept_count[0, L - 1:], K)["total"] / \
-        dyrate.generation_flops(llava.config, L, [N_IMAGE] * len(answer), K)["total"]
+    ratio = dyrate.generation_flops(llava.config, L, pruner.kept_count[0, L - 1:], K) / \
+        dyrate.generation_flops(llava.config, L, [N_IMAGE] * len(answer), K)
     ratio.backward()
     assert predictor.linear.weight.grad.abs().sum() > 0
     for budget in ("kv", "nocache"):  # the KV and no-cache budgets reach it the same way

@@ -589,8 +589,8 @@ def report(rows, args, cfg, T, searches):
         if m == "dyrate" and fastv and not args.predictor:  # same kept tokens: the difference is DyRate's work
             print(f"batch {B}: DyRate per-step overhead (statistics + predictor, same kept tokens as fastv): "
                   f"{r['decode_ms_per_token'] / fastv['decode_ms_per_token'] - 1:+.1%} of a decode step")
-        if m == "dyrate-ramp" and fastv:
-            print(f"batch {B}: dyrate-ramp (statistics + cache compaction at {len(set(r['kept_visual'])) - 1} steps, "
+        if m == "ramp" and fastv:
+            print(f"batch {B}: ramp (statistics + cache compaction at {len(set(r['kept_visual'])) - 1} steps, "
                   f"mean KV {r['mean_kv_bytes'] / fastv['mean_kv_bytes']:.2f}x fastv's): decode "
                   f"{r['decode_ms_per_token'] / fastv['decode_ms_per_token'] - 1:+.1%} vs fastv")
     if any("profile" in r for r in rows):

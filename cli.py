@@ -57,6 +57,16 @@ def add_pruning_args(p, several=False):
     return g
 
 
+def add_data_args(p, what):
+    """--data (`what` it holds), --image-folder, --conv, --pad: the records and the protocol they are prompted in."""
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, help=f"{what}: JSONL or LLaVA conversation JSON")
+    g.add_argument("--image-folder", default=None, help="folder image paths are relative to (default: the data file's)")
+    g.add_argument("--conv", choices=sorted(processing.TEMPLATES), default="llava-hf", help="prompt template")
+    g.add_argument("--pad", action="store_true", help="pad images to a square first (original LLaVA)")
+    return g
+
+
 def add_k_arg(group):
     group.add_argument("--k", type=int, default=None, help=f"pruning layer K: layers >= K see only the kept image "
                        f"tokens (default {dyrate.DEFAULT_K}, or the predictor's)")

@@ -12,7 +12,6 @@ import argparse
 
 import cli
 import dyrate
-import processing
 import train
 from tools import costs
 
@@ -65,11 +64,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="A trained rate predictor against FastV, a ramp, the mass rule and VTW "
                                             "at the same cost, and none, on a held-out set.")
     cli.add_model_args(p, default_model=None, required=True)
-    g = p.add_argument_group("held-out data and predictor")
-    g.add_argument("--data", required=True, help="held-out JSONL ({image, prompt}) or LLaVA conversation JSON")
-    g.add_argument("--image-folder", default=None, help="folder image paths are relative to (default: the data file's)")
-    g.add_argument("--conv", choices=sorted(processing.TEMPLATES), default="llava-hf", help="prompt template")
-    g.add_argument("--pad", action="store_true", help="pad images to a square first (original LLaVA)")
+    g = cli.add_data_args(p, "the held-out records {image, prompt}")
     g.add_argument("--predictor", required=True, help="predictor file written by train.py")
     g.add_argument("--budget", choices=dyrate.BUDGETS, default=None,
                    help="the cost the baselines are matched on (default: the predictor's budget)")

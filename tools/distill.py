@@ -56,11 +56,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Answer the records that have no answer with the unpruned model (greedy), "
                                             "for train.py.")
     cli.add_model_args(p, default_model=None, required=True)
-    g = p.add_argument_group("data")
-    g.add_argument("--data", required=True, help="JSONL ({image, prompt, answer?}) or LLaVA conversation JSON")
-    g.add_argument("--image-folder", default=None, help="folder image paths are relative to (default: the data file's)")
-    g.add_argument("--conv", choices=sorted(processing.TEMPLATES), default="llava-hf", help="prompt template")
-    g.add_argument("--pad", action="store_true", help="pad images to a square first (original LLaVA)")
+    cli.add_data_args(p, "the records {image, prompt, answer?}; those without an answer get one")
     g = p.add_argument_group("generation")
     g.add_argument("--max-new-tokens", dest="distill_max_new_tokens", type=train.number(int, 1),
                    default=train.ANSWER_TOKENS, help="answer length (train.py --distill-max-new-tokens, if not this "

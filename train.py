@@ -8,20 +8,9 @@ stays frozen and only the predictor (1161 parameters for LLaVA-1.5-7B) learns.
         --micro-batch-size 1 --checkpoint                                                       # 7B on one 24 GB GPU
     torchrun --nproc_per_node=8 train.py --model DIR --data train.jsonl --out predictor --target 0.5
 
-Data: JSONL records {"image": path, "prompt": text, "answer": text (optional)} (paths relative to the file's folder),
-or LLaVA's conversation JSON (a list of {"image", "conversations": [{"from": "human", "value": "<image>\\n..."},
-{"from": "gpt", ...}]}). A record without an answer takes the frozen unpruned model's own greedy answer from
-DATA.answers.jsonl, which `python -m tools.distill` writes first (self-distillation: a step before training, as
-nanoGPT's data/*/prepare.py). Images are decoded when first used; bad records are skipped and counted.
-
-A step (train_step): layers < K once without autograd, the rates sampled with the straight-through Gumbel-Softmax,
-then micro-batch by micro-batch the student's layers >= K (--checkpoint: recomputed in the backward pass) and the
-teacher's; the loss is KL(unpruned || pruned) over the response tokens plus --budget-weight * (cost ratio - target)^2,
-the ratio counted by dyrate.budget_cost so that its gradient reaches the predictor. Every --eval-interval steps the
-held-out set runs through the real inference path with hard decisions (`python -m tools.compare` sets a trained
-predictor beside FastV, a ramp and VTW at the same cost) and the predictor and OUT.state are saved atomically
-(safetensors + JSON); --resume continues exactly; Ctrl-C and SIGTERM save the last step boundary's state first.
-docs/training.md has the details and the memory at 7B.
+Data: JSONL {"image", "prompt", "answer" (optional)} or LLaVA's conversation JSON; a record without an answer takes the
+unpruned model's greedy one, which `python -m tools.distill` writes first. Loss: KL(unpruned || pruned) over the answer
++ --budget-weight * (cost ratio - target)^2. docs/training.md has the details and the memory at 7B.
 """
 import argparse
 import json
@@ -56,66 +45,56 @@ class Sample:
     ids: list  # prompt ids, image tokens expanded
     start: int  # index of the first image token
     answer: list | None  # answer ids, EOS included (None: to be distilled)
-    key: str = ""  # its answer's key in the answers cache (self-distilled samples)
+    key: str = ""  # its answer's key in the answers cache
     bad: bool = False  # its image did not decode when first used
 
 
 def read_records(path, image_folder=None):
-    """(image, prompt, answer or None) triples from a JSONL file or a LLaVA conversation JSON list, and a Counter of
-    the records skipped for their form."""
+    """(image, prompt, answer or None) from JSONL or LLaVA's conversation JSON, and a Counter of the records skipped."""
     folder = image_folder or os.path.dirname(os.path.abspath(path))
     with open(path) as f:
         text = f.read()
-    try:  # a LLaVA conversation JSON file: one list
+    records, skipped = [], Counter()
+    try:  # LLaVA's conversation JSON: one list
         rows = json.loads(text)
         rows = rows if isinstance(rows, list) else [rows]
     except json.JSONDecodeError:
         rows = []
-        for line in text.splitlines():
+        for line in filter(str.strip, text.splitlines()):
             try:
-                rows.append(json.loads(line) if line.strip() else None)
+                rows.append(json.loads(line))
             except json.JSONDecodeError:
-                rows.append("bad JSON line")
-    records, skipped = [], Counter()
+                skipped["bad JSON line"] += 1
     for row in rows:
-        if row is None:
-            continue
-        if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not row["image"]:
-            skipped[row if isinstance(row, str) else "no image path"] += 1
-            continue
+        row = row if isinstance(row, dict) else {}
         prompt, answer = row.get("prompt"), row.get("answer")
-        if "conversations" in row:  # LLaVA format: the first human/gpt exchange
+        if "conversations" in row:  # LLaVA's format: the first human and gpt turns
             turns = row["conversations"] if isinstance(row["conversations"], list) else []
             turns = [t for t in turns if isinstance(t, dict)]
             prompt = next((t.get("value") for t in turns if t.get("from") == "human"), None)
             answer = next((t.get("value") for t in turns if t.get("from") == "gpt"), None)
-            prompt = prompt.replace("<image>", "").strip() if isinstance(prompt, str) else prompt
-        if not isinstance(prompt, str) or not prompt.strip():
-            skipped["empty prompt" if not prompt or isinstance(prompt, str) else "prompt is not text"] += 1
-            continue
-        if answer is not None and not isinstance(answer, str):
-            skipped["answer is not text"] += 1
-            continue
-        records.append((os.path.join(folder, row["image"]), prompt.strip(), answer or None))
+            prompt = prompt.replace("<image>", "") if isinstance(prompt, str) else prompt
+        why = ("no image path" if not isinstance(row.get("image"), str) or not row["image"] else
+               "prompt is not text" if prompt and not isinstance(prompt, str) else
+               "empty prompt" if not prompt or not prompt.strip() else
+               "answer is not text" if answer is not None and not isinstance(answer, str) else None)
+        if why:
+            skipped[why] += 1
+        else:
+            records.append((os.path.join(folder, row["image"]), prompt.strip(), answer or None))
     return records, skipped
 
 
 def read_answers(data):
-    """{key: answer ids, or None for a sample whose image did not decode} from every rank's answers file (written by
-    tools/distill.py)."""
+    """{key: answer ids, or None where the image did not decode} from every rank's answers file (tools/distill.py)."""
     folder, name = os.path.split(os.path.abspath(data))
-    answers = {}
-    for f in sorted(os.listdir(folder)):
-        if f.startswith(name + ".answers") and f.endswith(".jsonl"):
-            answers.update((line["key"], line.get("answer")) for line in processing.read_lines(os.path.join(folder, f)))
-    return answers
+    files = sorted(f for f in os.listdir(folder) if f.startswith(name + ".answers") and f.endswith(".jsonl"))
+    return {line["key"]: line.get("answer") for f in files for line in processing.read_lines(os.path.join(folder, f))}
 
 
 def load_samples(path, cfg, tok, args, log, need_answers=True):
-    """Tokenised samples and a Counter of the records skipped. A record without an answer takes its distilled one from
-    the answers cache next to the data, keyed by model, template, answer length and prompt; one not there is an error
-    naming the command that distils it (need_answers=False: its answer stays None, for tools.distill). Images are
-    only checked to exist here: they are decoded when first used."""
+    """Tokenised samples and a Counter of the records skipped; a record without an answer takes its distilled one
+    (need_answers=False: None, for tools.distill). Images are only checked to exist: they decode when first used."""
     records, skipped = read_records(path, args.image_folder)
     limit, answers, samples = cfg.text.max_position_embeddings, read_answers(path), []
     for image, prompt, answer in records:
@@ -128,24 +107,20 @@ def load_samples(path, cfg, tok, args, log, need_answers=True):
             skipped[f"bad prompt ({e})"] += 1
             continue
         answer_ids = tok.tok.encode(answer, add_special_tokens=False).ids + [cfg.eos_token_id] if answer else None
+        key = json.dumps([dyrate.fingerprint(cfg), args.conv, args.pad, args.distill_max_new_tokens, image, prompt])
         if len(ids) + (len(answer_ids) if answer_ids else args.distill_max_new_tokens) > limit:
             skipped[f"longer than the context ({limit})"] += 1
-            continue
-        key = json.dumps([dyrate.fingerprint(cfg), args.conv, args.pad, args.distill_max_new_tokens, image, prompt])
-        if answer_ids is None and key in answers:
-            answer_ids = answers[key]
-            if answer_ids is None:  # tools.distill found that its image does not decode
-                skipped["unreadable image"] += 1
-                continue
-        samples.append(Sample(image, prompt, ids, start, answer_ids, key))
+        elif answer_ids is None and key in answers and answers[key] is None:  # tools.distill: the image did not decode
+            skipped["unreadable image"] += 1
+        else:
+            samples.append(Sample(image, prompt, ids, start, answer_ids or answers.get(key), key))
     missing = sum(s.answer is None for s in samples)
     if need_answers and missing:
-        options = "".join(f" {flag} {value}" for flag, value in (("--image-folder", args.image_folder),
-                                                                  ("--conv", args.conv)) if value)
+        folder = f" --image-folder {args.image_folder}" if args.image_folder else ""
         raise ValueError(f"{path}: {missing} record(s) have no answer and none distilled for this model, --conv, --pad "
                          f"and --distill-max-new-tokens: distil them first with `python -m tools.distill --model "
-                         f"{args.model} --data {path}{options}{' --pad' if args.pad else ''} --max-new-tokens "
-                         f"{args.distill_max_new_tokens}` (torchrun shards it over GPUs).")
+                         f"{args.model} --data {path}{folder} --conv {args.conv}{' --pad' if args.pad else ''} "
+                         f"--max-new-tokens {args.distill_max_new_tokens}` (torchrun shards it over GPUs).")
     log(f"{path}: {len(samples)} samples" + (f", skipped {sum(skipped.values())}: " +
         ", ".join(f"{n} {why}" for why, n in skipped.items()) if skipped else ""))
     return samples, skipped
@@ -156,30 +131,24 @@ def load_samples(path, cfg, tok, args, log, need_answers=True):
 
 
 def load_pixels(samples, model, args, skipped):
-    """The samples whose image decodes, and their pixel values (B, 3, S, S) on the device; an image that does not
-    decode is counted in `skipped` the first time it is used and its sample left out from then on."""
+    """The samples whose image decodes and their pixels (B, 3, S, S); one that does not is counted once and dropped."""
     kept, px = [], []
-    for s in samples:
-        if s.bad:
-            continue
+    for s in [s for s in samples if not s.bad]:
         try:
             px.append(processing.preprocess(s.image, model.config.vision.image_size, args.pad))
             kept.append(s)
         except (ValueError, OSError):
             s.bad = True
             skipped["unreadable image"] += 1
-    dtype = model.language_model.lm_head.weight.dtype
-    return kept, torch.stack(px).to(args.device, dtype) if px else None
+    return kept, torch.stack(px).to(args.device, model.language_model.lm_head.weight.dtype) if px else None
 
 
 def batch_tensors(samples, pad_id, device):
-    """input ids (B, T) of prompt + answer padded at the end, prompt lengths, image starts, answer lengths (B,)."""
-    seqs = [s.ids + s.answer for s in samples]
-    T = max(map(len, seqs))
-    ids = torch.tensor([seq + [pad_id] * (T - len(seq)) for seq in seqs], device=device)
-    as_tensor = lambda values: torch.tensor(values, device=device)  # noqa: E731
-    return (ids, as_tensor([len(s.ids) for s in samples]), as_tensor([s.start for s in samples]),
-            as_tensor([len(s.answer) for s in samples]))
+    """input ids (B, T) of prompt + answer padded at the end; prompt lengths, image starts, answer lengths (B,)."""
+    T = max(len(s.ids) + len(s.answer) for s in samples)
+    ids = torch.tensor([s.ids + s.answer + [pad_id] * (T - len(s.ids) - len(s.answer)) for s in samples], device=device)
+    columns = zip(*[(len(s.ids), s.start, len(s.answer)) for s in samples])
+    return ids, *(torch.tensor(column, device=device) for column in columns)
 
 
 @dataclass
@@ -187,53 +156,44 @@ class MicroBatch:
     """A micro-batch after layers < K: what its teacher and its student both start from at layer K."""
     ids: torch.Tensor  # (b, T) prompt + answer, padded at the end
     lengths: torch.Tensor  # (b,) prompt tokens
-    starts: torch.Tensor  # (b,) index of the first image token
     n_answer: torch.Tensor  # (b,) answer tokens
-    k: int  # the pruning layer K
     x: torch.Tensor  # (b, T, C) the hidden state entering layer K
+    mask: dyrate.TrainMask  # holds the rows' Gumbel noise: decide() with autograd gives the student the same sample
     shares: torch.Tensor  # (b, T, H, 4) what each row's rate is decided from (TrainMask.statistics)
     scores: torch.Tensor  # (b, T, N) each row's ranking of the image tokens
-    noise: torch.Tensor  # (b, T, n_rates) the Gumbel noise's uniform samples for its rows
     cost: float  # the budget's cost of its sampled decisions, summed over its rows
     cost_none: float  # the same with every image token kept
 
 
 def budget_cost(cfg, kept_count, lengths, n_answer, predictor, budget):
-    """Σ over the rows of the budget's cost (dyrate.budget_cost) of each response step's straight-through kept count: a
-    tensor the predictor's gradient flows through; and Σ of none's, a number."""
-    cost = none = 0
-    for b in range(len(lengths)):
-        L, n = int(lengths[b]), int(n_answer[b])
-        row, row_none = dyrate.budget_cost(cfg, L, kept_count[b, L - 1:L - 1 + n], predictor.k, budget, n,
-                                           predictor.flops())
-        cost, none = cost + row, none + row_none
-    return cost, none
+    """Σ over the rows of dyrate.budget_cost of the answer steps' kept counts (differentiable), and Σ of none's."""
+    pairs = [dyrate.budget_cost(cfg, L, kept_count[b, L - 1:L - 1 + n], predictor.k, budget, n, predictor.flops())
+             for b, (L, n) in enumerate(zip(lengths.tolist(), n_answer.tolist()))]
+    return sum(cost for cost, _ in pairs), sum(none for _, none in pairs)
 
 
 @torch.no_grad()
 def prefix(model, predictor, samples, pixels, noise, args, tau):
-    """The vision tower and layers < K of a micro-batch, without autograd: no gradient reaches the predictor there
-    (its input, the type shares, is data, not a function of its parameters), and the teacher and the student both
-    start from what they compute. Also samples the rows' rates once, for the cost of the whole batch."""
-    cfg, lm, k = model.config, model.language_model.model, predictor.k
+    """The vision tower and layers < K of a micro-batch, once for teacher and student and without autograd (the
+    predictor's input is data, not a function of its parameters); the rows' rates sampled for the batch's cost."""
+    cfg, lm = model.config, model.language_model.model
     ids, lengths, starts, n_answer = batch_tensors(samples, cfg.pad_token_id, args.device)
     B, T = ids.shape
     positions = torch.arange(T, device=ids.device).expand(B, T)
     mask = dyrate.TrainMask(predictor, cfg.n_image_tokens, starts, lengths, tau, noise[:, :T])
-    x, probs = lm.run(0, k, model.embed(ids, pixels), positions, None, probe_rows=mask.probe_rows(lengths, T))
+    x, probs = lm.run(0, mask.k, model.embed(ids, pixels), positions, None, probe_rows=mask.probe_rows(lengths, T))
     shares, scores = mask.statistics(probs)  # (B, T, H, 4), (B, T, N)
     mask.decide(shares, scores, T)
     cost, none = budget_cost(cfg, mask.kept_count, lengths, n_answer, predictor, args.budget)
-    return MicroBatch(ids, lengths, starts, n_answer, k, x, shares, scores, noise[:, :T], float(cost), float(none))
+    return MicroBatch(ids, lengths, n_answer, x, mask, shares, scores, float(cost), float(none))
 
 
 def response_logits(model, mb, key_weight=None, checkpoint=False):
-    """Layers >= K from the micro-batch's hidden state (with the student's key weight, or none for the teacher):
-    logits (b, R, V) of the rows that predict the answer tokens (row L-1+i predicts answer token i) and a (b, R) mask
-    of the real ones; the LM head runs on those rows only."""
+    """Layers >= K (the student's key weight, or None for the teacher): logits (b, R, V) of the rows that predict the
+    answer (row L-1+i predicts answer token i) and a (b, R) mask of the real ones; the LM head runs on those only."""
     lm, (B, T) = model.language_model.model, mb.ids.shape
     positions = torch.arange(T, device=mb.ids.device).expand(B, T)
-    h, _ = lm.run(mb.k, len(lm.layers), mb.x, positions, None, key_weight=key_weight, checkpoint=checkpoint)
+    h, _ = lm.run(mb.mask.k, len(lm.layers), mb.x, positions, None, key_weight=key_weight, checkpoint=checkpoint)
     R = int(mb.n_answer.max())
     rows = (mb.lengths - 1)[:, None] + torch.arange(R, device=h.device)  # (B, R)
     valid = torch.arange(R, device=h.device) < mb.n_answer[:, None]
@@ -241,14 +201,10 @@ def response_logits(model, mb, key_weight=None, checkpoint=False):
     return model.language_model.lm_head(h).float(), valid
 
 
-def micro_batch_loss(model, predictor, mb, args, tau, n_tokens, cost_rest, cost_none):
-    """One micro-batch's share of the batch's loss: its tokens' fit divided by the batch's n_tokens, plus the budget
-    term of the batch's cost ratio in which the other micro-batches' costs (cost_rest) are constants. Each share's
-    gradient is the micro-batch's part of the batch's gradient, so their sum is the whole batch's. Returns the share
-    and the micro-batch's summed fit (a number)."""
-    cfg = model.config
-    mask = dyrate.TrainMask(predictor, cfg.n_image_tokens, mb.starts, mb.lengths, tau, mb.noise)
-    weight = mask.decide(mb.shares, mb.scores, mb.ids.shape[1])  # (b, T, T): the Gumbel sample prefix() drew
+def micro_batch_loss(model, predictor, mb, args, n_tokens, cost_rest, cost_none):
+    """A micro-batch's share of the batch's loss (the other micro-batches' costs, cost_rest, held constant): the
+    shares' gradients sum to the whole batch's. Returns the share and the micro-batch's summed fit (a number)."""
+    weight = mb.mask.decide(mb.shares, mb.scores, mb.ids.shape[1])  # (b, T, T): the Gumbel sample prefix() drew
     logits, valid = response_logits(model, mb, weight, args.checkpoint)
     if args.loss == "kl":
         with torch.no_grad():
@@ -259,18 +215,15 @@ def micro_batch_loss(model, predictor, mb, args, tau, n_tokens, cost_rest, cost_
         targets = mb.ids.gather(1, answer_rows.clamp(max=mb.ids.shape[1] - 1))
         per_token = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
     fit = (per_token * valid).sum()
-    cost, _ = budget_cost(cfg, mask.kept_count, mb.lengths, mb.n_answer, predictor, args.budget)
+    cost, _ = budget_cost(model.config, mb.mask.kept_count, mb.lengths, mb.n_answer, predictor, args.budget)
     ratio = (cost + cost_rest) / cost_none
     return fit / n_tokens + args.budget_weight * (ratio - args.target) ** 2, fit.detach().item()
 
 
 def train_step(model, predictor, samples, args, tau, generator, skipped):
-    """The forward and backward passes of one optimizer step over a batch, in micro-batches of
-    --micro-batch-size: first the cheap part of each (prefix: layers < K) and the batch's cost ratio from the rates
-    sampled there, then the expensive part of each (micro_batch_loss: layers >= K, teacher and student) and its
-    backward. The gradient accumulates in the predictor. The Gumbel noise is drawn once for the whole batch, as one
-    (B, T, n_rates) tensor, so the samples do not depend on the micro-batch size. Returns the batch's loss, fit and
-    cost ratio (numbers), or None if no sample's image decoded."""
+    """One batch's forward and backward passes, the gradient accumulated in the predictor: every micro-batch's prefix
+    first (the cost ratio needs them all), then each one's layers >= K and backward. The Gumbel noise is drawn once
+    per batch, whatever --micro-batch-size. Returns (loss, fit, cost ratio), or None if no image decoded."""
     samples, pixels = load_pixels(samples, model, args, skipped)
     if not samples:
         return None
@@ -283,7 +236,7 @@ def train_step(model, predictor, samples, args, tau, generator, skipped):
     cost, cost_none = sum(mb.cost for mb in parts), sum(mb.cost_none for mb in parts)
     fit = 0.0
     for mb in parts:
-        share, mb_fit = micro_batch_loss(model, predictor, mb, args, tau, n_tokens, cost - mb.cost, cost_none)
+        share, mb_fit = micro_batch_loss(model, predictor, mb, args, n_tokens, cost - mb.cost, cost_none)
         share.backward()
         fit += mb_fit
     ratio = cost / cost_none
@@ -296,20 +249,18 @@ def train_step(model, predictor, samples, args, tau, generator, skipped):
 
 @torch.inference_mode()
 def forced_decode(model, s, px, pruner, n_steps, tokens=None):
-    """Decode one sample over the KV cache with a pruner. With `tokens` they are fed back (teacher forcing), else the
-    greedy ones (stopping at EOS). Returns the logits of every step (n, V) and the tokens fed/chosen."""
-    ids = torch.tensor([s.ids], device=px.device)
-    caches = model.new_caches(1, n_steps)
-    choose = None if tokens is None else (lambda t, logits: torch.tensor([tokens[t]], device=px.device))
+    """Decode one sample over the KV cache, feeding back `tokens` (teacher forcing) or else the greedy ones up to EOS:
+    the logits of every step (n, V) and the tokens fed or chosen."""
+    dev = px.device
+    choose = None if tokens is None else (lambda t, logits: torch.tensor([tokens[t]], device=dev))
     eos = None if tokens is not None else model.config.eos_token_id
-    lengths = torch.tensor([len(s.ids)], device=px.device)
-    steps = list(generate.decode(model, ids, lengths, px, caches, n_steps, pruner, choose, eos))
+    steps = list(generate.decode(model, torch.tensor([s.ids], device=dev), torch.tensor([len(s.ids)], device=dev), px,
+                                 model.new_caches(1, n_steps), n_steps, pruner, choose, eos))
     return torch.stack([logits[0] for _, logits in steps]).float(), [int(token[0]) for token, _ in steps]
 
 
 def reference(model, samples, args, log):
-    """The unpruned model's greedy tokens and logits on each held-out sample, computed once: (sample, logits,
-    tokens) triples. A sample whose image does not decode is left out and counted."""
+    """(sample, logits, tokens) of the unpruned model's greedy answer to each held-out sample whose image decodes."""
     refs, skipped = [], Counter()
     for s in samples:
         kept, px = load_pixels([s], model, args, skipped)
@@ -321,9 +272,8 @@ def reference(model, samples, args, log):
 
 
 def evaluate(model, refs, make_rule, k, args):
-    """Hard decisions through the inference path with the rule make_rule(n_steps) at layer k, teacher-forced with the
-    unpruned greedy tokens: each budget's achieved cost ratio (sum over samples / sum for none), top-1 agreement with
-    those tokens, KL(unpruned || pruned) per token."""
+    """Hard decisions of make_rule(n_steps) at layer k, teacher-forced with the unpruned greedy tokens: each budget's
+    cost ratio (Σ over samples / Σ for none), top-1 agreement with those tokens, KL(unpruned || pruned) per token."""
     cfg, dev = model.config, torch.device(args.device)
     rows, agree, kl, count = [], 0, 0, 0
     for s, ref_logits, ref_tokens in refs:
@@ -344,19 +294,17 @@ def evaluate(model, refs, make_rule, k, args):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# training state: what OUT.state holds (safetensors + JSON, written atomically), kept in memory at each step boundary
+# the loop, and its state: OUT.state (safetensors + JSON, written atomically), kept in memory at each step boundary
 
 
 def capture(it, held_out, predictor, optimizer, generator, args):
-    """The whole training state after `it` steps as CPU tensors and JSON metadata (the predictor is tiny: a copy at
-    every step boundary costs nothing)."""
-    tensors = {f"predictor.{k}": v.detach().to("cpu", copy=True) for k, v in predictor.state_dict().items()}
+    """The whole state after `it` steps as CPU tensors and JSON metadata (the predictor is tiny: copies are free)."""
     opt = optimizer.state_dict()
-    for i, state in opt["state"].items():
-        tensors.update({f"optimizer.{i}.{k}": torch.as_tensor(v, device="cpu").clone() for k, v in state.items()})
+    tensors = {f"predictor.{k}": v.detach().to("cpu", copy=True) for k, v in predictor.state_dict().items()}
+    tensors |= {f"optimizer.{i}.{k}": torch.as_tensor(v, device="cpu").clone()
+                for i, state in opt["state"].items() for k, v in state.items()}
     tensors["generator"] = generator.get_state().cpu()
-    return tensors, dict(iter=it, held_out=held_out, args=vars(args), param_groups=opt["param_groups"],
-                         predictor=dict(n_heads=predictor.n_heads, rates=predictor.rates, k=predictor.k))
+    return tensors, dict(iter=it, held_out=held_out, args=vars(args), param_groups=opt["param_groups"])
 
 
 def restore(state, predictor, optimizer, generator):
@@ -384,17 +332,12 @@ def read_state(path):
 
 
 def save_checkpoint(state, predictor, args, cfg, rank):
-    """The predictor file (what generate.py reads; the predictor holds the state's weights) and OUT.state (what
-    --resume reads), by rank 0."""
+    """Rank 0 writes the predictor file (the predictor holds the state's weights) and OUT.state."""
     if rank == 0:
         meta = state[1]
         predictor.save(args.out, dyrate.fingerprint(cfg), dict(trained_iters=meta["iter"], budget=args.budget,
                                                                 target=args.target, held_out=meta["held_out"]))
         write_state(args.out + ".state", state)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# the loop
 
 
 def get_lr(it, args):
@@ -405,14 +348,9 @@ def get_lr(it, args):
     return args.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (args.lr - args.min_lr)
 
 
-def get_tau(it, args):
-    """Gumbel temperature, annealed geometrically from tau_start to tau_end over the run."""
-    return args.tau_start * (args.tau_end / args.tau_start) ** (it / max(1, args.max_iters - 1))
-
-
 def batch_indices(it, n, batch, rank=0, world=1, seed=0):
-    """This rank's share of global batch `it`: a slice of a permutation drawn from (seed, epoch) alone, so a resumed
-    run at step `it` gets exactly the batch an uninterrupted one would."""
+    """This rank's share of global batch `it`, from a permutation drawn from (seed, epoch) alone: a resumed run at
+    step `it` gets exactly the batch an uninterrupted one would."""
     per_epoch = max(1, n // (batch * world))
     epoch, i = divmod(it, per_epoch)
     order = torch.Generator("cpu").manual_seed(seed * 1000003 + epoch)
@@ -421,32 +359,9 @@ def batch_indices(it, n, batch, rank=0, world=1, seed=0):
     return [perm[(start + j) % n] for j in range(batch)]
 
 
-def optimizer_step(model, predictor, optimizer, batch, it, generator, args, skipped, world):
-    """One step: the batch's gradient (train_step, micro-batch by micro-batch), averaged over the ranks once (the
-    accumulating micro-batches communicate nothing, as DDP's no_sync), then AdamW. Returns (loss, fit, cost ratio)
-    averaged over the ranks."""
-    for group in optimizer.param_groups:
-        group["lr"] = get_lr(it, args)
-    optimizer.zero_grad(set_to_none=True)
-    out = train_step(model, predictor, batch, args, get_tau(it, args), generator, skipped)
-    stats = torch.tensor(out or (0.0, 0.0, 0.0), device=args.device)
-    if world > 1:
-        for p in predictor.parameters():
-            p.grad = torch.zeros_like(p) if p.grad is None else p.grad
-            dist.all_reduce(p.grad)
-            p.grad /= world
-        dist.all_reduce(stats)
-        stats /= world
-    optimizer.step()
-    return stats.tolist()
-
-
 def train(model, predictor, samples, refs, args, log, rank=0, world=1, resumed=None):
-    """The loop: AdamW with warmup and cosine decay, the Gumbel temperature annealed, a log line every
-    --log-interval steps, a held-out evaluation and a checkpoint every --eval-interval. Ctrl-C, SIGTERM or running out
-    of memory: the state of the last step boundary is saved, so a resume redoes the interrupted step exactly. Returns
-    the latest held-out evaluation."""
-    cfg = model.config
+    """The loop; Ctrl-C, SIGTERM or out of memory save the last step boundary's state, so that --resume redoes the
+    interrupted step exactly. Returns the latest held-out evaluation."""
     optimizer = torch.optim.AdamW(predictor.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     generator = torch.Generator(args.device).manual_seed(args.seed * 1000 + rank)
     start, held_out = 0, None
@@ -464,28 +379,44 @@ def train(model, predictor, samples, refs, args, log, rank=0, world=1, resumed=N
     try:
         with cli.sigterm_raises_stop():
             for it in range(start, args.max_iters):
-                t0 = time.perf_counter()
+                t0, lr = time.perf_counter(), get_lr(it, args)
+                tau = args.tau_start * (args.tau_end / args.tau_start) ** (it / max(1, args.max_iters - 1))  # geometric
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                optimizer.zero_grad(set_to_none=True)
                 batch = [samples[i] for i in batch_indices(it, len(samples), args.batch_size, rank, world, args.seed)]
-                loss, fit, ratio = optimizer_step(model, predictor, optimizer, batch, it, generator, args, skipped,
-                                                  world)
+                out = train_step(model, predictor, batch, args, tau, generator, skipped)
+                stats = torch.tensor(out or (0.0, 0.0, 0.0), device=args.device)
+                if world > 1:  # one all-reduce per step: the micro-batches communicate nothing (as DDP's no_sync)
+                    for p in predictor.parameters():
+                        p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+                        dist.all_reduce(p.grad)
+                        p.grad /= world
+                    dist.all_reduce(stats)
+                    stats /= world
+                optimizer.step()
+                loss, fit, ratio = stats.tolist()
                 if (it + 1) % args.log_interval == 0 or it == 0:  # the step's time (its stats synchronised) and peak
                     log(f"step {it + 1}/{args.max_iters}: loss {loss:.4f} | {args.loss} {fit:.4f} | {cost_name} "
-                        f"ratio {ratio:.3f} (target {args.target}) | tau {get_tau(it, args):.3f} | lr "
-                        f"{get_lr(it, args):.2e} | {(time.perf_counter() - t0) * 1e3:.0f} ms | peak memory "
+                        f"ratio {ratio:.3f} (target {args.target}) | tau {tau:.3f} | lr {lr:.2e} | "
+                        f"{(time.perf_counter() - t0) * 1e3:.0f} ms | peak memory "
                         f"{generate.peak_memory(args.device) / 2**30:.2f} GiB"
                         + (f" | skipped {skipped['unreadable image']} unreadable images" if skipped else ""))
                 save = (it + 1) % args.eval_interval == 0 or it + 1 == args.max_iters
                 if save and rank == 0:
-                    held_out = evaluate(model, refs, lambda n: dyrate.Learned(predictor), args.k, args)
-                    log(held_out_line(held_out, args, cost_name))
+                    r = held_out = evaluate(model, refs, lambda n: dyrate.Learned(predictor), args.k, args)
+                    log(f"held-out, hard decisions: {cost_name} ratio {r[f'{args.budget}_ratio']:.3f} (target "
+                        f"{args.target}) | FLOPs {r['flops_ratio']:.3f}, mean KV {r['kv_ratio']:.3f}, no-cache FLOPs "
+                        f"{r['nocache_ratio']:.3f} | agreement with unpruned {r['agreement']:.3f} | KL/token "
+                        f"{r['kl']:.4f}")
                 boundary = capture(it + 1, held_out, predictor, optimizer, generator, args)
                 if save:
-                    save_checkpoint(boundary, predictor, args, cfg, rank)
+                    save_checkpoint(boundary, predictor, args, model.config, rank)
                     if world > 1:
                         dist.barrier()
     except (*cli.INTERRUPTS, torch.OutOfMemoryError) as e:  # back to the last step boundary, saved
         it = restore(boundary, predictor, optimizer, generator)["iter"]
-        save_checkpoint(boundary, predictor, args, cfg, rank)
+        save_checkpoint(boundary, predictor, args, model.config, rank)
         if isinstance(e, torch.OutOfMemoryError):
             sys.exit(f"error: out of memory at step {it + 1} (state saved to {args.out}.state): resume with "
                      f"--checkpoint and a smaller --micro-batch-size (docs/training.md gives the memory per setting)")
@@ -493,12 +424,6 @@ def train(model, predictor, samples, refs, args, log, rank=0, world=1, resumed=N
         sys.exit(143 if isinstance(e, cli.Stop) else 130)
     log(f"predictor written to {args.out}")
     return held_out
-
-
-def held_out_line(r, args, cost_name):
-    return (f"held-out, hard decisions: {cost_name} ratio {r[f'{args.budget}_ratio']:.3f} (target {args.target}) | "
-            f"FLOPs {r['flops_ratio']:.3f}, mean KV {r['kv_ratio']:.3f}, no-cache FLOPs {r['nocache_ratio']:.3f} | "
-            f"agreement with unpruned {r['agreement']:.3f} | KL/token {r['kl']:.4f}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -512,12 +437,11 @@ def number(kind, low, strict=False, high=math.inf, hint=""):
             value = kind(text)
         except ValueError:
             value = math.nan
-        if not (math.isfinite(value) and (value > low if strict else value >= low) and value <= high):
-            bounds = f"in {'(' if strict else '['}{low}, {high}]" if high < math.inf else \
-                f"{'>' if strict else '>='} {low}"
-            raise argparse.ArgumentTypeError(f"must be a {'whole ' if kind is int else ''}number {bounds}, got "
-                                             f"{text}{hint}")
-        return value
+        if math.isfinite(value) and (value > low if strict else value >= low) and value <= high:
+            return value
+        bounds = f"in {'(' if strict else '['}{low}, {high}]" if high < math.inf else f"{'>' if strict else '>='} {low}"
+        raise argparse.ArgumentTypeError(f"must be a {'whole ' if kind is int else ''}number {bounds}, got {text}"
+                                         + hint)
     return parse
 
 
@@ -543,25 +467,21 @@ def parse_rates(text):
 
 
 def parse_args(argv=None):
-    """The options, each number checked by its type (argparse names the flag in its error), before anything loads."""
+    """Each number is checked by its type, so argparse names the flag in its error before anything loads."""
     p = argparse.ArgumentParser(description="Train the DyRate rate predictor under a budget (the VLM frozen).")
     cli.add_model_args(p, default_model=None, required=True)
     whole, positive, nonnegative = number(int, 1), number(float, 0, strict=True), number(float, 0)
     g = cli.add_data_args(p, "the records {image, prompt, answer?}")
-    g.add_argument("--val-data", default=None, help="held-out file (default: --val-size samples held out of --data)")
+    g.add_argument("--val-data", default=None, help="held-out file (default: --val-size samples of --data)")
     g.add_argument("--val-size", type=whole, default=32, help="held-out samples taken from --data without --val-data")
-    g.add_argument("--distill-max-new-tokens", type=whole, default=ANSWER_TOKENS, help="the length the answers were "
-                   "self-distilled at (tools.distill --max-new-tokens): which distilled answers to train on")
+    g.add_argument("--distill-max-new-tokens", type=whole, default=ANSWER_TOKENS, help="tools.distill --max-new-tokens")
     g = p.add_argument_group("predictor and objective")
     g.add_argument("--out", required=True, help="predictor file to write (generate.py --predictor reads it)")
     cli.add_k_arg(g)
     g.add_argument("--rates", type=lambda text: parse_rates(text) and text, default="0:1:9",
                    help="candidate drop rates: 'start:stop:count' or a comma list")
-    g.add_argument("--step-feature", action="store_true", help="an extension: the predictor also sees the answer "
-                   "step, besides the type shares (the paper's predictor sees the shares only)")
-    g.add_argument("--budget", choices=dyrate.BUDGETS, default="flops", help="the cost the budget is on: "
-                   "flops (with a KV cache), kv (mean KV-cache size over the steps) or nocache (FLOPs when every "
-                   "step recomputes the kept sequence)")
+    g.add_argument("--step-feature", action="store_true", help="an extension: the predictor also sees the answer step")
+    g.add_argument("--budget", choices=dyrate.BUDGETS, default="flops", help="FLOPs, mean KV cache or no-cache FLOPs")
     g.add_argument("--target", type=number(float, 0, strict=True, high=1, hint=" (a fraction of none's cost)"),
                    default=0.5, help="the budget as a fraction of none's cost")
     g.add_argument("--budget-weight", type=nonnegative, default=20.0, help="weight of (cost ratio - target)^2")
@@ -572,10 +492,8 @@ def parse_args(argv=None):
     g.add_argument("--max-iters", type=number(int, 1, hint=" (to evaluate a trained predictor: python -m "
                    "tools.compare)"), default=300, help="training steps")
     g.add_argument("--batch-size", type=whole, default=8, help="samples per step (per rank under torchrun)")
-    g.add_argument("--micro-batch-size", type=whole, default=None, help="samples per forward/backward pass, their "
-                   "gradients accumulated over the batch (default: the whole batch at once; 1 or 2 for 7B on 24 GB)")
-    g.add_argument("--checkpoint", action="store_true", help="activation checkpointing of the layers >= K: each keeps "
-                   "only its input for the backward pass and runs again there (less memory, more time)")
+    g.add_argument("--micro-batch-size", type=whole, default=None, help="samples per forward/backward (7B on 24 GB: 1)")
+    g.add_argument("--checkpoint", action="store_true", help="activation checkpointing of layers >= K (less memory)")
     g.add_argument("--lr", type=positive, default=0.05, help="peak learning rate (AdamW)")
     g.add_argument("--min-lr", type=nonnegative, default=0.005, help="learning rate at the end of the cosine")
     g.add_argument("--warmup-iters", type=number(int, 0), default=10, help="linear warmup steps")
@@ -589,13 +507,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-# the options that decide what is trained: a resumed run must keep them (--micro-batch-size and --checkpoint only
-# change how it is computed: a run that ran out of memory resumes with smaller ones)
-SAME_ON_RESUME = ("model", "data", "val_data", "val_size", "image_folder", "conv", "pad", "distill_max_new_tokens",
-                  "dtype", "k", "rates", "step_feature", "budget", "target", "budget_weight", "loss", "tau_start",
-                  "tau_end", "max_iters", "batch_size", "lr", "min_lr", "warmup_iters", "weight_decay", "seed")
-
-
 def check_files(files, image_folder=None):
     """Each (flag, path) names a file that exists, and --image-folder a folder: checked before the weights load."""
     for name, path in files:
@@ -607,48 +518,41 @@ def check_files(files, image_folder=None):
 
 
 def resumed_state(args):
-    """With --resume: the saved state (tensors, metadata), if its options are the same as these (else those that
-    differ are named); without: None."""
-    if not args.resume:
-        return None
+    """The saved state, if it was trained with these options (else those that differ are named)."""
     if not os.path.isfile(args.out + ".state"):
-        raise FileNotFoundError(f"--resume but no training state at {args.out + '.state'}; drop --resume to start "
-                                f"afresh.")
+        raise FileNotFoundError(f"--resume but no training state at {args.out}.state; drop --resume to start afresh.")
     try:
         state = read_state(args.out + ".state")
     except (SafetensorError, OSError, KeyError, TypeError) as e:
         raise ValueError(f"{args.out}.state is not a training state written by train.py ({e}).") from None
+    # how the steps are computed (smaller after running out of memory), logged and saved: the rest must match
+    may_change = {"device", "out", "resume", "micro_batch_size", "checkpoint", "log_interval", "eval_interval",
+                  "eval_max_new_tokens"}
     saved = state[1]["args"]
-    changed = [f"--{k.replace('_', '-')} {getattr(args, k)!r} (the state has {saved.get(k)!r})"
-               for k in SAME_ON_RESUME if saved.get(k) != getattr(args, k)]
+    changed = [f"--{k.replace('_', '-')} {v!r} (the state has {saved.get(k)!r})"
+               for k, v in vars(args).items() if k not in may_change and saved.get(k) != v]
     if changed:
         raise ValueError(f"--resume with other options than the run in {args.out}.state: {'; '.join(changed)}. "
                          f"Resume with the same options, or train afresh to another --out.")
     return state
 
 
-def hold_out(samples, args, log):
-    """A seeded random subset of the training samples for evaluation: --val-size of them, or a fifth of a small set."""
-    n = len(samples)
-    if n < 2:
-        raise ValueError(f"{args.data} has {n} usable sample(s): at least 2 are needed (one to train on, one held "
-                         f"out), or give --val-data.")
-    size = args.val_size
-    if size >= n:
-        size = max(1, n // 5)
-        log(f"only {n} samples: holding out {size} of them for evaluation (--val-size {args.val_size} would hold out "
-            f"all; give --val-data for a separate held-out set)")
-    order = torch.randperm(n, generator=torch.Generator("cpu").manual_seed(args.seed), device="cpu").tolist()
-    return [samples[i] for i in order[size:]], [samples[i] for i in order[:size]]
-
-
 def load_data(cfg, tok, args, log):
-    """The training samples and the held-out ones (--val-data, or part of --data)."""
+    """The training samples and the held-out ones: --val-data, or a seeded random --val-size of --data."""
     samples = load_samples(args.data, cfg, tok, args, log)[0]
     if args.val_data:
         val = load_samples(args.val_data, cfg, tok, args, log)[0]
     else:
-        samples, val = hold_out(samples, args, log)
+        n, size = len(samples), args.val_size
+        if n < 2:
+            raise ValueError(f"{args.data} has {n} usable sample(s): at least 2 are needed (one to train on, one held "
+                             f"out), or give --val-data.")
+        if size >= n:
+            size = max(1, n // 5)
+            log(f"only {n} samples: holding out {size} of them for evaluation (--val-size {args.val_size} would hold "
+                f"out all; give --val-data for a separate held-out set)")
+        order = torch.randperm(n, generator=torch.Generator("cpu").manual_seed(args.seed), device="cpu").tolist()
+        samples, val = [samples[i] for i in order[size:]], [samples[i] for i in order[:size]]
     if not samples or not val:
         raise ValueError(f"need training and held-out samples: got {len(samples)} and {len(val)} usable ones")
     return samples, val
@@ -677,7 +581,7 @@ def main(argv=None):
         log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
         cfg, tok = cli.checkpoint(args.model)
         args.k = dyrate.pruning_layer(cfg.text.num_hidden_layers, args.k)
-        resumed = resumed_state(args)
+        resumed = resumed_state(args) if args.resume else None
         samples, val = load_data(cfg, tok, args, log)
         predictor = make_predictor(args, cfg, samples)
         model = cli.load_model(args.model, device, cli.dtype(args.dtype, device), log)

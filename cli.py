@@ -6,6 +6,7 @@ to get one, user mistakes printed as one line, SIGTERM handled like Ctrl-C, and 
 The library (model.py, dyrate.py, generate.generate) checks its own arguments and raises ValueError in its own terms;
 a command line runs its steps inside `user_errors()`, which prints those errors and exits.
 """
+import argparse
 import contextlib
 import os
 import signal
@@ -57,19 +58,36 @@ def add_pruning_args(p, several=False):
     return g
 
 
-def add_data_args(p, what):
-    """--data (`what` it holds), --image-folder, --conv, --pad: the records and the protocol they are prompted in."""
+def add_data_args(p, what, evaluate=False):
+    """--data (`what` it holds), --image-folder, --conv, --pad: the records and the protocol they are prompted in
+    (evaluate=True: a predictor's, add_protocol_args)."""
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help=f"{what}: JSONL or LLaVA conversation JSON")
     g.add_argument("--image-folder", default=None, help="folder image paths are relative to (default: the data file's)")
-    g.add_argument("--conv", choices=sorted(processing.TEMPLATES), default="llava-hf", help="prompt template")
-    g.add_argument("--pad", action="store_true", help="pad images to a square first (original LLaVA)")
+    if evaluate:
+        add_protocol_args(g)
+    else:
+        g.add_argument("--conv", choices=sorted(processing.TEMPLATES), default="llava-hf", help="prompt template "
+                       "(recorded in the predictor; evaluate it with the same: vicuna_v1 for the papers' numbers)")
+        g.add_argument("--pad", action="store_true", help="pad images to a square first (original LLaVA; recorded)")
     return g
 
 
+def add_protocol_args(g):
+    """--conv, --pad/--no-pad, --allow-protocol-mismatch: how the prompt is made, by default as the predictor's was."""
+    g.add_argument("--conv", choices=sorted(processing.TEMPLATES), default=None, help="prompt template: llava-hf's "
+                   "'USER: <image>\\n... ASSISTANT:' or the original vicuna_v1 with a system prompt (default: the "
+                   "predictor's, else llava-hf)")
+    g.add_argument("--pad", action=argparse.BooleanOptionalAction, default=None, help="pad the image to a square "
+                   "first, as the original LLaVA evaluation (default: as the predictor was trained, else not)")
+    g.add_argument("--allow-protocol-mismatch", action="store_true", help="run a predictor under another --conv or "
+                   "--pad than it was trained with, on purpose")
+
+
 def add_k_arg(group):
-    group.add_argument("--k", type=int, default=None, help=f"pruning layer K: layers >= K see only the kept image "
-                       f"tokens (default {dyrate.DEFAULT_K}, or the predictor's)")
+    group.add_argument("--k", type=int, default=None, help=f"pruning layer K of every rule: layers >= K see only the "
+                       f"kept image tokens (default: each rule's own, 'vtw:k=15'; else the predictor's, VTW's paper "
+                       f"layer, or {dyrate.DEFAULT_K})")
 
 
 def rule(spec, predictor, cfg, dev):

@@ -19,7 +19,7 @@ cost. tools/costs.py reports a generation's costs from the Pruner's history; too
 """
 import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn as nn
@@ -125,7 +125,7 @@ class RatePredictor(nn.Module):
                              f"({fingerprint(model_cfg)}); train one for this model with train.py.")
         predictor = cls(meta["n_heads"], meta["rates"], meta["k"], meta.get("step", False)).to(device)
         predictor.load_state_dict(state)
-        predictor.meta = meta
+        predictor.meta, predictor.path = meta, str(path)
         return predictor.eval()
 
 
@@ -179,6 +179,11 @@ def drop_tokens(x, positions, n_valid, drop_mask, image_start, n_image):
 @dataclass
 class Rule:
     """none: keeps every image token (the statistics are still computed for reporting)."""
+    k: int | None = field(default=None, kw_only=True)  # its own pruning layer K, as 'vtw:k=15' (pruning_layer)
+
+    def default_k(self, n_layers):
+        """K when neither the rule nor its caller sets one."""
+        return min(DEFAULT_K, max(1, n_layers - 1))
 
     def ranks(self, step):
         """Does this step read layer K-1's attention to rank the image tokens?"""
@@ -236,6 +241,10 @@ class Random(FastV):
 class VTW(Rule):
     """VTW: withdraw every image token before layer K, at the prefill (nothing to rank)."""
 
+    def default_k(self, n_layers):
+        """VTW's own layer: 15 of LLaVA-1.5-7B's 32 (its released code's K), at the same depth in other models."""
+        return min(max(1, round(15 * n_layers / 32)), max(1, n_layers - 1))
+
     def rate(self, step, shares, scores, kept_mask):
         return 1.0
 
@@ -286,6 +295,9 @@ class Learned(Rule):
             raise ValueError("the learned rule dyrate needs --predictor FILE (a trained predictor: train.py writes "
                              "one), or dyrate:predictor=FILE.")
 
+    def default_k(self, n_layers):
+        return self.predictor.k
+
     def ranks(self, step):
         return True
 
@@ -319,8 +331,8 @@ RULES = {"none": Rule, "fastv": FastV, "vtw": VTW, "schedule": Schedule, "ramp":
 
 def parse_rule(spec, cfg=None, device="cpu"):
     """A rule from its name and parameters, 'name:key=value:key=value' (a schedule's rates joined by '/'): 'fastv',
-    'fastv:ratio=0.75', 'mass:eps=1e-5', 'ramp:start=0.5:steps=48', 'dyrate:predictor=FILE' (checked against the model
-    config cfg). A Rule passes through."""
+    'fastv:ratio=0.75', 'mass:eps=1e-5', 'ramp:start=0.5:steps=48', 'vtw:k=15' (every rule takes its own K),
+    'dyrate:predictor=FILE' (checked against the model config cfg). A Rule passes through."""
     if isinstance(spec, Rule):
         return spec
     name, *params = str(spec).split(":")
@@ -331,12 +343,12 @@ def parse_rule(spec, cfg=None, device="cpu"):
     for param in params:
         key, _, value = param.partition("=")
         if key not in types or not value:
-            raise ValueError(f"{spec!r}: {name} takes " + (", ".join(f"{k}=..." for k in types) or "no parameters")
+            raise ValueError(f"{spec!r}: {name} takes " + ", ".join(f"{k}=..." for k in sorted(types, key=lambda k: k == "k"))
                              + f", not {param!r}.")
         try:
             args[key] = (RatePredictor.load(value, cfg, device) if key == "predictor" else
                          tuple(float(r) for r in value.split("/")) if key == "rates" else
-                         int(value) if types[key] in (int, "int") else float(value))
+                         int(value) if types[key] in (int, int | None) else float(value))
         except (TypeError, ValueError) as e:
             raise ValueError(f"{spec!r}: {key}={value!r} is not valid ({e}).") from None
     return RULES[name](**args)
@@ -347,15 +359,32 @@ def rule_name(rule):
     return next(name for name, cls in RULES.items() if type(rule) is cls)
 
 
+def rule_spec(rule, k):
+    """The rule with every setting it runs with at pruning layer k, as parse_rule reads it: 'fastv:ratio=0.5:k=2'."""
+    def text(value):
+        return (getattr(value, "path", "<in memory>") if isinstance(value, RatePredictor) else
+                "/".join(map(str, value)) if isinstance(value, tuple) else str(value))
+    params = [f"{f.name}={text(getattr(rule, f.name))}" for f in fields(rule) if f.name != "k"]
+    return ":".join([rule_name(rule), *params] + ([f"k={k}"] if type(rule) is not Rule else []))
+
+
+def protocol(rule):
+    """The prompt template and image padding (conv, pad) a learned rule's predictor was trained with, or None."""
+    meta = getattr(rule.predictor, "meta", {}) if isinstance(rule, Learned) else {}
+    return (meta["conv"], meta["pad"]) if "conv" in meta else None
+
+
 def pruning_layer(n_layers, k=None, rule=None):
-    """The pruning layer K for a model of n_layers decoder layers: k, else a learned rule's predictor's, else
-    DEFAULT_K (1 for a 2-layer model). Layer K-1 ranks the image tokens and layers >= K see the kept ones, so
-    1 <= K <= n_layers - 1."""
+    """The pruning layer K for a model of n_layers decoder layers: the rule's own k, else k, else the rule's default
+    (a learned rule's predictor's, VTW's own layer, else DEFAULT_K: 1 for a 2-layer model). Layer K-1 ranks the image
+    tokens and layers >= K see the kept ones, so 1 <= K <= n_layers - 1."""
+    rule = rule or Rule()
+    k = rule.k if rule.k is not None else k
     trained = rule.predictor.k if isinstance(rule, Learned) else None
     if trained is not None and k is not None and k != trained:
         raise ValueError(f"The predictor was trained for K={trained}, not K={k}: leave K to the predictor.")
     top = max(1, n_layers - 1)
-    k = k if k is not None else trained if trained is not None else min(DEFAULT_K, top)
+    k = k if k is not None else rule.default_k(n_layers)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= top:
         raise ValueError(f"K must lie in [1, {top}] for this {n_layers}-layer model: layer K-1 ranks the image tokens "
                          f"and layers K.. see the kept ones; got {k!r}.")

@@ -24,7 +24,7 @@ import torch
 
 import cli
 import dyrate
-from processing import TEMPLATES, preprocess
+from processing import preprocess
 
 
 @dataclass
@@ -120,8 +120,27 @@ class Batch:
     pruner: dyrate.Pruner
 
 
-def make_batch(cfg, tokenizer, images, prompts, max_new_tokens, rule="none", k=None, conv="llava-hf", pad=False,
-               stats=True, device="cpu", repeat=1):
+def prompt_protocol(rules, conv=None, pad=None, allow_protocol_mismatch=False):
+    """The prompt template and image padding (conv, pad) of a run of these rules: as given, else what their learned
+    predictors were trained with, else llava-hf's template unpadded. A predictor prompted otherwise than it was trained
+    reads other type shares (a system prompt before the image shifts them): an error unless allowed."""
+    trained = sorted({p for p in map(dyrate.protocol, rules) if p is not None})
+    flags = lambda c, p: f"--conv {c} {'--pad' if p else '--no-pad'}"  # noqa: E731
+    if len(trained) > 1 and not allow_protocol_mismatch:
+        both = " and ".join(flags(*p) for p in trained)
+        raise ValueError(f"The predictors were trained under different protocols ({both}): evaluate them apart.")
+    c, p = trained[0] if trained else (None, None)
+    wanted = (conv if conv is not None else c or "llava-hf", pad if pad is not None else bool(p))
+    if c is not None and wanted != (c, p) and not allow_protocol_mismatch:
+        raise ValueError(f"The predictor was trained with {flags(c, p)}, and this run asks for {flags(*wanted)}: its "
+                         f"rates would answer other type shares than it learned from. Leave --conv and --pad to the "
+                         f"predictor, or pass --allow-protocol-mismatch (allow_protocol_mismatch=True) to do so on "
+                         f"purpose.")
+    return wanted
+
+
+def make_batch(cfg, tokenizer, images, prompts, max_new_tokens, rule="none", k=None, conv=None, pad=None,
+               stats=True, device="cpu", repeat=1, allow_protocol_mismatch=False):
     """Every check of generate()'s inputs, then the Batch; repeat > 1 repeats each row (beam search's beams)."""
     if isinstance(images, (str, os.PathLike)) or isinstance(prompts, str):
         raise ValueError("Give a list of images and a list of prompts, one prompt per image.")
@@ -129,6 +148,7 @@ def make_batch(cfg, tokenizer, images, prompts, max_new_tokens, rule="none", k=N
         raise ValueError(f"Give one prompt per image: got {len(images)} images and {len(prompts)} prompts.")
     rule = dyrate.parse_rule(rule)
     k = dyrate.pruning_layer(cfg.text.num_hidden_layers, k, rule)
+    conv, pad = prompt_protocol([rule], conv, pad, allow_protocol_mismatch)
     encoded = [tokenizer.encode_prompt(p, conv) for p in prompts]
     lengths = torch.tensor([len(ids) for ids, _ in encoded], device=device)  # (B,)
     B, T = len(encoded), int(lengths.max())
@@ -180,23 +200,27 @@ def timed_decode(model, batch, caches, max_new_tokens, choose, eos_id, on_token)
 
 
 def row(tokenizer, batch, r, tokens, history=None, **extra):
-    """Row r's result: its text and tokens, its prompt, and its pruning history (dyrate.Pruner.summary)."""
+    """Row r's result: its text and tokens, its prompt, the rule with its settings, and its pruning history
+    (dyrate.Pruner.summary)."""
     p = batch.pruner
     return dict(text=tokenizer.decode(tokens), token_ids=tokens, prompt_tokens=int(batch.lengths[r]),
-                image_token_start=batch.image_starts[r], rule=dyrate.rule_name(p.rule), **extra,
+                image_token_start=batch.image_starts[r], rule=dyrate.rule_name(p.rule),
+                settings=dyrate.rule_spec(p.rule, p.k), **extra,
                 **p.summary(r if history is None else 0, len(tokens), history))
 
 
 @torch.inference_mode()
-def generate(model, tokenizer, images, prompts, max_new_tokens=64, rule="none", k=None, conv="llava-hf", pad=False,
-             temperature=0.0, top_k=0, top_p=1.0, seed=0, stats=True, on_text=None):
+def generate(model, tokenizer, images, prompts, max_new_tokens=64, rule="none", k=None, conv=None, pad=None,
+             temperature=0.0, top_k=0, top_p=1.0, seed=0, stats=True, on_text=None, allow_protocol_mismatch=False):
     """Answer a batch of image/prompt pairs (images: paths or PIL images). rule: a dyrate rule or its name with
-    parameters ('fastv:ratio=0.75'); K defaults to the predictor's or dyrate.DEFAULT_K; stats records the type shares
-    at every step. on_text(row, piece) receives each row's text as it is produced. Each row reports its pruning
-    history (tools/costs.py counts its FLOPs and KV-cache bytes)."""
+    parameters ('fastv:ratio=0.75'); K defaults to the rule's (dyrate.pruning_layer); conv, pad to the predictor's
+    protocol (prompt_protocol); stats records the type shares at every step. on_text(row, piece) receives each row's
+    text as it is produced. Each row reports its pruning history (tools/costs.py counts its FLOPs and KV-cache
+    bytes)."""
     check_options(max_new_tokens, temperature, top_k, top_p)
     device = model.language_model.lm_head.weight.device
-    batch = make_batch(model.config, tokenizer, images, prompts, max_new_tokens, rule, k, conv, pad, stats, device)
+    batch = make_batch(model.config, tokenizer, images, prompts, max_new_tokens, rule, k, conv, pad, stats, device,
+                       allow_protocol_mismatch=allow_protocol_mismatch)
     eos, B = model.config.eos_token_id, len(batch.input_ids)
     generator = torch.Generator(device).manual_seed(seed)
     streams, done = [StreamDecoder(tokenizer) for _ in range(B)], torch.zeros(B, dtype=torch.bool, device=device)
@@ -226,10 +250,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("input")
     g.add_argument("--image", required=True, help="image file (anything Pillow opens)")
     g.add_argument("--prompt", default="Provide a one-sentence caption for the provided image.", help="the question")
-    g.add_argument("--conv", choices=sorted(TEMPLATES), default="llava-hf",
-                   help="prompt template: llava-hf's 'USER: <image>\\n... ASSISTANT:' or the original with a system "
-                        "prompt")
-    g.add_argument("--pad", action="store_true", help="pad the image to a square first (original LLaVA evaluation)")
+    cli.add_protocol_args(g)
     g = cli.add_model_args(p)
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step (tools/fast.py: static shapes "
                    "in buckets of 64 cache slots, CUDA graphs on GPU): slower first steps, faster tokens after them")
@@ -277,8 +298,10 @@ def main(argv=None):
     with cli.user_errors():  # every check before the weights load (minutes for 7B): flags, files, the inputs
         device = cli.device(args.device)
         cfg, tokenizer = cli.checkpoint(args.model)
-        options = dict(rule=cli.rule(args.method, args.predictor, cfg, device), k=args.k, conv=args.conv, pad=args.pad,
-                       stats=bool(args.json or args.viz))
+        rule = cli.rule(args.method, args.predictor, cfg, device)
+        conv, pad = prompt_protocol([rule], args.conv, args.pad, args.allow_protocol_mismatch)
+        options = dict(rule=rule, k=args.k, conv=conv, pad=pad, stats=bool(args.json or args.viz),
+                       allow_protocol_mismatch=args.allow_protocol_mismatch)
         check_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
         make_batch(cfg, tokenizer, [args.image], [args.prompt], args.max_new_tokens, device=device, **options)
         if beams:
@@ -302,7 +325,7 @@ def main(argv=None):
                            on_text=(lambda b, piece: print(piece, end="", flush=True)) if streamed else None)
         if args.viz:
             from tools import viz
-            for path in viz.save(args.viz, args.image, out.rows[0], tokenizer, cfg, args.pad):
+            for path in viz.save(args.viz, args.image, out.rows[0], tokenizer, cfg, pad):
                 log(f"wrote {path}")
     report(args, out, cfg, streamed)
     return out

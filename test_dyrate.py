@@ -268,7 +268,7 @@ def test_predictor_file_round_trip_and_errors(ours, tmp_path):
         generate.generate(llava, tok, [image], ["Hi"], max_new_tokens=2, rule="fastv", k=0)
     with pytest.raises(ValueError, match="Unknown rule 'nonsense'"):
         generate.generate(llava, tok, [image], ["Hi"], max_new_tokens=2, rule="nonsense")
-    with pytest.raises(ValueError, match="fastv takes ratio=..., not 'mass=0.1'"):
+    with pytest.raises(ValueError, match="fastv takes ratio=..., k=..., not 'mass=0.1'"):
         generate.generate(llava, tok, [image], ["Hi"], max_new_tokens=2, rule="fastv:mass=0.1")
     with pytest.raises(ValueError, match=r"drop ratio must lie in \[0, 1\], got 1.5"):
         generate.generate(llava, tok, [image], ["Hi"], max_new_tokens=2, rule="fastv:ratio=1.5")
@@ -411,3 +411,24 @@ def test_random_rule_drops_fastvs_count_uniformly_at_random(ours):
     assert not torch.equal(dropped[0], fastv.history[0].dropped_mask.float())
     share = dropped.mean((0, 1))  # (N,) how often each token went: 0.75 on average, none always kept or always gone
     assert abs(float(share.mean()) - 0.75) < 1e-6 and 0.4 < float(share.min()) and float(share.max()) < 1.0
+
+
+def test_each_rule_has_its_own_layer_and_names_its_settings():
+    """K is a rule's parameter: 'vtw:k=5'; VTW's default is its paper's layer (15 of 32), FastV's DEFAULT_K; a
+    rule's own K wins over the caller's; rule_spec writes every setting back in parse_rule's syntax."""
+    assert dyrate.pruning_layer(32, None, dyrate.VTW()) == 15 and dyrate.pruning_layer(40, None, dyrate.VTW()) == 19
+    assert dyrate.pruning_layer(12, None, dyrate.VTW()) == 6 and dyrate.pruning_layer(2, None, dyrate.VTW()) == 1
+    assert dyrate.pruning_layer(32, None, dyrate.FastV()) == dyrate.DEFAULT_K
+    assert dyrate.pruning_layer(32, 3, dyrate.VTW()) == 3  # the caller's K where the rule sets none
+    assert dyrate.pruning_layer(32, 3, dyrate.parse_rule("vtw:k=20")) == 20
+    for spec, k in (("fastv:ratio=0.75:k=4", 4), ("vtw:k=15", 15), ("ramp:start=0.25:steps=8:k=2", 2),
+                    ("schedule:rates=0.5/0.75/1.0:k=3", 3), ("random:ratio=0.5:seed=3:k=2", 2),
+                    ("mass:eps=1e-05:k=2", 2)):
+        rule = dyrate.parse_rule(spec)
+        assert dyrate.rule_spec(rule, dyrate.pruning_layer(32, None, rule)) == spec
+        assert dyrate.parse_rule(dyrate.rule_spec(rule, k)) == rule
+    assert dyrate.rule_spec(dyrate.Rule(), 2) == "none"
+    with pytest.raises(ValueError, match=r"K must lie in \[1, 31\].*got 32"):
+        dyrate.pruning_layer(32, None, dyrate.parse_rule("vtw:k=32"))
+    with pytest.raises(ValueError, match="k=1.5.*not valid"):
+        dyrate.parse_rule("vtw:k=1.5")

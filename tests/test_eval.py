@@ -136,19 +136,42 @@ def test_clear_errors(shapes_data, tmp_path):
 
 def test_shapes_stand_in_end_to_end(shapes_data, tmp_path, capsys, placement):
     """The README's eval commands on a handful of records: captions (CIDEr) and questions (accuracy) for several
-    methods, a table, and the files."""
+    methods, each at its own settings (VTW at its paper's layer, and at the layer matched to FastV's FLOPs), named in
+    the table and the metrics with the prompt protocol, and the files."""
     where = ["--device", placement[0], "--dtype", str(placement[1]).removeprefix("torch.")]
-    results = run(shapes_data, tmp_path / "c", "--methods", "none,vtw,fastv:ratio=0.75", *where)
-    by = {r["method"].split(":")[0]: r for r in results}
-    assert by["none"]["cider"] > by["vtw"]["cider"] and by["vtw"]["flops_ratio"] < by["fastv"]["flops_ratio"] < 1
-    assert by["fastv"]["mean_kept_image_tokens"] == 64 and by["none"]["flops_ratio"] == 1.0
-    assert "method" in capsys.readouterr().out
+    results = run(shapes_data, tmp_path / "c", "--methods", "none,vtw,fastv:ratio=0.75,vtw:k=match", *where)
+    by = {r["method"]: r for r in results}
+    assert [r["settings"] for r in results] == ["none", "vtw:k=6", "fastv:ratio=0.75:k=2", "vtw:k=4"]
+    assert by["none"]["cider"] > by["vtw:k=match"]["cider"] and by["vtw"]["flops_ratio"] < 1
+    assert by["fastv:ratio=0.75"]["mean_kept_image_tokens"] == 64 and by["none"]["flops_ratio"] == 1.0
+    gaps = {k: abs(r - by["fastv:ratio=0.75"]["flops_ratio"]) for k, r in ((6, by["vtw"]["flops_ratio"]),
+                                                                         (4, by["vtw:k=match"]["flops_ratio"]))}
+    assert gaps[4] < gaps[6]  # the matched layer is the nearer in FLOPs
+    out = capsys.readouterr().out
+    assert "protocol: --conv llava-hf --no-pad" in out and "fastv:ratio=0.75:k=2" in out.splitlines()[-2]
+    metrics = json.loads((tmp_path / "c" / "metrics-vtw.json").read_text())
+    assert metrics["settings"] == "vtw:k=6" and metrics["protocol"] == dict(conv="llava-hf", pad=False)
     coco = json.loads((tmp_path / "c" / "results-none.json").read_text())
     assert len(coco) == 6 and set(coco[0]) == {"image_id", "caption"}
     q = eval.main(["--model", SHAPES, "--questions", str(shapes_data / "test_questions.jsonl"), "--task", "short",
                 "--suffix", "", "--images", str(shapes_data), "--out", str(tmp_path / "q"), "--limit", "8",
                 "--methods", "none,vtw", *where])
     assert q[0]["records"] == 8 and q[0]["accuracy"] >= q[1]["accuracy"]
+
+
+def test_a_predictor_is_evaluated_under_its_own_protocol(shapes_data, tmp_path):
+    """The shipped predictors were trained with llava-hf's template, unpadded: eval.py uses it unasked, refuses
+    --original (vicuna_v1, padded) naming both, and runs it with --allow-protocol-mismatch."""
+    predictor = ["--methods", "none,dyrate", "--predictor", os.path.join(SHAPES, "predictor-kv-0.3"), "--limit", "2"]
+    result = run(shapes_data, tmp_path / "own", *predictor)
+    assert [r["protocol"] for r in result] == [dict(conv="llava-hf", pad=False)] * 2
+    with pytest.raises(SystemExit, match="trained with --conv llava-hf --no-pad, and this run asks for --conv "
+                                         "vicuna_v1 --pad"):
+        run(shapes_data, tmp_path / "other", *predictor, "--original")
+    result = run(shapes_data, tmp_path / "other", *predictor, "--original", "--allow-protocol-mismatch")
+    assert result[1]["protocol"] == dict(conv="vicuna_v1", pad=True) and result[1]["records"] == 2
+    with pytest.raises(SystemExit, match="only vtw takes k=match, after"):
+        run(shapes_data, tmp_path / "m", "--methods", "vtw:k=match,none")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -141,7 +141,7 @@ def test_bad_options_fail_before_the_model_loads(ckpt, ours, tmp_path, monkeypat
                            (["--max-new-tokens", "600"], "exceed the model's context of 512"),
                            (["--method", "none", "--predictor", str(tmp_path / "p")], "used by --method dyrate only"),
                            (["--method", "fastv:ratio=1.5"], r"drop ratio must lie in \[0, 1\]"),
-                           (["--method", "fastv:eps=1"], "fastv takes ratio=..., not 'eps=1'"),
+                           (["--method", "fastv:eps=1"], "fastv takes ratio=..., k=..., not 'eps=1'"),
                            (["--method", "nonsense"], "Unknown rule 'nonsense'"),
                            (["--num-beams", "2", "--temperature", "1"], "use temperature 0"),
                            (["--k", "9"], r"K must lie in \[1, 3\]"), (["--device", "cuda:3"], "--device cuda:3"),
@@ -306,3 +306,32 @@ def test_generate_with_beams_returns_the_best_hypotheses(ours, capsys, ckpt, tmp
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and all("score" in json.loads(line) for line in lines)
 
+
+
+def test_a_predictor_runs_under_the_protocol_it_was_trained_with(ckpt, ours, tmp_path, capsys):
+    """A predictor file records its template and padding: generate uses them by default, refuses others with both
+    named, and runs them with --allow-protocol-mismatch."""
+    path = tmp_path / "x.png"
+    random_image(11).save(path)
+    predictor = random_predictor()
+    predictor.save(tmp_path / "p", dyrate.fingerprint(ours[0].config), dict(conv="vicuna_v1", pad=True))
+    vicuna = len(ours[1].encode_prompt("Hi", "vicuna_v1")[0])
+    assert vicuna > len(ours[1].encode_prompt("Hi", "llava-hf")[0])  # the system prompt before the image
+    run = ["--image", str(path), "--model", ckpt[0], "--prompt", "Hi", "--json", "--max-new-tokens", "3", "--method",
+           "dyrate", "--predictor", str(tmp_path / "p")]
+    assert generate.main(run).rows[0]["prompt_tokens"] == vicuna  # the predictor's protocol, unasked
+    for extra in (["--conv", "llava-hf"], ["--no-pad"]):
+        with pytest.raises(SystemExit, match="trained with --conv vicuna_v1 --pad, and this run asks for --conv "
+                                             f"{'llava-hf --pad' if '--conv' in extra else 'vicuna_v1 --no-pad'}.*"
+                                             "--allow-protocol-mismatch"):
+            generate.main(run + extra)
+    allowed = generate.main(run + ["--conv", "llava-hf", "--allow-protocol-mismatch"]).rows[0]
+    assert allowed["prompt_tokens"] == len(ours[1].encode_prompt("Hi", "llava-hf")[0])
+    assert allowed["settings"] == f"dyrate:predictor={tmp_path / 'p'}:k=2"
+    assert generate.prompt_protocol([dyrate.Rule()]) == ("llava-hf", False)  # no predictor: llava-hf's, unpadded
+    other = dyrate.RatePredictor.load(tmp_path / "p", ours[0].config)
+    other.meta = dict(other.meta, conv="llava-hf", pad=False)
+    with pytest.raises(ValueError, match="different protocols"):
+        generate.prompt_protocol([dyrate.Learned(predictor=other), dyrate.parse_rule(
+            f"dyrate:predictor={tmp_path / 'p'}", ours[0].config)])
+    capsys.readouterr()

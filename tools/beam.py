@@ -143,7 +143,7 @@ def lineage(pruner, b, n_steps):
 
 @torch.inference_mode()
 def generate(model, tokenizer, images, prompts, max_new_tokens=64, num_beams=2, num_return_sequences=1,
-             length_penalty=1.0, rule="none", k=None, conv="llava-hf", pad=False, stats=True):
+             length_penalty=1.0, rule="none", k=None, conv=None, pad=None, stats=True, allow_protocol_mismatch=False):
     """generate.generate() with beam search: each prompt's rows repeated once per beam (rows b*N .. b*N+N-1), the
     num_return_sequences best hypotheses of each prompt returned best first, each with its scores and its pruning
     history."""
@@ -151,7 +151,7 @@ def generate(model, tokenizer, images, prompts, max_new_tokens=64, num_beams=2, 
     core.check_options(max_new_tokens, 0.0, 0, 1.0)
     device = model.language_model.lm_head.weight.device
     batch = core.make_batch(model.config, tokenizer, images, prompts, max_new_tokens, rule, k, conv, pad, stats, device,
-                            repeat=num_beams)
+                            repeat=num_beams, allow_protocol_mismatch=allow_protocol_mismatch)
     caches = model.new_caches(len(batch.input_ids), max_new_tokens)
     search = BeamSearch(len(prompts), num_beams, max_new_tokens, model.config.eos_token_id, caches, batch.pruner,
                         length_penalty)

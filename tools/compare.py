@@ -12,6 +12,7 @@ import argparse
 
 import cli
 import dyrate
+import generate
 import train
 from tools import costs
 
@@ -64,7 +65,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="A trained rate predictor against FastV, a ramp, the mass rule and VTW "
                                             "at the same cost, and none, on a held-out set.")
     cli.add_model_args(p, default_model=None, required=True)
-    g = cli.add_data_args(p, "the held-out records {image, prompt}")
+    g = cli.add_data_args(p, "the held-out records {image, prompt}", evaluate=True)
     g.add_argument("--predictor", required=True, help="predictor file written by train.py")
     g.add_argument("--budget", choices=dyrate.BUDGETS, default=None,
                    help="the cost the baselines are matched on (default: the predictor's budget)")
@@ -83,6 +84,8 @@ def main(argv=None):
         args.device = str(device)
         cfg, tok = cli.checkpoint(args.model)
         predictor = dyrate.RatePredictor.load(args.predictor, cfg, device)
+        args.conv, args.pad = generate.prompt_protocol([dyrate.Learned(predictor)], args.conv, args.pad,
+                                                       args.allow_protocol_mismatch)
         samples = train.load_samples(args.data, cfg, tok, args, print, need_answers=False)[0]
         if not samples:
             raise ValueError(f"{args.data} has no usable sample to evaluate on.")

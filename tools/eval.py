@@ -13,7 +13,10 @@ Flickr30k, NoCaps: CIDEr-D and BLEU-4 by pycocoevalcap, as lmms-eval and the pap
 Captions: COCO captions format, {"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]}, image
 paths relative to --images. Questions: JSONL, one {"image", "question", "answers": [...]} per line ("choices": [...]
 adds lettered options for --task choice; "id" optional). The prompts are LLaVA-1.5's evaluation prompts; greedy
-decoding; the llava-hf template, or with --original the vicuna_v1 template and pad-to-square the papers' numbers use.
+decoding; the llava-hf template, or with --original the vicuna_v1 template and pad-to-square the papers' numbers use
+(a learned predictor's own protocol by default: the one it was trained with). Each rule runs at its own settings,
+named in every table and metrics file: FastV at K=2, VTW at its paper's layer (vtw:k=N sets one; vtw:k=match takes the
+layer whose FLOPs match the method before it in --methods).
 
 Long runs: predictions stream to OUT/predictions-METHOD.jsonl as they are made; --resume continues an interrupted run
 (Ctrl-C, SIGTERM, a crash) where it stopped; a bad record (missing or unreadable image, empty question) is counted and
@@ -35,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 import cli
+import dyrate
 import generate
 import processing
 from tools import beam, costs, fast, viz
@@ -275,7 +279,8 @@ def run_method(llava, tok, records, method, args, rule, log, rank=0, world=1):
         return None
     done = merge(args.out, method, records)
     tokens = sum(p.get("new_tokens", 0) for p in done.values())
-    return summarize(method, records, done, args, tokens / max(time.perf_counter() - t0, 1e-9), log)
+    settings = dyrate.rule_spec(rule, dyrate.pruning_layer(llava.config.text.num_hidden_layers, args.k, rule))
+    return summarize(method, records, done, args, tokens / max(time.perf_counter() - t0, 1e-9), log, settings)
 
 
 def merge(out, method, records):
@@ -312,7 +317,7 @@ def collective_max(value, device, world):
     return int(t)
 
 
-def summarize(method, records, done, args, tokens_per_s, log):
+def summarize(method, records, done, args, tokens_per_s, log, settings=""):
     """Scores and costs of one method's predictions, written to OUT/metrics-METHOD.json (and, for captions, the COCO
     results file); one line on stdout."""
     skipped = Counter(r["skip"] for r in records if r["skip"])
@@ -328,7 +333,8 @@ def summarize(method, records, done, args, tokens_per_s, log):
     per_batch = {}  # timings are per generate() call: count each batch once
     for p in rows:
         per_batch.setdefault((p["prefill_ms"], p["decode_ms_per_token"]), p)
-    result = dict(method=method, task=args.task, records=len(preds), skipped=dict(skipped), **metrics, **ratios,
+    result = dict(method=method, settings=settings, protocol=dict(conv=args.conv, pad=args.pad), task=args.task,
+                  records=len(preds), skipped=dict(skipped), **metrics, **ratios,
                   mean_kept_image_tokens=sum(sum(p["kept_visual"]) / len(p["kept_visual"]) for p in rows) / len(rows),
                   mean_kv_bytes=sum(p["mean_kv_bytes"] for p in rows) / len(rows),
                   prefill_ms=sum(p["prefill_ms"] for p in per_batch.values()) / len(per_batch),
@@ -339,7 +345,7 @@ def summarize(method, records, done, args, tokens_per_s, log):
         processing.write_json(os.path.join(args.out, f"results-{method}.json"), results)  # COCO results format
     processing.write_json(os.path.join(args.out, f"metrics-{method}.json"), result)
     score = " | ".join(f"{k} {result[k]:.4f}" for k in metrics)
-    log(f"{method}: {score} | FLOPs {ratios['flops_ratio']:.3f} (no-cache {ratios['nocache_ratio']:.3f}), mean KV "
+    log(f"{settings}: {score} | FLOPs {ratios['flops_ratio']:.3f} (no-cache {ratios['nocache_ratio']:.3f}), mean KV "
         f"{ratios['kv_ratio']:.3f} of none | image tokens kept {result['mean_kept_image_tokens']:.1f} | prefill "
         f"{result['prefill_ms']:.1f} ms, decode {result['decode_ms_per_token']:.2f} ms/token | {len(preds)} records"
         + (f", skipped {sum(skipped.values())} ({', '.join(f'{n} {w}' for w, n in skipped.items())})" if skipped
@@ -365,7 +371,9 @@ def parse_args(argv=None):
     cli.add_model_args(p)
     g = cli.add_pruning_args(p, several=True)
     g.add_argument("--original", action="store_true", help="the original LLaVA-1.5 evaluation settings: vicuna_v1 "
-                   "template and pad-to-square (the papers' numbers)")
+                   "template and pad-to-square (the papers' numbers; default: a predictor's own, else llava-hf's)")
+    g.add_argument("--allow-protocol-mismatch", action="store_true", help="run a predictor under another protocol "
+                   "than it was trained with, on purpose")
     g.add_argument("--max-new-tokens", type=int, default=None, help="default 64 for captions (lmms-eval), 16 else")
     g.add_argument("--suffix", default=None, help="text after each question (default: LLaVA-1.5's evaluation "
                    "instruction for the task; '' for a model trained without one, such as the shapes model)")
@@ -379,7 +387,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.methods = args.methods.split(",")
     args.task = "caption" if args.captions else args.task
-    args.conv, args.pad = ("vicuna_v1", True) if args.original else ("llava-hf", False)
+    args.conv, args.pad = ("vicuna_v1", True) if args.original else (None, None)  # None: prompt_protocol's
     return args
 
 
@@ -403,7 +411,10 @@ def check_args(args):
     args.max_new_tokens = args.max_new_tokens or (64 if args.task == "caption" else 16)
     os.makedirs(args.out, exist_ok=True)
     cli.check_writable_folder(os.path.join(args.out, "metrics.json"), "--out")
-    for m in args.methods:
+    for i, m in enumerate(args.methods):
+        if MATCH in m and (not m.startswith("vtw:") or i == 0 or args.methods[i - 1] == "none"):
+            raise ValueError(f"{m}: only vtw takes k=match, after the pruned method it is matched to (e.g. --methods "
+                             f"none,fastv,vtw:k=match)")
         found = prediction_files(args.out, m)
         if found and not args.resume:
             raise ValueError(f"{found[0]} exists: pass --resume to continue that run, or another --out.")
@@ -431,7 +442,25 @@ def read_records(data, args, cfg, tok):
 
 def options(args, rule):
     """generate()'s (and beam search's) arguments for one rule."""
-    return dict(rule=rule, k=args.k, conv=args.conv, pad=args.pad, stats=args.figure2)
+    return dict(rule=rule, k=args.k, conv=args.conv, pad=args.pad, stats=args.figure2,
+                allow_protocol_mismatch=args.allow_protocol_mismatch)
+
+
+MATCH = ":k=match"  # vtw:k=match, VTW at the layer whose FLOPs ratio matches the method before it
+
+
+def matched_vtw(llava, tok, records, args, before, log, device, world):
+    """VTW at the layer whose FLOPs ratio, over the lengths of the answers of the method `before` (its result, rank 0),
+    is closest to that method's; every rank gets the same layer."""
+    k = 0
+    if before is not None:
+        done = read_done(args.out, before["method"])
+        lengths = [(len(tok.encode_prompt(r["prompt"], args.conv)[0]), done[json.dumps(r["id"])]["new_tokens"])
+                   for r in records if "prediction" in done.get(json.dumps(r["id"]), {})]
+        k = costs.matched_layer(llava.config, lengths, before["flops_ratio"])
+        log(f"vtw:k=match: K={k}, the layer whose FLOPs ratio is closest to {before['method']}'s "
+            f"{before['flops_ratio']:.3f}")
+    return dyrate.VTW(k=collective_max(k, device, world))
 
 
 def figure2(shares):
@@ -462,13 +491,14 @@ def write_figure2(out, records, log):
 
 
 def table(results):
-    """The methods side by side, when several ran."""
+    """The methods side by side, when several ran, each with the settings it ran with, under their protocol."""
     keys = [k for k in ("cider", "bleu4", "accuracy", "f1") if k in results[0]]
-    lines = [f"{'method':10}" + "".join(f"{k:>10}" for k in keys) + f"{'FLOPs':>8}{'no-cache':>10}{'mean KV':>9}"
-             f"{'kept':>7}"]
+    protocol = results[0]["protocol"]
+    lines = [f"protocol: --conv {protocol['conv']} {'--pad' if protocol['pad'] else '--no-pad'}",
+             "".join(f"{k:>10}" for k in keys) + f"{'FLOPs':>8}{'no-cache':>10}{'mean KV':>9}{'kept':>7}  settings"]
     for r in results:
-        lines.append(f"{r['method']:10}" + "".join(f"{r[k]:10.4f}" for k in keys) + f"{r['flops_ratio']:8.3f}"
-                     f"{r['nocache_ratio']:10.3f}{r['kv_ratio']:9.3f}{r['mean_kept_image_tokens']:7.1f}")
+        lines.append("".join(f"{r[k]:10.4f}" for k in keys) + f"{r['flops_ratio']:8.3f}{r['nocache_ratio']:10.3f}"
+                     f"{r['kv_ratio']:9.3f}{r['mean_kept_image_tokens']:7.1f}  {r['settings']}")
     return "\n".join(lines)
 
 
@@ -482,11 +512,14 @@ def main(argv=None):
         if world > 1:
             dist.barrier()  # every rank has checked OUT before any writes to it
         cfg, tok = cli.checkpoint(args.model)
-        rules = cli.rules(",".join(args.methods), args.predictor, cfg, device)
+        rules = cli.rules(",".join(m.replace(MATCH, "") for m in args.methods), args.predictor, cfg, device)
+        args.conv, args.pad = generate.prompt_protocol(rules.values(), args.conv, args.pad,
+                                                       args.allow_protocol_mismatch)
         records = read_records(data, args, cfg, tok)
         first = next(r for r in records if not r["skip"])
         if args.num_beams > 1:
             beam.check_options(args.num_beams, 1, 1.0)
+        log(f"protocol: --conv {args.conv} {'--pad' if args.pad else '--no-pad'}")
         for rule in rules.values():  # every option checked on a real record before the weights load
             generate.make_batch(cfg, tok, [first["image"]], [first["prompt"]], args.max_new_tokens, device=device,
                                 **options(args, rule))
@@ -495,7 +528,11 @@ def main(argv=None):
         llava.cache_class = fast.FastKVCache  # decode-time drops compacted by moves (the same tokens, less work)
         try:
             with cli.sigterm_raises_stop():
-                results = [run_method(llava, tok, records, m, args, rules[m], log, rank, world) for m in args.methods]
+                results = []
+                for m in args.methods:
+                    rule = matched_vtw(llava, tok, records, args, results[-1], log, device, world) if MATCH in m \
+                        else rules[m]
+                    results.append(run_method(llava, tok, records, m, args, rule, log, rank, world))
         except cli.INTERRUPTS as e:
             print(file=sys.stderr)
             sys.exit(f"interrupted: the predictions so far are in {args.out}; rerun with --resume to continue"

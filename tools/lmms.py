@@ -1,65 +1,147 @@
 """
 This implementation as an lmms-eval model, so that the field's own harness (lmms-eval 0.7) runs its tasks on
-LLaVA-1.5 with any pruning method of dyrate.py. The one file that imports lmms-eval, an optional extra:
+LLaVA-1.5 with any pruning method of dyrate.py. The one file that imports lmms-eval, an optional extra; the editable
+install registers it as "dyrate" (pyproject.toml's lmms_eval.models entry point), so lmms-eval's own command finds it:
 
-    pip install --no-deps -r requirements-lmms.txt
-    python -m tools.lmms --model dyrate --tasks pope --batch_size 8 --output_path runs/lmms \
-        --model_args model=llava-1.5-7b-hf,method=fastv,ratio=0.5,conv=vicuna_v1,pad=true   # lmms-eval's CLI
+    pip install --no-deps -r requirements-lmms.txt && pip install --no-deps -e .
+    lmms-eval --model dyrate --tasks pope --batch_size 8 --output_path runs/lmms \
+        --model_args model=llava-1.5-7b-hf,method=fastv,ratio=0.5,dtype=float16
+    torchrun --nproc_per_node 8 -m lmms_eval --model dyrate ...     # one GPU per rank, lmms-eval shards the requests
 
-or from Python, an instance handed to lmms-eval's evaluator (no registration needed):
+or from Python, an instance handed to lmms-eval's evaluator:
 
     from lmms_eval.evaluator import simple_evaluate
     simple_evaluate(model=DyRate(model="llava-1.5-7b-hf", method="dyrate", predictor="predictor"), tasks=["pope"])
 
-Model args: everything generate.py takes (model, method, k, ratio, mass, predictor, conv, pad, dtype, device,
-num_beams) and batch_size. generate_until runs generate() in batches of requests that share their generation
-arguments, honouring each request's max_new_tokens, temperature, top_p, num_beams and `until` (the text is cut at the
-first stop string). The pruning costs of each task (FLOPs, mean KV-cache and no-cache FLOPs ratios to none, image
-tokens kept) are logged at the end and kept in `.costs`. loglikelihood is refused: see its message.
+Model args: DyRate.__init__'s parameters and the rule's own (method=fastv,ratio=0.75; method=mass,eps=1e-5), checked
+before the weights load: an unknown key or a bad value is an error naming the valid ones. conv and pad default to the
+predictor's recorded protocol, else the papers' (vicuna_v1, padded to a square). generate_until runs generate() in
+batches of one task's requests that share their generation arguments, honouring each request's max_new_tokens,
+temperature, top_p, num_beams and `until` (the text is cut at the first stop string). Each task's pruning costs (FLOPs,
+mean KV-cache and no-cache FLOPs ratios to none, image tokens kept), over every rank's answers, go into lmms-eval's
+results file through its model-metrics hook, under keys naming the task, the method with all its settings and the
+protocol; they are also printed and kept in `.costs`. loglikelihood is refused: see its message.
 """
 import gc
+import inspect
 import os
 import sys
+import time
 from collections import defaultdict
 from dataclasses import fields
 
 import torch
+import torch.distributed as dist
+from lmms_eval import utils
 from lmms_eval.api.model import lmms
-from lmms_eval.models.registry_v2 import ModelManifest
 
 import cli
 import dyrate
 import generate
+import processing
 from tools import beam, costs, fast
 
-MANIFEST = ModelManifest(model_id="dyrate", simple_class_path="tools.lmms.DyRate")
+PAPERS_PROTOCOL = ("vicuna_v1", True)  # the original LLaVA-1.5 evaluation: system prompt, images padded to a square
 
 
-def flag(value):
-    """A model_args value as lmms-eval passes it (a string) or as Python does."""
-    return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+def manifest():
+    """The model's registration, which lmms-eval's registry loads through pyproject.toml's entry point.
+    NOTE: lmms_eval.models is imported here and in report_costs, not above: building its registry imports this module,
+    which must then be whole."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+    return ModelManifest(model_id="dyrate", simple_class_path="tools.lmms.DyRate")
+
+
+def flag(key, value):
+    """A true/false model arg: lmms-eval passes true and false as bools; Python callers may write the words."""
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false, got {value!r}.")
+    return value
+
+
+def whole(key, value):
+    """A whole-number model arg >= 1 (lmms-eval's --batch_size arrives as text)."""
+    value = int(value) if isinstance(value, str) and value.isdigit() else value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{key} must be a whole number >= 1, got {value!r}.")
+    return value
+
+
+def rank_device(device, local_rank, cuda):
+    """The device of this process: `device`, except that none given or plain `cuda` means the GPU of this rank,
+    cuda:LOCAL_RANK (torchrun and accelerate launch set LOCAL_RANK), and the CPU where there is no GPU."""
+    if device is None and not cuda:
+        return "cpu"
+    return f"cuda:{local_rank}" if device in (None, "cuda") else device
 
 
 class DyRate(lmms):
     """LLaVA-1.5 (model.py) with a visual-token pruning method (dyrate.py), for lmms-eval's simple tasks."""
     is_simple = True
 
-    def __init__(self, model=cli.SHAPES_MODEL, method="none", k=None, predictor=None, conv="vicuna_v1", pad=True,
-                 dtype=None, device=None, batch_size=1, num_beams=1, **params):
+    @classmethod
+    def create_from_arg_string(cls, arg_string, additional_config=None):
+        """lmms-eval's --model_args with its --batch_size and --device: a key given both ways is a user error (lmms-eval
+        itself would fail with a TypeError)."""
+        args = utils.simple_parse_args_string(arg_string)
+        extra = {key: value for key, value in (additional_config or {}).items() if value is not None}
+        with cli.user_errors():
+            twice = sorted(set(args) & set(extra))
+            if twice:
+                raise ValueError(f"{twice[0]} is given both in --model_args and as lmms-eval's --{twice[0]}: give it "
+                                 f"once, as --{twice[0]}.")
+        return cls(**args, **extra)
+
+    def __init__(self, model=cli.SHAPES_MODEL, method="none", k=None, predictor=None, conv=None, pad=None,
+                 dtype=None, device=None, batch_size=1, num_beams=1, allow_protocol_mismatch=False, **params):
         super().__init__()
-        with cli.user_errors():  # the command line's errors: one line, before anything loads
-            self._device = cli.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # NOTE: lmms-eval catches any Exception of a run, prints it and exits 0; a SystemExit (cli.user_errors: one
+        # line, status 1) is what makes its command line fail on a mistyped model arg
+        with cli.user_errors():  # every model arg checked before the weights load
+            spec = self.method_spec(method, params)
+            allow = flag("allow_protocol_mismatch", allow_protocol_mismatch)
+            pad = None if pad is None else flag("pad", pad)
+            if conv is not None and conv not in processing.TEMPLATES:
+                raise ValueError(f"conv must be one of {', '.join(processing.TEMPLATES)}, got {conv!r}.")
+            if dtype is not None and dtype not in cli.DTYPES:
+                raise ValueError(f"dtype must be one of {', '.join(cli.DTYPES)}, got {dtype!r}.")
+            self.batch_size_per_gpu, self.num_beams = whole("batch_size", batch_size), whole("num_beams", num_beams)
+            self._rank, self._world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+            self._device = cli.device(rank_device(device, int(os.environ.get("LOCAL_RANK", 0)),
+                                                  torch.cuda.is_available()))
             self.cfg, self.tok = cli.checkpoint(model)
-            rule_params = {key: value for key, value in params.items()  # e.g. method=fastv,ratio=0.75
-                           if key in {f.name for f in fields(dyrate.RULES.get(method.split(":")[0], dyrate.Rule))}}
-            spec = method + "".join(f":{key}={value}" for key, value in rule_params.items())
-            self.options = dict(rule=cli.rule(spec, predictor, self.cfg, self._device), conv=conv, pad=flag(pad),
-                                k=None if k is None else int(k), stats=False)
-            self.method = spec
-            self.batch_size_per_gpu, self.num_beams = int(batch_size), int(num_beams)
+            rule = cli.rule(spec, predictor, self.cfg, self._device)
+            k_used = dyrate.pruning_layer(self.cfg.text.num_hidden_layers, k, rule)
+            trained = dyrate.protocol(rule) or PAPERS_PROTOCOL  # the predictor's recorded protocol, else the papers'
+            conv, pad = conv if conv is not None else trained[0], pad if pad is not None else trained[1]
+            generate.prompt_protocol([rule], conv, pad, allow)  # a predictor prompted otherwise: refused now
+            self.options = dict(rule=rule, k=k, conv=conv, pad=pad, allow_protocol_mismatch=allow, stats=False)
+            self.method, self.protocol = dyrate.rule_spec(rule, k_used), dict(conv=conv, pad=pad)
+            if self._device.type == "cuda":
+                torch.cuda.set_device(self._device)  # lmms-eval's NCCL collectives run on the current device
             self.llava = cli.load_model(model, self._device, cli.dtype(dtype, self._device))
             self.llava.cache_class = fast.FastKVCache  # as tools/eval.py: the same tokens, less work
         self.costs = {}  # task -> its pruning costs, after generate_until
+
+    @classmethod
+    def method_spec(cls, method, params):
+        """method=NAME or NAME:key=value:... and the rule's parameters given as model args of their own, as one rule
+        spec ('fastv:ratio=0.75'); any other model arg is an error naming the valid ones."""
+        name = str(method).split(":")[0]
+        if name not in dyrate.RULES:
+            raise ValueError(f"method={method!r}: choose one of {', '.join(dyrate.RULES)}.")
+        own = [f.name for f in fields(dyrate.RULES[name]) if f.name not in ("k", "predictor")]
+        unknown = [key for key in params if key not in own]
+        if unknown:
+            args = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "params")]
+            raise ValueError(f"unknown model arg {', '.join(map(repr, unknown))}: the valid ones are {', '.join(args)}"
+                             + (f", and {name}'s own {', '.join(own)}." if own else f" ({name} has no parameters)."))
+        twice = [key for key in params if key in {p.partition("=")[0] for p in str(method).split(":")[1:]}]
+        if twice:
+            raise ValueError(f"{', '.join(twice)} given twice, in method={method!r} and as a model arg of its own.")
+        return ":".join([str(method)] + [f"{key}={value}" for key, value in params.items()])
 
     @property
     def batch_size(self):
@@ -71,19 +153,23 @@ class DyRate(lmms):
 
     def generate_until(self, requests):
         """The answers to lmms-eval's generate_until requests, in their order."""
-        answers, rows = [None] * len(requests), defaultdict(list)
-        groups = defaultdict(list)  # requests that share their generation arguments share a batch
+        answers, rows, seconds = [""] * len(requests), defaultdict(list), defaultdict(float)
+        groups = defaultdict(list)  # one task's requests that share their generation arguments share a batch
         for i, req in enumerate(requests):
+            if req.metadata.get("__padding_only__"):  # lmms-eval's filler for a shorter shard: its answer is dropped
+                continue
             ctx, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
-            groups[repr(sorted(gen_kwargs.items()))].append(i)
-        for indices in groups.values():
+            groups[task, repr(sorted(gen_kwargs.items()))].append(i)
+        for (task, _), indices in groups.items():
             for j in range(0, len(indices), self.batch_size):
                 batch = indices[j:j + self.batch_size]
+                t0 = time.perf_counter()
                 texts, got = self.answer([requests[i].args for i in batch])
-                for i, text, row in zip(batch, texts, got):
+                seconds[task] += time.perf_counter() - t0
+                for i, text in zip(batch, texts):
                     answers[i] = text
-                    rows[requests[i].args[4]].append(row)
-        self.log_costs(rows)
+                rows[task] += got
+        self.report_costs(rows, seconds)
         return answers
 
     def answer(self, args):
@@ -116,16 +202,40 @@ class DyRate(lmms):
             texts.append(text.strip())
         return texts, out.rows
 
-    def log_costs(self, rows):
-        """Each task's pruning costs over its answers, as ratios to none's, in `.costs` and on stderr."""
-        for task, task_rows in rows.items():
-            self.costs[task] = dict({f"{b}_ratio": costs.cost_ratio(task_rows, c) for b, c in costs.COSTS.items()},
-                                    mean_kept_image_tokens=sum(sum(r["kept_visual"]) / len(r["kept_visual"])
-                                                               for r in task_rows) / len(task_rows),
-                                    answers=len(task_rows), method=self.method)
-            c = self.costs[task]
-            print(f"dyrate {task}: {c['method']} | FLOPs {c['flops_ratio']:.3f} | mean KV {c['kv_ratio']:.3f} | "
-                  f"no-cache FLOPs {c['nocache_ratio']:.3f} of none | image tokens kept "
+    def report_costs(self, rows, seconds):
+        """Each task's pruning costs over every rank's answers (ratios to none's), into lmms-eval's results file
+        (results["throughput"], its model-metrics hook: numbers only, so the key names the method and protocol), into
+        `.costs` and on stderr."""
+        from lmms_eval.models.model_utils.gen_metrics import log_metrics
+        keys = [key for c in costs.COSTS.values() for key in (c, f"{c}_none")]
+        sums = {task: dict({key: sum(r[key] for r in task_rows) for key in keys}, answers=len(task_rows),
+                           seconds=seconds[task], tokens=sum(len(r["token_ids"]) for r in task_rows),
+                           kept=sum(sum(r["kept_visual"]) / len(r["kept_visual"]) for r in task_rows))
+                for task, task_rows in rows.items()}
+        every = [sums]
+        # NOTE: without --use_cache every rank calls generate_until once per evaluation; lmms-eval's response cache
+        # answers from disk without the model (no costs), and a rank with nothing left to run would leave this waiting
+        if self.world_size > 1 and dist.is_available() and dist.is_initialized():
+            every = [None] * self.world_size
+            dist.all_gather_object(every, sums)
+        total = defaultdict(lambda: defaultdict(float))
+        for rank_sums in every:
+            for task, task_sums in rank_sums.items():
+                for key, value in task_sums.items():
+                    total[task][key] += value
+        for task, s in total.items():
+            self.costs[task] = c = dict({f"{b}_ratio": s[key] / s[f"{key}_none"] for b, key in costs.COSTS.items()},
+                                        mean_kept_image_tokens=s["kept"] / s["answers"], answers=int(s["answers"]),
+                                        method=self.method, **self.protocol)
+            if self.rank != 0:
+                continue
+            name = f"{task} {self.method} conv={c['conv']} pad={str(c['pad']).lower()}"
+            log_metrics(s["seconds"], int(s["tokens"]), s["tokens"] / max(s["seconds"], 1e-9),
+                        dict({f"{name} {key}": c[key] for key in ("flops_ratio", "kv_ratio", "nocache_ratio",
+                                                                  "mean_kept_image_tokens", "answers")},
+                             total_requests=c["answers"]))
+            print(f"dyrate {task}: {c['method']} | conv {c['conv']}, pad {c['pad']} | FLOPs {c['flops_ratio']:.3f} | "
+                  f"mean KV {c['kv_ratio']:.3f} | no-cache FLOPs {c['nocache_ratio']:.3f} of none | image tokens kept "
                   f"{c['mean_kept_image_tokens']:.1f} | {c['answers']} answers", file=sys.stderr)
 
     def loglikelihood(self, requests):
@@ -133,8 +243,8 @@ class DyRate(lmms):
         raise NotImplementedError(
             f"tools.lmms.DyRate generates answers; it does not score given continuations, which {', '.join(tasks)} "
             f"ask for (output_type loglikelihood or multiple_choice). The seed paper's benchmarks are generate_until "
-            f"tasks: coco2017_cap_val, flickr30k_test, nocaps_val, gqa, vizwiz_vqa_val, scienceqa_img, pope, "
-            f"mmbench_en_dev, mme.")
+            f"tasks: coco2017_cap_val, flickr30k_test, nocaps_val, gqa, vqav2_val, vizwiz_vqa_val, scienceqa_img, "
+            f"pope, mmbench_en_dev, mme.")
 
     def generate_until_multi_round(self, requests):
         raise NotImplementedError("tools.lmms.DyRate answers single-turn questions (generate_until) only.")
@@ -143,16 +253,3 @@ class DyRate(lmms):
         """lmms-eval calls this after each evaluation and would delete the model: keep it, so one instance serves
         several simple_evaluate calls."""
         gc.collect()
-
-
-def register():
-    """Make lmms-eval's command line and simple_evaluate(model="dyrate", model_args=...) find this model."""
-    from lmms_eval.models import MODEL_REGISTRY_V2
-    MODEL_REGISTRY_V2.register_manifest(MANIFEST, overwrite=True)
-
-
-if __name__ == "__main__":  # lmms-eval's own command line, with this model registered as "dyrate"
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    register()
-    from lmms_eval.__main__ import cli_evaluate
-    cli_evaluate()

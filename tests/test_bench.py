@@ -4,10 +4,11 @@ bench.py end to end on a tiny checkpoint (no timing asserted: benchmarks print f
 import json
 
 import pytest
+import torch
 from PIL import Image
 
 from test_dyrate import N_IMAGE
-from tools import bench
+from tools import bench, memory
 
 
 def test_bench_runs_every_method_on_a_checkpoint(ckpt, tmp_path, capsys):
@@ -85,7 +86,9 @@ def test_bench_checks_its_arguments_before_building_anything(ckpt, tmp_path, mon
                            (["--memory-gib", "-1"], "--memory-gib"),
                            (["--out", str(tmp_path / "a_file" / "b.json")], "cannot make the folder"),
                            (["--device", "cuda:5"], "--device"), (["--predictor", str(tmp_path / "none")], "not a"),
-                           (["--new-tokens", "4000"], "exceed the model's context of 4096")):
+                           (["--new-tokens", "4000"], "exceed the model's context of 4096"),
+                           (["--layers", "1"], "--layers 1: the decoder depth of a --geometry, at least 2"),
+                           (["--model", ckpt[0], "--layers", "3"], r"at least 2 \(a --model has its own\)")):
         with pytest.raises(SystemExit, match=f"error: .*{message}"):
             bench.main(extra)
     with pytest.raises(SystemExit, match="No LLaVA checkpoint"):
@@ -111,3 +114,49 @@ def test_profile_beams_mass_and_chunked_prefill(ckpt, tmp_path, capsys):
     assert by["none"]["bytes_read_limit"] == 1.0 and by["fastv+beam2"]["bytes_read_limit"] < 1
     out = capsys.readouterr().out
     assert "decode ms/token, profiled" in out and "limit" in out
+
+
+def test_random_models_are_built_in_the_target_dtype_once(tmp_path):
+    """bfloat16 random weights are created in bfloat16 (no float32 copy: that would be 3x the weights at the peak),
+    ours shares every one of transformers' tensors, --layers sets the decoder's depth, and the logits are finite."""
+    with memory.LiveTensors() as live:
+        hf, ours = bench.random_models("tiny", "cpu", torch.bfloat16, layers=3)
+    weights = {p.data_ptr(): p.nbytes for p in hf.parameters()}
+    assert {p.dtype for p in hf.parameters()} == {p.dtype for p in ours.parameters()} == {torch.bfloat16}
+    assert {p.data_ptr() for p in ours.parameters()} == set(weights) and len(ours.state_dict()) == len(weights)
+    assert sum(weights.values()) <= live.peak <= 1.05 * sum(weights.values()), (live.peak, sum(weights.values()))
+    assert len(ours.language_model.model.layers) == 3 == bench.geometry_config("7b", 3).text.num_hidden_layers
+    N = ours.config.n_image_tokens
+    ids = torch.tensor([[1, 5, 6] + [ours.config.image_token_index] * N + [7, 8]])
+    with torch.inference_mode():
+        logits = ours(ids, torch.randn(1, 3, 336, 336, dtype=torch.bfloat16))
+    assert logits.dtype == torch.bfloat16 and bool(logits.isfinite().all()) and logits.float().std() > 0
+
+
+def test_transformers_is_left_out_where_its_copy_of_the_weights_does_not_fit(ckpt, ours, tmp_path, capsys):
+    """With --model, transformers loads a second copy of the weights: given less memory than two copies and the
+    caches, the default methods leave it out with one line saying so; named in --methods, it runs while the two copies
+    alone fit, and is an error before anything loads where they do not."""
+    weights = sum(p.nbytes for p in ours[0].parameters())  # float32, as bench loads on the CPU by default
+
+    def methods(available, *extra):
+        return bench.check_args(bench.parse_args(["--model", ckpt[0], "--out", str(tmp_path / "b.json"), *extra]),
+                                available)[0]
+    assert methods(2**40) == bench.DEFAULT_METHODS.split(",") and capsys.readouterr().err == ""
+    assert methods(2 * weights + 1) == ["none", "fastv", "vtw", "dyrate", "ramp"]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "transformers left out" in err and "name it in --methods to run it anyway" in err
+    assert methods(2 * weights + 1, "--methods", "none,transformers") == ["none", "transformers"]
+    with pytest.raises(ValueError, match="drop transformers from --methods or use a smaller --dtype"):
+        methods(2 * weights - 1, "--methods", "none,transformers")
+
+
+def test_each_rule_prunes_at_its_own_layer_unless_k_is_given(tmp_path):
+    """Without --k, each rule runs at its own K (fastv 2, VTW at its paper's depth: 15 of 32 layers, 4 of 8; vtw:k=5
+    at 5); --k sets it for the rules that do not name their own."""
+    common = ["--geometry", "tiny", "--layers", "8", "--methods", "fastv,vtw,vtw:k=5", "--new-tokens", "2",
+              "--repeats", "1", "--out", str(tmp_path / "b.json")]
+    for extra, ks in (([], [2, 4, 5]), (["--k", "3"], [3, 3, 5])):
+        rows = bench.main(common + extra)
+        assert [r["k"] for r in rows] == ks and [r["kept_visual"] for r in rows] == [[288] * 2, [0] * 2, [0] * 2]
+        assert rows[1]["tflops"] < rows[2]["tflops"]  # VTW's FLOPs grow with its layer

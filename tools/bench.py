@@ -7,14 +7,18 @@ transformers' generate on the same weights, side by side in one run.
         --methods none,none+compile,fastv,dyrate,transformers
     python -m tools.bench --model path/to/llava-1.5-7b-hf --device cuda --dtype float16 \
         --batch-sizes 1,8,32 --memory-gib 80
+    python -m tools.bench --geometry 7b --layers 4 --dtype bfloat16 --methods none,transformers  # 7B width, 4 layers
 
 Each method generates --new-tokens greedy tokens for a prompt of 576 image + --prompt-tokens text tokens, at every
 --batch-sizes batch (identical rows). After one warm-up run per method and batch, --repeats rounds run all of them in
 turn (drift hits all alike); medians are reported, CUDA synchronised. Methods: any rule of dyrate.RULES with its
 parameters (fastv:ratio=0.75, mass:eps=1e-5, ...); dyrate runs --predictor, else a predictor whose bias always picks
 the constant --rate, so its per-step work is real; a bare ramp rises from --rate to 1 over the answer (compaction at
-several steps);
-transformers (LlavaForConditionalGeneration, sdpa); a "+compile" suffix runs ours with tools.fast.compile_decode.
+several steps); transformers (LlavaForConditionalGeneration, sdpa); a "+compile" suffix runs ours with
+tools.fast.compile_decode.
+Each rule prunes at its own layer K (vtw:k=15; dyrate.pruning_layer) unless --k sets one for all. Every model is built
+in --dtype: random weights are created in it, once, and ours shares transformers' tensors; with --model, transformers
+loads its own copy, and is left out of the default methods (one line says so) where that copy would not fit.
 Memory is measured, never computed: the peak of each run (CUDA: the allocator's peak, weights included; CPU: the
 process's peak resident set, Linux's VmHWM, reset before each run after the heap's free pages go back to the OS).
 With --memory-gib, the largest batch that fits that memory is found for each of our methods by running it
@@ -47,19 +51,25 @@ GEOMETRIES = {  # (vision: hidden, layers, heads, intermediate), (text: hidden, 
 }
 
 
-def geometry_config(geometry):
-    """Our LlavaConfig of a named geometry (LLaVA-1.5's vocabulary, 336 px images)."""
+DEFAULT_METHODS = "none,fastv,vtw,dyrate,ramp,transformers"
+
+
+def geometry_config(geometry, layers=None):
+    """Our LlavaConfig of a named geometry (LLaVA-1.5's vocabulary, 336 px images), with `layers` decoder layers
+    (None: the geometry's own)."""
     (vh, vl, vn, vi), (th, tl, tn, ti) = GEOMETRIES[geometry]
+    tl = tl if layers is None else layers
     return model.LlavaConfig(
         vision=model.VisionConfig(hidden_size=vh, num_hidden_layers=vl, num_attention_heads=vn, intermediate_size=vi),
         text=model.TextConfig(hidden_size=th, num_hidden_layers=tl, num_attention_heads=tn, num_key_value_heads=tn,
                               head_dim=th // tn, intermediate_size=ti))
 
 
-def random_models(geometry, device, dtype, seed=0):
-    """A random-weight HF LLaVA of the geometry, and our Llava sharing the very same weight tensors."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-    cfg = geometry_config(geometry)
+def random_models(geometry, device, dtype, layers=None, seed=0):
+    """A random-weight HF LLaVA of the geometry, built in `dtype` on `device` (no float32 copy first), and our Llava
+    sharing the very same weight tensors."""
+    from transformers import AutoModelForImageTextToText, CLIPVisionConfig, LlamaConfig, LlavaConfig
+    cfg = geometry_config(geometry, layers)
     v, t = cfg.vision, cfg.text
     vision = CLIPVisionConfig(hidden_size=v.hidden_size, num_hidden_layers=v.num_hidden_layers,
                               num_attention_heads=v.num_attention_heads, intermediate_size=v.intermediate_size,
@@ -69,9 +79,11 @@ def random_models(geometry, device, dtype, seed=0):
                        vocab_size=32064, rms_norm_eps=1e-5, max_position_embeddings=4096, tie_word_embeddings=False)
     hf_cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000, pad_token_id=32001)
     torch.manual_seed(seed)
-    with torch.device(device):
-        hf = LlavaForConditionalGeneration(hf_cfg).to(dtype).eval()
-    return hf, share_weights(model.Llava(cfg), {model.canonical_key(k): v for k, v in hf.state_dict().items()}, device)
+    with torch.device(device):  # NOTE: dtype= makes transformers create (and initialise) each weight in dtype
+        hf = AutoModelForImageTextToText.from_config(hf_cfg, dtype=dtype, attn_implementation="sdpa").eval()
+    with torch.device("meta"):
+        ours = model.Llava(cfg)
+    return hf, share_weights(ours, {model.canonical_key(k): v for k, v in hf.state_dict().items()}, device)
 
 
 def share_weights(llava, state, device):
@@ -98,6 +110,14 @@ def constant_predictor(n_heads, rate, k, device):
     with torch.no_grad():
         predictor.linear.bias[rates.index(float(rate))] = 10.0
     return predictor.to(device)
+
+
+def method_rule(method, predictor, args, cfg):
+    """A --methods entry's rule and its pruning layer K (--k, else the rule's own): dyrate runs `predictor`, a bare
+    ramp rises from --rate to 1 over the answer."""
+    rule = (dyrate.Learned(predictor) if method.split(":")[0] == "dyrate" else
+            dyrate.Ramp(args.rate, args.new_tokens) if method == "ramp" else dyrate.parse_rule(method))
+    return rule, dyrate.pruning_layer(cfg.text.num_hidden_layers, args.k, rule)
 
 
 def is_out_of_memory(error):
@@ -152,13 +172,17 @@ def parse_args(argv=None):
     g = cli.add_model_args(p, default_model=None, default_device="cpu")
     g.add_argument("--geometry", choices=sorted(GEOMETRIES), default="mid", help="random-weight model of this size "
                    "(without --model)")
+    g.add_argument("--layers", type=int, default=None, help="decoder layers of the --geometry (default: its own, 32 "
+                   "for 7b): fewer for a quick check, e.g. memory per layer")
     g = p.add_argument_group("methods")
-    g.add_argument("--methods", default="none,fastv,vtw,dyrate,ramp,transformers",
+    g.add_argument("--methods", default=None,
                    help=f"comma-separated: transformers, or our rules with their parameters "
-                        f"({', '.join(dyrate.RULES)}, e.g. fastv:ratio=0.75, mass:eps=1e-5); add +compile to one of "
+                        f"({', '.join(dyrate.RULES)}, e.g. fastv:ratio=0.75, vtw:k=15); add +compile to one of "
                         f"ours for the compiled decode path (e.g. none+compile), +beamN for beam search with N beams "
                         f"(e.g. fastv+beam5). Without --predictor, dyrate's predictor always picks --rate; ramp runs "
-                        f"from --rate to 1 over the answer")
+                        f"from --rate to 1 over the answer. Default: {DEFAULT_METHODS}, but with --model without "
+                        f"transformers where its own copy of the weights would not fit (named here, it runs unless "
+                        f"the two copies alone exceed the device's available memory: an error)")
     cli.add_k_arg(g)
     g.add_argument("--predictor", default=None, help="DyRate rate predictor file written by train.py (for dyrate)")
     g.add_argument("--rate", type=float, default=0.5, help="the stand-in predictor's constant rate and the ramp's "
@@ -194,16 +218,16 @@ def variant(method):
     return parts[0], "compile" in parts[1:], n if len(parts) == 1 + ("compile" in parts[1:]) + bool(beams) else -1
 
 
-def check_args(args):
-    """Every argument checked before any model is built or timed. Returns the methods, batch sizes, the device, the
-    model's config and its predictor (None: bench makes one of a constant rate)."""
-    methods = args.methods.split(",")
+def check_args(args, available=None):
+    """Every argument checked before any model is built or timed, and with --model, room made for transformers' copy
+    of the weights (room_for_transformers; available: the device's free bytes, None: measured). Returns the methods,
+    batch sizes, the device and the predictor dyrate runs (--predictor's, else one of the constant --rate)."""
+    named = args.methods is not None
+    methods = (args.methods or DEFAULT_METHODS).split(",")
     for m in methods:
         base, compiled, beams = variant(m)
         if base == "transformers" and (compiled or beams) or beams == 1 or not m:
             raise ValueError(f"{m!r} in --methods: +compile and +beamN (N >= 2 beams) are for our rules only")
-        if base != "transformers" and base.split(":")[0] != "dyrate":
-            dyrate.parse_rule(base)  # an unknown rule or parameter is an error here
     try:
         batches = [int(b) for b in args.batch_sizes.split(",")]
     except ValueError:
@@ -216,18 +240,63 @@ def check_args(args):
         if value < low:
             raise ValueError(f"{name} must be at least {low}, got {value}" + (
                 " (decode is timed over the tokens after the first)" if name == "--new-tokens" else ""))
+    if args.layers is not None and (args.model or args.layers < 2):
+        raise ValueError(f"--layers {args.layers}: the decoder depth of a --geometry, at least 2 (a --model has its "
+                         f"own)")
     dev = cli.device(args.device)
     if args.memory_gib is not None:
         check_budget(args.memory_gib, dev)
     dyrate.fraction("--rate", args.rate)
-    cfg = cli.config(args.model) if args.model else geometry_config(args.geometry)
+    cfg = cli.config(args.model) if args.model else geometry_config(args.geometry, args.layers)
     cfg.check_length(1 + args.prompt_tokens + cfg.n_image_tokens + args.new_tokens)
-    predictor = None if args.predictor is None else dyrate.RatePredictor.load(args.predictor, cfg, dev)
-    args.k = dyrate.pruning_layer(cfg.text.num_hidden_layers, args.k, predictor and dyrate.Learned(predictor))
+    predictor = (dyrate.RatePredictor.load(args.predictor, cfg, dev) if args.predictor else constant_predictor(
+        cfg.text.num_attention_heads, args.rate, dyrate.pruning_layer(cfg.text.num_hidden_layers, args.k), dev))
+    for m in methods:  # an unknown rule or parameter, or a K out of range, is an error here
+        if m != "transformers":
+            method_rule(variant(m)[0], predictor, args, cfg)
     cli.check_writable_folder(args.out, "--out", make=True)
     if args.plot:
         cli.check_writable_folder(args.plot, "--plot", make=True)
+    if args.model and "transformers" in methods:
+        rows = max(batches) * max(max(variant(m)[2], 1) for m in methods)
+        methods = room_for_transformers(methods, named, args, cfg, dev, rows, available)
+    args.methods = ",".join(methods)
     return methods, batches, dev, predictor
+
+
+def available_memory(dev):
+    """The bytes the device can still give: CUDA's free memory, else Linux's MemAvailable (or the free pages)."""
+    if dev.type == "cuda":
+        return torch.cuda.mem_get_info(dev)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def room_for_transformers(methods, named, args, cfg, dev, rows, available=None):
+    """--model DIR: transformers loads its own copy of the weights from the files, beside ours (random weights are
+    shared). Where both copies, the KV caches of `rows` rows and a tenth of the weights (activations) exceed the
+    `available` bytes (None: available_memory), transformers is left out of the default methods, with one line saying
+    so; named in --methods, it runs unless the two copies alone exceed them (an error). Returns the methods to run."""
+    dtype, t = cli.dtype(args.dtype, dev), cfg.text
+    with torch.device("meta"):
+        weights = sum(p.numel() for p in model.Llava(cfg).parameters()) * dtype.itemsize
+    tokens = 1 + args.prompt_tokens + cfg.n_image_tokens + args.new_tokens
+    caches = rows * tokens * 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * dtype.itemsize
+    need, available = 2 * weights + caches + weights // 10, available_memory(dev) if available is None else available
+    what = (f"transformers' own copy of the weights of {args.model} ({weights / 2**30:.2f} GiB in "
+            f"{str(dtype).removeprefix('torch.')}) beside ours")
+    if named and 2 * weights > available:
+        raise ValueError(f"--methods transformers: {what} needs {2 * weights / 2**30:.2f} GiB, but {dev} has "
+                         f"{available / 2**30:.2f} GiB available; drop transformers from --methods or use a smaller "
+                         f"--dtype")
+    if named or need <= available:
+        return methods
+    log(f"transformers left out: {what}, with the caches, needs ~{need / 2**30:.2f} GiB, but {dev} has "
+        f"{available / 2**30:.2f} GiB available; name it in --methods to run it anyway, or use a smaller --dtype")
+    return [m for m in methods if m != "transformers"]
 
 
 def check_budget(gib, dev):
@@ -243,10 +312,10 @@ def check_budget(gib, dev):
     if not memory.reset_resident_peak():
         raise ValueError("--memory-gib on CPU measures each run's peak resident set through /proc/self/clear_refs, "
                          "which this system does not offer; use a CUDA device or drop --memory-gib")
-    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    free = available_memory(dev)
     if 2 * gib * 2**30 > free:
         raise ValueError(f"--memory-gib {gib:g}: the search may try batches needing twice the budget, but only "
-                         f"{free / 2**30:.1f} GiB of memory is free; pass at most {free / 2**31:.1f}")
+                         f"{free / 2**30:.1f} GiB of memory is available; pass at most {free / 2**31:.1f}")
 
 
 def build_models(args, methods, dev, dtype):
@@ -255,7 +324,7 @@ def build_models(args, methods, dev, dtype):
     drop by moves, without waiting for the host."""
     log(f"building {args.model or args.geometry} on {dev} in {args.dtype} ...")
     hf, ours = checkpoint_models(args.model, dev, dtype, "transformers" in methods) if args.model else \
-        random_models(args.geometry, dev, dtype)
+        random_models(args.geometry, dev, dtype, args.layers)
     ours.cache_class = fast.FastKVCache
     fast.chunk_prefill(ours, args.prefill_rows)
     compiled = None
@@ -303,25 +372,17 @@ class Workload:
 
     def __init__(self, args, hf, ours, compiled, predictor, dev):
         self.args, self.hf, self.ours, self.compiled, self.dev = args, hf, ours, compiled, dev
-        self.cfg, N = ours.config, ours.config.n_image_tokens
-        self.predictor = predictor or constant_predictor(self.cfg.text.num_attention_heads, args.rate, args.k, dev)
+        self.cfg, self.predictor, N = ours.config, predictor, ours.config.n_image_tokens
         torch.manual_seed(1)
         text = torch.randint(3, self.cfg.image_token_index, (args.prompt_tokens,), device="cpu").tolist()
         self.prompt = [self.cfg.bos_token_id] + text[:5] + [self.cfg.image_token_index] * N + text[5:]  # image at 6
 
-    def rule(self, method):
-        """A --methods entry's rule: dyrate with --predictor or the stand-in, a bare ramp from --rate over the
-        answer."""
-        if method.split(":")[0] == "dyrate":
-            return dyrate.Learned(self.predictor)
-        return dyrate.Ramp(self.args.rate, self.args.new_tokens) if method == "ramp" else dyrate.parse_rule(method)
-
     def pruner(self, method, B):
-        T, N, k = len(self.prompt), self.cfg.n_image_tokens, self.args.k
+        T, N = len(self.prompt), self.cfg.n_image_tokens
         start, length = torch.full((B,), 6, device=self.dev), torch.full((B,), T, device=self.dev)
         if method == "none":
             return None
-        rule = self.rule(method)
+        rule, k = method_rule(method, self.predictor, self.args, self.cfg)
         return LabelledPruner(rule, N, start, length, k, stats=isinstance(rule, dyrate.Learned))
 
     def inputs(self, B):
@@ -423,16 +484,17 @@ class Workload:
         cfg, N, n, T, hook = self.cfg, self.cfg.n_image_tokens, self.args.new_tokens, len(self.prompt), r["hook"]
         dtype = self.ours.language_model.lm_head.weight.dtype
 
-        def summary(steps):  # the first `steps` steps: kept counts, FLOPs, KV bytes
-            row = hook.summary(0, steps) if hook else dict(kept_visual=[N] * steps, probes=0, predictor_flops=0)
-            return dict(row, **costs.row_costs(cfg, dict(row, prompt_tokens=T, k=self.args.k), dtype))
+        def summary(steps):  # the first `steps` steps: kept counts, FLOPs, KV bytes (no pruner: K changes no cost)
+            row = hook.summary(0, steps) if hook else dict(kept_visual=[N] * steps, probes=0, predictor_flops=0,
+                                                           k=dyrate.DEFAULT_K)
+            return dict(row, **costs.row_costs(cfg, dict(row, prompt_tokens=T), dtype))
         whole, first = summary(n), summary(1)
         total_s = r["prefill_s"] + r["decode_s"]
         weights = sum(p.numel() * p.element_size() for name, p in self.ours.language_model.named_parameters()
                       if "embed_tokens" not in name)  # what every decode step reads, besides the KV caches
         rows = B * max(variant(method)[2], 1)  # beam search: a row per beam
         read, read_none = (weights + rows * whole[key] / (n - 1) for key in ("kv_bytes_read", "kv_bytes_read_none"))
-        return dict(method=method, batch=B, prefill_ms=r["prefill_s"] * 1e3,
+        return dict(method=method, k=hook and hook.k, batch=B, prefill_ms=r["prefill_s"] * 1e3,
                     decode_ms_per_token=r["decode_s"] * 1e3 / (n - 1), total_ms=total_s * 1e3,
                     tokens_per_s=B * n / total_s, prefill_tflops=B * first["flops"] / 1e12,
                     tflops=B * whole["flops"] / 1e12, kept_visual=whole.get("kept_visual", [N] * n),
@@ -558,21 +620,22 @@ def device_name(dev):
 def report(rows, args, cfg, T, searches):
     """The table on stdout (ratios to none at the same batch), and the comparisons the README quotes."""
     mem = "peak MiB" if torch.device(args.device).type == "cuda" else "RSS MiB"
+    k = f"--k {args.k} for every rule" if args.k else "each rule's own"
     print(f"\n{args.model or args.geometry + ' geometry (random weights)'}, {device_name(args.device)}, {args.dtype}, "
-          f"prompt {T} tokens ({cfg.n_image_tokens} image), {args.new_tokens} greedy new tokens, K={args.k}, "
+          f"prompt {T} tokens ({cfg.n_image_tokens} image), {args.new_tokens} greedy new tokens, K: {k}, "
           f"rate {args.rate}, median of {args.repeats} interleaved rounds; (x) = ratio to none at the same batch; "
           f"{mem}: the run's measured peak")
-    print(f"{'method':20}{'batch':>6}{'prefill ms':>11}{'(x)':>6}{'prefill TF':>11}{'(x)':>6}{'decode ms/tok':>14}"
-          f"{'(x)':>6}{'limit':>6}{'total ms':>10}{'tok/s':>8}{'TFLOPs':>8}{'(x)':>6}{'no-cache':>9}{mem:>10}"
-          f"{'KV MiB':>8}{'mean KV':>8}{'(x)':>6}{'kept':>9}")
+    print(f"{'method':20}{'K':>3}{'batch':>6}{'prefill ms':>11}{'(x)':>6}{'prefill TF':>11}{'(x)':>6}"
+          f"{'decode ms/tok':>14}{'(x)':>6}{'limit':>6}{'total ms':>10}{'tok/s':>8}{'TFLOPs':>8}{'(x)':>6}"
+          f"{'no-cache':>9}{mem:>10}{'KV MiB':>8}{'mean KV':>8}{'(x)':>6}{'kept':>9}")
     by = {(r["method"], r["batch"]): r for r in rows}
     for r in rows:
         base = by.get(("none", r["batch"]))
 
         def ratio(key):
             return f"{r[key] / base[key]:6.2f}" if base else f"{'-':>6}"
-        print(f"{r['method']:20}{r['batch']:6d}{r['prefill_ms']:11.1f}{ratio('prefill_ms')}{r['prefill_tflops']:11.4f}"
-              f"{ratio('prefill_tflops')}{r['decode_ms_per_token']:14.2f}{ratio('decode_ms_per_token')}"
+        print(f"{r['method']:20}{r['k'] or '-':>3}{r['batch']:6d}{r['prefill_ms']:11.1f}{ratio('prefill_ms')}"
+              f"{r['prefill_tflops']:11.4f}{ratio('prefill_tflops')}{r['decode_ms_per_token']:14.2f}{ratio('decode_ms_per_token')}"
               f"{r['bytes_read_limit']:6.2f}{r['total_ms']:10.1f}{r['tokens_per_s']:8.1f}{r['tflops']:8.3f}"
               f"{ratio('tflops')}"
               f"{ratio('nocache_tflops'):>9}{r['peak_memory_bytes'] / 2**20:10.0f}{r['kv_cache_bytes'] / 2**20:8.1f}"

@@ -343,8 +343,8 @@ def parse_rule(spec, cfg=None, device="cpu"):
     for param in params:
         key, _, value = param.partition("=")
         if key not in types or not value:
-            raise ValueError(f"{spec!r}: {name} takes " + ", ".join(f"{k}=..." for k in sorted(types, key=lambda k: k == "k"))
-                             + f", not {param!r}.")
+            takes = ", ".join(f"{k}=..." for k in sorted(types, key=lambda k: k == "k"))  # its own first, then k
+            raise ValueError(f"{spec!r}: {name} takes {takes}, not {param!r}.")
         try:
             args[key] = (RatePredictor.load(value, cfg, device) if key == "predictor" else
                          tuple(float(r) for r in value.split("/")) if key == "rates" else

@@ -4,20 +4,24 @@ stays frozen and only the predictor (1161 parameters for LLaVA-1.5-7B) learns.
 
     python train.py --model DIR --data train.jsonl --out predictor --target 0.5                # a FLOPs budget
     python train.py --model DIR --data train.jsonl --out predictor --budget kv --target 0.4    # a mean KV-cache budget
-    python train.py --model llava-1.5-7b-hf --data train.jsonl --out predictor --dtype bfloat16 \\
-        --micro-batch-size 1 --checkpoint                                                       # 7B on one 24 GB GPU
+    python train.py --model llava-1.5-7b-hf --conv vicuna_v1 --pad --data mix.json --max-samples 20000 \\
+        --max-answer-tokens 256 --out predictor --micro-batch-size 1 --checkpoint               # 7B on one 24 GB GPU
     torchrun --nproc_per_node=8 train.py --model DIR --data train.jsonl --out predictor --target 0.5
 
 Data: JSONL {"image", "prompt", "answer" (optional)} or LLaVA's conversation JSON; a record without an answer takes the
-unpruned model's greedy one, which `python -m tools.distill` writes first. Loss: KL(unpruned || pruned) over the answer
-+ --budget-weight * (cost ratio - target)^2. docs/training.md has the details and the memory at 7B.
+unpruned model's greedy one, which `python -m tools.distill` writes first; a sample is tokenised when a batch first
+needs it. Loss: KL(unpruned || pruned) over the answer + --budget-weight * (cost ratio - target)^2, in bfloat16 on CUDA.
+A failure on any torchrun rank saves the state and stops every rank. docs/training.md has the details and 7B's memory.
 """
 import argparse
+import io
 import json
 import math
 import os
+import re
 import sys
 import time
+import traceback
 from collections import Counter
 from dataclasses import dataclass
 
@@ -42,30 +46,37 @@ ANSWER_TOKENS = 64  # the length of self-distilled answers (tools/distill.py), p
 class Sample:
     image: str  # absolute path
     prompt: str
-    ids: list  # prompt ids, image tokens expanded
-    start: int  # index of the first image token
-    answer: list | None  # answer ids, EOS included (None: to be distilled)
-    key: str = ""  # its answer's key in the answers cache
-    bad: bool = False  # its image did not decode when first used
+    ids: list | None  # prompt ids, image tokens expanded (None: not tokenised yet)
+    start: int | None  # index of the first image token
+    answer: list | str | None  # answer ids (its text until tokenised; None: to be distilled)
+    key: str = ""  # its distilled answer's key in the answers cache ("" if it has its own)
+    bad: str = ""  # why it is skipped, found when first used (a bad prompt, too long, an image that does not decode)
 
 
 def read_records(path, image_folder=None):
-    """(image, prompt, answer or None) from JSONL or LLaVA's conversation JSON, and a Counter of the records skipped."""
+    """(image, prompt, answer or None) from JSONL or LLaVA's conversation JSON, and a Counter of the records skipped.
+    Rows are decoded one at a time: mix665k's 1 GB of JSON never becomes a list of dicts (~6x the file's size)."""
     folder = image_folder or os.path.dirname(os.path.abspath(path))
     with open(path) as f:
         text = f.read()
     records, skipped = [], Counter()
-    try:  # LLaVA's conversation JSON: one list
-        rows = json.loads(text)
-        rows = rows if isinstance(rows, list) else [rows]
-    except json.JSONDecodeError:
-        rows = []
-        for line in filter(str.strip, text.splitlines()):
+
+    def rows():
+        if not text.lstrip().startswith("["):  # JSONL
+            for line in filter(str.strip, io.StringIO(text)):
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError:
+                    skipped["bad JSON line"] += 1
+            return
+        i, decode, gap = text.index("[") + 1, json.JSONDecoder().raw_decode, re.compile(r"[\s,]*")
+        while (i := gap.match(text, i).end()) < len(text) and text[i] != "]":  # LLaVA's JSON: one list
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                skipped["bad JSON line"] += 1
-    for row in rows:
+                row, i = decode(text, i)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is not valid JSON ({e}).") from None
+            yield row
+    for row in rows():
         row = row if isinstance(row, dict) else {}
         prompt, answer = row.get("prompt"), row.get("answer")
         if "conversations" in row:  # LLaVA's format: the first human and gpt turns
@@ -85,45 +96,80 @@ def read_records(path, image_folder=None):
     return records, skipped
 
 
-def read_answers(data):
-    """{key: answer ids, or None where the image did not decode} from every rank's answers file (tools/distill.py)."""
+def read_answers(data, keys=None):
+    """{key: answer ids, or why tools.distill skipped it (a str)} from every rank's answers file (`keys`, if given)."""
     folder, name = os.path.split(os.path.abspath(data))
     files = sorted(f for f in os.listdir(folder) if f.startswith(name + ".answers") and f.endswith(".jsonl"))
-    return {line["key"]: line.get("answer") for f in files for line in processing.read_lines(os.path.join(folder, f))}
+    return {line["key"]: line.get("answer", line.get("skipped")) for f in files
+            for line in processing.read_lines(os.path.join(folder, f)) if keys is None or line["key"] in keys}
 
 
-def load_samples(path, cfg, tok, args, log, need_answers=True):
-    """Tokenised samples and a Counter of the records skipped; a record without an answer takes its distilled one
-    (need_answers=False: None, for tools.distill). Images are only checked to exist: they decode when first used."""
+def usable_samples(path, cfg, args, need_answers=True, max_samples=None, seed=None):
+    """path's records as Samples not yet tokenised, and a Counter of those skipped; with a seed, in a random order drawn
+    from it alone (the same on every rank and in tools.distill), the first max_samples of it only. Only what needs no
+    tokens is checked: the image exists, the answer is given or distilled (need_answers=False: None, tools.distill)."""
     records, skipped = read_records(path, args.image_folder)
-    limit, answers, samples = cfg.text.max_position_embeddings, read_answers(path), []
-    for image, prompt, answer in records:
-        if not os.path.isfile(image):
-            skipped["image not found"] += 1
-            continue
-        try:
-            ids, start = tok.encode_prompt(prompt, args.conv)
-        except ValueError as e:
-            skipped[f"bad prompt ({e})"] += 1
-            continue
-        answer_ids = tok.tok.encode(answer, add_special_tokens=False).ids + [cfg.eos_token_id] if answer else None
-        key = json.dumps([dyrate.fingerprint(cfg), args.conv, args.pad, args.distill_max_new_tokens, image, prompt])
-        if len(ids) + (len(answer_ids) if answer_ids else args.distill_max_new_tokens) > limit:
-            skipped[f"longer than the context ({limit})"] += 1
-        elif answer_ids is None and key in answers and answers[key] is None:  # tools.distill: the image did not decode
-            skipped["unreadable image"] += 1
-        else:
-            samples.append(Sample(image, prompt, ids, start, answer_ids or answers.get(key), key))
+    if seed is not None:
+        order = torch.randperm(len(records), generator=torch.Generator("cpu").manual_seed(seed), device="cpu")
+        records = [records[i] for i in order[:max_samples].tolist()]
+    key = [dyrate.fingerprint(cfg), args.conv, args.pad, args.distill_max_new_tokens]  # + image, prompt
+    samples = [Sample(image, prompt, None, None, answer, "" if answer else json.dumps(key + [image, prompt]))
+               for image, prompt, answer in records]
+    answers = read_answers(path, {s.key for s in samples if s.answer is None})
+    for s in samples:
+        if s.answer is None:
+            s.answer = answers.get(s.key)
+            s.bad = s.answer if isinstance(s.answer, str) else ""  # why tools.distill skipped it (the image, too long)
+        if not os.path.isfile(s.image):
+            s.bad = "image not found"
+        if s.bad:
+            skipped[s.bad] += 1
+    samples = [s for s in samples if not s.bad]
     missing = sum(s.answer is None for s in samples)
     if need_answers and missing:
         folder = f" --image-folder {args.image_folder}" if args.image_folder else ""
+        subset = f" --max-samples {max_samples} --seed {seed}" if max_samples else ""
         raise ValueError(f"{path}: {missing} record(s) have no answer and none distilled for this model, --conv, --pad "
                          f"and --distill-max-new-tokens: distil them first with `python -m tools.distill --model "
                          f"{args.model} --data {path}{folder} --conv {args.conv}{' --pad' if args.pad else ''} "
-                         f"--max-new-tokens {args.distill_max_new_tokens}` (torchrun shards it over GPUs).")
-    log(f"{path}: {len(samples)} samples" + (f", skipped {sum(skipped.values())}: " +
-        ", ".join(f"{n} {why}" for why, n in skipped.items()) if skipped else ""))
+                         f"--max-new-tokens {args.distill_max_new_tokens}{subset}` (torchrun shards it over GPUs).")
     return samples, skipped
+
+
+def tokenise(samples, cfg, tok, args, skipped, max_answer=None):
+    """The usable ones of `samples`, each tokenised (in place) when first used, its answer cut to its first
+    `max_answer` tokens; one that cannot be used (a bad prompt, longer than the context) is marked, counted once."""
+    limit = cfg.text.max_position_embeddings
+    for s in samples:
+        if s.ids is None and not s.bad:
+            try:
+                s.ids, s.start = tok.encode_prompt(s.prompt, args.conv)
+            except ValueError as e:
+                s.bad = f"bad prompt ({e})"
+            if isinstance(s.answer, str):  # EOS ends a given answer, as the model ends its own
+                s.answer = tok.tok.encode(s.answer, add_special_tokens=False).ids + [cfg.eos_token_id]
+            if s.answer is not None and max_answer:  # NOTE: a cut answer has no EOS: it does not end there
+                s.answer = s.answer[:max_answer]
+            n_answer = args.distill_max_new_tokens if s.answer is None else len(s.answer)
+            if not s.bad and len(s.ids) + n_answer > limit:
+                s.bad = f"longer than the context ({limit})"
+            if s.bad:
+                skipped[s.bad] += 1
+    return [s for s in samples if not s.bad]
+
+
+def load_samples(path, cfg, tok, args, log, need_answers=True, max_answer=None):
+    """All of path's usable samples, tokenised (a held-out file; tools.compare), and a Counter of those skipped."""
+    samples, skipped = usable_samples(path, cfg, args, need_answers)
+    samples = tokenise(samples, cfg, tok, args, skipped, max_answer)
+    log(f"{path}: {len(samples)} samples" + skip_note(skipped))
+    return samples, skipped
+
+
+def skip_note(skipped, lead=", skipped "):
+    """'{lead}N: n1 reason1, n2 reason2', or '' if none was skipped."""
+    reasons = ", ".join(f"{n} {why}" for why, n in skipped.items())
+    return f"{lead}{sum(skipped.values())}: {reasons}" if skipped else ""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -138,8 +184,8 @@ def load_pixels(samples, model, args, skipped):
             px.append(processing.preprocess(s.image, model.config.vision.image_size, args.pad))
             kept.append(s)
         except (ValueError, OSError):
-            s.bad = True
-            skipped["unreadable image"] += 1
+            s.bad = "unreadable image"
+            skipped[s.bad] += 1
     return kept, torch.stack(px).to(args.device, model.language_model.lm_head.weight.dtype) if px else None
 
 
@@ -332,11 +378,13 @@ def read_state(path):
 
 
 def save_checkpoint(state, predictor, args, cfg, rank):
-    """Rank 0 writes the predictor file (the predictor holds the state's weights) and OUT.state."""
+    """Rank 0 writes the predictor file (the predictor holds the state's weights; its metadata, the prompt protocol
+    that generate.py and the evaluations then use by default) and OUT.state."""
     if rank == 0:
         meta = state[1]
-        predictor.save(args.out, dyrate.fingerprint(cfg), dict(trained_iters=meta["iter"], budget=args.budget,
-                                                                target=args.target, held_out=meta["held_out"]))
+        predictor.save(args.out, dyrate.fingerprint(cfg), dict(
+            trained_iters=meta["iter"], budget=args.budget, target=args.target, held_out=meta["held_out"],
+            conv=args.conv, pad=args.pad))
         write_state(args.out + ".state", state)
 
 
@@ -359,9 +407,35 @@ def batch_indices(it, n, batch, rank=0, world=1, seed=0):
     return [perm[(start + j) % n] for j in range(batch)]
 
 
-def train(model, predictor, samples, refs, args, log, rank=0, world=1, resumed=None):
-    """The loop; Ctrl-C, SIGTERM or out of memory save the last step boundary's state, so that --resume redoes the
-    interrupted step exactly. Returns the latest held-out evaluation."""
+class RankFailed(Exception):
+    """A step failed on one rank or more: raised on every rank at the same all-reduce."""
+
+
+def all_reduce(values, error, rank, world):
+    """values (1-D) summed over the ranks, each rank's failure flag (its error, or None) folded into the same
+    all-reduce: an error on any rank raises RankFailed on all of them at once, naming each rank that failed and why."""
+    if isinstance(error, cli.Stop):  # SIGTERM: an interrupt, not a failure
+        raise error
+    if error is not None:
+        traceback.print_exception(error)
+        error = f"{type(error).__name__}: {error}"
+    failed = torch.zeros(world, device=values.device)
+    failed[rank] = error is not None
+    if world > 1:
+        both = torch.cat([values, failed])
+        dist.all_reduce(both)
+        values, failed = both[:-world], both[-world:]
+    if failed.any():
+        errors = [error] * world
+        if world > 1:
+            dist.all_gather_object(errors, error)
+        raise RankFailed("; ".join(f"rank {r}: {e}" if world > 1 else e for r, e in enumerate(errors) if e))
+    return values
+
+
+def train(model, tok, predictor, samples, refs, args, log, rank=0, world=1, resumed=None):
+    """The loop; Ctrl-C, SIGTERM or an error on any rank (out of memory, ...) save the last step boundary's state, so
+    that --resume redoes the failed step exactly. Returns the latest held-out evaluation."""
     optimizer = torch.optim.AdamW(predictor.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     generator = torch.Generator(args.device).manual_seed(args.seed * 1000 + rank)
     start, held_out = 0, None
@@ -373,7 +447,7 @@ def train(model, predictor, samples, refs, args, log, rank=0, world=1, resumed=N
         log(f"the state at {args.out}.state is already at step {start} of {args.max_iters}: nothing to train")
         return held_out
     cost_name = {"flops": "FLOPs", "kv": "mean KV", "nocache": "no-cache FLOPs"}[args.budget]
-    skipped = Counter()
+    skipped, params = Counter(), list(predictor.parameters()) if world > 1 else []  # params: those all-reduced
     generate.peak_memory(args.device, reset=True)
     boundary = capture(start, held_out, predictor, optimizer, generator, args)
     try:
@@ -385,41 +459,50 @@ def train(model, predictor, samples, refs, args, log, rank=0, world=1, resumed=N
                     group["lr"] = lr
                 optimizer.zero_grad(set_to_none=True)
                 batch = [samples[i] for i in batch_indices(it, len(samples), args.batch_size, rank, world, args.seed)]
-                out = train_step(model, predictor, batch, args, tau, generator, skipped)
+                out = error = None
+                try:
+                    batch = tokenise(batch, model.config, tok, args, skipped, args.max_answer_tokens)
+                    out = train_step(model, predictor, batch, args, tau, generator, skipped)
+                except Exception as e:  # every rank learns it at the all-reduce below: none waits for a failed one
+                    error = e
+                for p in params:
+                    p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+                # one all-reduce per step (gradient, stats, failure flags): the micro-batches communicate nothing
                 stats = torch.tensor(out or (0.0, 0.0, 0.0), device=args.device)
-                if world > 1:  # one all-reduce per step: the micro-batches communicate nothing (as DDP's no_sync)
-                    for p in predictor.parameters():
-                        p.grad = torch.zeros_like(p) if p.grad is None else p.grad
-                        dist.all_reduce(p.grad)
-                        p.grad /= world
-                    dist.all_reduce(stats)
-                    stats /= world
+                stats = all_reduce(torch.cat([*(p.grad.flatten() for p in params), stats]), error, rank, world)
+                *grads, stats = (stats / world).split([p.numel() for p in params] + [3])
+                for p, g in zip(params, grads):
+                    p.grad = g.view_as(p)
                 optimizer.step()
                 loss, fit, ratio = stats.tolist()
                 if (it + 1) % args.log_interval == 0 or it == 0:  # the step's time (its stats synchronised) and peak
                     log(f"step {it + 1}/{args.max_iters}: loss {loss:.4f} | {args.loss} {fit:.4f} | {cost_name} "
                         f"ratio {ratio:.3f} (target {args.target}) | tau {tau:.3f} | lr {lr:.2e} | "
                         f"{(time.perf_counter() - t0) * 1e3:.0f} ms | peak memory "
-                        f"{generate.peak_memory(args.device) / 2**30:.2f} GiB"
-                        + (f" | skipped {skipped['unreadable image']} unreadable images" if skipped else ""))
-                save = (it + 1) % args.eval_interval == 0 or it + 1 == args.max_iters
-                if save and rank == 0:
-                    r = held_out = evaluate(model, refs, lambda n: dyrate.Learned(predictor), args.k, args)
-                    log(f"held-out, hard decisions: {cost_name} ratio {r[f'{args.budget}_ratio']:.3f} (target "
-                        f"{args.target}) | FLOPs {r['flops_ratio']:.3f}, mean KV {r['kv_ratio']:.3f}, no-cache FLOPs "
-                        f"{r['nocache_ratio']:.3f} | agreement with unpruned {r['agreement']:.3f} | KL/token "
-                        f"{r['kl']:.4f}")
+                        f"{generate.peak_memory(args.device) / 2**30:.2f} GiB" + skip_note(skipped, " | skipped "))
+                if (it + 1) % args.eval_interval == 0 or it + 1 == args.max_iters:
+                    try:
+                        if rank == 0:
+                            r = held_out = evaluate(model, refs, lambda n: dyrate.Learned(predictor), args.k, args)
+                            log(f"held-out, hard decisions: {cost_name} ratio {r[f'{args.budget}_ratio']:.3f} (target "
+                                f"{args.target}) | FLOPs {r['flops_ratio']:.3f}, mean KV {r['kv_ratio']:.3f}, "
+                                f"no-cache FLOPs {r['nocache_ratio']:.3f} | agreement with unpruned "
+                                f"{r['agreement']:.3f} | KL/token {r['kl']:.4f}")
+                        save_checkpoint(capture(it + 1, held_out, predictor, optimizer, generator, args), predictor,
+                                        args, model.config, rank)
+                    except Exception as e:
+                        error = e
+                    all_reduce(torch.zeros(0, device=args.device), error, rank, world)  # rank 0 done, or failed
                 boundary = capture(it + 1, held_out, predictor, optimizer, generator, args)
-                if save:
-                    save_checkpoint(boundary, predictor, args, model.config, rank)
-                    if world > 1:
-                        dist.barrier()
-    except (*cli.INTERRUPTS, torch.OutOfMemoryError) as e:  # back to the last step boundary, saved
+    except (*cli.INTERRUPTS, RankFailed) as e:  # back to the last step boundary, saved
         it = restore(boundary, predictor, optimizer, generator)["iter"]
         save_checkpoint(boundary, predictor, args, model.config, rank)
-        if isinstance(e, torch.OutOfMemoryError):
-            sys.exit(f"error: out of memory at step {it + 1} (state saved to {args.out}.state): resume with "
-                     f"--checkpoint and a smaller --micro-batch-size (docs/training.md gives the memory per setting)")
+        if isinstance(e, RankFailed):
+            if world > 1:
+                dist.barrier()  # the state is on disk before any rank exits (torchrun then stops the others)
+            sys.exit(f"error: step {it + 1} failed ({e}); the state of step {it} is saved to {args.out}.state: " + (
+                "resume with --checkpoint and a smaller --micro-batch-size (docs/training.md gives the memory per "
+                "setting)" if "OutOfMemoryError" in str(e) else "rerun with --resume once the cause is fixed"))
         log(f"\ninterrupted at step {it}: state saved to {args.out}.state; rerun with --resume to continue")
         sys.exit(143 if isinstance(e, cli.Stop) else 130)
     log(f"predictor written to {args.out}")
@@ -468,13 +551,20 @@ def parse_rates(text):
 
 def parse_args(argv=None):
     """Each number is checked by its type, so argparse names the flag in its error before anything loads."""
-    p = argparse.ArgumentParser(description="Train the DyRate rate predictor under a budget (the VLM frozen).")
-    cli.add_model_args(p, default_model=None, required=True)
+    p = argparse.ArgumentParser(description="Train the DyRate rate predictor under a budget (the VLM frozen).",
+                                conflict_handler="resolve")  # resolve: --dtype's help and default are training's
+    g = cli.add_model_args(p, default_model=None, required=True)
+    g.add_argument("--dtype", choices=cli.DTYPES, default=None, help="default: bfloat16 on CUDA, float32 on CPU "
+                   "(float16 is refused: no loss scaling)")
     whole, positive, nonnegative = number(int, 1), number(float, 0, strict=True), number(float, 0)
     g = cli.add_data_args(p, "the records {image, prompt, answer?}")
     g.add_argument("--val-data", default=None, help="held-out file (default: --val-size samples of --data)")
     g.add_argument("--val-size", type=whole, default=32, help="held-out samples taken from --data without --val-data")
     g.add_argument("--distill-max-new-tokens", type=whole, default=ANSWER_TOKENS, help="tools.distill --max-new-tokens")
+    g.add_argument("--max-samples", type=whole, default=None, help="a random N of --data's records (by --seed, the "
+                   "held-out ones among them), chosen before tokenising; tools.distill takes the same")
+    g.add_argument("--max-answer-tokens", type=whole, default=None, help="cut each answer (given or distilled) to its "
+                   "first N tokens: a step's memory grows with the answer")
     g = p.add_argument_group("predictor and objective")
     g.add_argument("--out", required=True, help="predictor file to write (generate.py --predictor reads it)")
     cli.add_k_arg(g)
@@ -498,7 +588,7 @@ def parse_args(argv=None):
     g.add_argument("--min-lr", type=nonnegative, default=0.005, help="learning rate at the end of the cosine")
     g.add_argument("--warmup-iters", type=number(int, 0), default=10, help="linear warmup steps")
     g.add_argument("--weight-decay", type=nonnegative, default=0.0, help="AdamW weight decay")
-    g.add_argument("--seed", type=int, default=0, help="data order and Gumbel noise")
+    g.add_argument("--seed", type=int, default=0, help="--max-samples' subset, held-out split, data order, noise")
     g.add_argument("--resume", action="store_true", help="continue from OUT.state exactly")
     g = p.add_argument_group("logging and evaluation")
     g.add_argument("--log-interval", type=whole, default=10, help="steps between log lines")
@@ -528,8 +618,8 @@ def resumed_state(args):
     # how the steps are computed (smaller after running out of memory), logged and saved: the rest must match
     may_change = {"device", "out", "resume", "micro_batch_size", "checkpoint", "log_interval", "eval_interval",
                   "eval_max_new_tokens"}
-    saved = state[1]["args"]
-    changed = [f"--{k.replace('_', '-')} {v!r} (the state has {saved.get(k)!r})"
+    saved, names = state[1]["args"], {"world_size": "WORLD_SIZE"}  # torchrun's: it sets the batch and data order
+    changed = [f"{names.get(k, '--' + k.replace('_', '-'))} {v!r} (the state has {saved.get(k)!r})"
                for k, v in vars(args).items() if k not in may_change and saved.get(k) != v]
     if changed:
         raise ValueError(f"--resume with other options than the run in {args.out}.state: {'; '.join(changed)}. "
@@ -538,10 +628,12 @@ def resumed_state(args):
 
 
 def load_data(cfg, tok, args, log):
-    """The training samples and the held-out ones: --val-data, or a seeded random --val-size of --data."""
-    samples = load_samples(args.data, cfg, tok, args, log)[0]
+    """The training samples, each tokenised when a batch first needs it, and the held-out ones, tokenised now:
+    --val-data, or the first --val-size of --data's usable records in their seeded order (the same for any
+    --max-samples)."""
+    samples, skipped = usable_samples(args.data, cfg, args, True, args.max_samples, args.seed)
     if args.val_data:
-        val = load_samples(args.val_data, cfg, tok, args, log)[0]
+        val = load_samples(args.val_data, cfg, tok, args, log, max_answer=args.max_answer_tokens)[0]
     else:
         n, size = len(samples), args.val_size
         if n < 2:
@@ -551,24 +643,37 @@ def load_data(cfg, tok, args, log):
             size = max(1, n // 5)
             log(f"only {n} samples: holding out {size} of them for evaluation (--val-size {args.val_size} would hold "
                 f"out all; give --val-data for a separate held-out set)")
-        order = torch.randperm(n, generator=torch.Generator("cpu").manual_seed(args.seed), device="cpu").tolist()
-        samples, val = [samples[i] for i in order[size:]], [samples[i] for i in order[:size]]
+        samples, val = samples[size:], tokenise(samples[:size], cfg, tok, args, skipped, args.max_answer_tokens)
+    subset = f" (--max-samples: a random {args.max_samples} of its records)" if args.max_samples else ""
+    log(f"{args.data}{subset}: {len(samples)} training samples, tokenised when first used" + skip_note(skipped))
     if not samples or not val:
         raise ValueError(f"need training and held-out samples: got {len(samples)} and {len(val)} usable ones")
     return samples, val
 
 
-def make_predictor(args, cfg, samples):
-    """A new predictor, its target checked against what dropping every image token reaches on this data."""
+def make_predictor(args, cfg, val):
+    """A new predictor, its target checked against what dropping every image token reaches on the held-out samples
+    (the training ones are not tokenised yet)."""
     torch.manual_seed(args.seed)
     predictor = dyrate.RatePredictor(cfg.text.num_attention_heads, parse_rates(args.rates), args.k,
                                      args.step_feature).to(args.device)
-    floor = [dyrate.budget_cost(cfg, len(s.ids), [0] * len(s.answer), args.k, args.budget) for s in samples]
+    floor = [dyrate.budget_cost(cfg, len(s.ids), [0] * len(s.answer), args.k, args.budget) for s in val]
     floor = sum(c for c, _ in floor) / sum(none for _, none in floor)
     if not floor < args.target <= 1:
         raise ValueError(f"--target {args.target} is out of reach: dropping every image token gives {floor:.3f} of "
-                         f"none's cost ({args.budget} budget) on this data; choose a target in ({floor:.3f}, 1].")
+                         f"none's cost ({args.budget} budget) on the held-out samples; choose a target in "
+                         f"({floor:.3f}, 1].")
     return predictor
+
+
+def training_dtype(name, device):
+    """--dtype, or bfloat16 on CUDA and float32 on CPU; float16 is refused."""
+    if name == "float16":
+        raise ValueError("--dtype float16 does not train: with no loss scaling the KL's per-logit gradients (~3e-7) "
+                         "lie below float16's smallest normal number, then cross ~30 frozen layers to the keep mask, "
+                         "while the budget's gradient is float32: training could meet the budget and lose the quality "
+                         "(docs/training.md). Use --dtype bfloat16; generate.py may run the predictor in float16.")
+    return name or ("bfloat16" if device.type == "cuda" else "float32")
 
 
 def main(argv=None):
@@ -577,18 +682,18 @@ def main(argv=None):
         check_files((("--data", args.data), ("--val-data", args.val_data)), args.image_folder)
         cli.check_writable_folder(args.out, "--out")
         rank, world, device = cli.distributed(cli.device(args.device))
-        args.device = str(device)
+        args.device, args.world_size, args.dtype = str(device), world, training_dtype(args.dtype, device)
         log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
         cfg, tok = cli.checkpoint(args.model)
         args.k = dyrate.pruning_layer(cfg.text.num_hidden_layers, args.k)
         resumed = resumed_state(args) if args.resume else None
         samples, val = load_data(cfg, tok, args, log)
-        predictor = make_predictor(args, cfg, samples)
-        model = cli.load_model(args.model, device, cli.dtype(args.dtype, device), log)
+        predictor = make_predictor(args, cfg, val)
+        model = cli.load_model(args.model, device, getattr(torch, args.dtype), log)
     log(predictor.describe(cfg))
     log(f"unpruned references for {len(val)} held-out samples ...")
     refs = reference(model, val, args, log) if rank == 0 else None
-    held_out = train(model, predictor, samples, refs, args, log, rank, world, resumed)
+    held_out = train(model, tok, predictor, samples, refs, args, log, rank, world, resumed)
     if world > 1:
         dist.destroy_process_group()
     return predictor, held_out

@@ -1,7 +1,9 @@
 """
 Tests of train.py and tools/distill.py on a tiny random LLaVA (conftest.py): data reading and skipping, the
-self-distilled answers' cache, the loss and the FLOPs ratio moving toward the target, checkpoint round trip, exact
-resume after Ctrl-C, the predictor in generate.py, and two-process torchruns. CPU, about 20 s.
+self-distilled answers' cache, --max-samples' subset (tokenised only when used) and --max-answer-tokens, the loss and
+the FLOPs ratio moving toward the target, checkpoint round trip, exact resume after Ctrl-C, the resume check (options,
+WORLD_SIZE), the predictor in generate.py, and two-process torchruns (one with a failure on rank 1). CPU, a few minutes
+with the slow ones (-m "not slow" leaves out the torchruns).
 """
 import dataclasses
 import json
@@ -17,9 +19,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import cli
 import dyrate
 import generate
 import model
+import processing
 import train
 from conftest import TOLERANCE, assert_close, random_image
 from test_dyrate import K, N_IMAGE
@@ -78,7 +82,9 @@ def test_records_are_read_skipped_and_distilled_once(ckpt, ours, data, tmp_path,
     answered = samples[0]  # img0 carries its own answer: tokenised, EOS appended
     assert answered.answer == tok.tok.encode("A red circle and a blue square.", add_special_tokens=False).ids + [2]
     cache = train.read_answers(str(data / "train.jsonl"))
-    assert len(cache) == N_TRAIN - N_TRAIN // 3 + 1  # the distilled answers, and the image that did not decode
+    assert len(cache) == N_TRAIN - N_TRAIN // 3 + 2  # the distilled answers, the image that did not decode, the record
+    assert sorted(v for v in cache.values() if isinstance(v, str)) == [  # longer than the context: why, recorded
+        "longer than the context (512)", "unreadable image"]
     first = generate.generate(llava, tok, [samples[1].image], [samples[1].prompt],
                               max_new_tokens=8).rows[0]["token_ids"]
     assert samples[1].answer == first  # the unpruned model's own greedy answer
@@ -91,7 +97,7 @@ def test_records_are_read_skipped_and_distilled_once(ckpt, ours, data, tmp_path,
     shutil.copytree(data, tmp_path / "raw", ignore=shutil.ignore_patterns("*.answers*"))
     monkeypatch.setattr(model.Llava, "from_pretrained", no_load)
     command = rf"`python -m tools.distill --model {re.escape(ckpt[0])} --data .*raw.* --max-new-tokens 8`"
-    with pytest.raises(SystemExit, match=rf"{N_TRAIN - N_TRAIN // 3 + 1} record\(s\) have no answer.*{command}"):
+    with pytest.raises(SystemExit, match=rf"{N_TRAIN - N_TRAIN // 3 + 2} record\(s\) have no answer.*{command}"):
         train.main(argv(ckpt, tmp_path / "raw", tmp_path / "p"))
 
 
@@ -164,12 +170,17 @@ def test_interrupt_saves_and_resume_is_exact(ckpt, data, tmp_path, monkeypatch, 
     assert torch.equal(straight.linear.bias, resumed.linear.bias)
 
 
-def test_resume_refuses_other_options_and_nothing_to_train(ckpt, data, tmp_path, capsys):
+def test_resume_refuses_other_options_and_nothing_to_train(ckpt, data, tmp_path, monkeypatch, capsys):
     train.main(argv(ckpt, data, tmp_path / "p", "--max-iters", "2"))
     for extra, named in ((["--k", "3"], "--k 3"), (["--rates", "0,0.5,1"], "--rates '0,0.5,1'"),
-                         (["--target", "0.9"], "--target 0.9")):
+                         (["--target", "0.9"], "--target 0.9"), (["--max-samples", "20"], "--max-samples 20"),
+                         (["--dtype", "bfloat16"], "--dtype 'bfloat16' (the state has 'float32')")):
         with pytest.raises(SystemExit, match=f"error: --resume with other options.*{re.escape(named)}"):
             train.main(argv(ckpt, data, tmp_path / "p", "--max-iters", "2", "--resume", *extra))
+    with monkeypatch.context() as m:  # as under torchrun with two processes (refused before the process group forms)
+        m.setattr(cli, "distributed", lambda device: (0, 2, device))
+        with pytest.raises(SystemExit, match=r"--resume with other options.*WORLD_SIZE 2 \(the state has 1\)"):
+            train.main(argv(ckpt, data, tmp_path / "p", "--max-iters", "2", "--resume"))
     capsys.readouterr()
     train.main(argv(ckpt, data, tmp_path / "p", "--max-iters", "2", "--resume"))
     out = capsys.readouterr().out
@@ -190,7 +201,9 @@ def test_bad_options_fail_before_the_model_loads(ckpt, data, tmp_path, monkeypat
                            (["--rates", "1:0"], "--rates: '1:0'"), (["--rates", "0,1,0.5"], "--rates: .*increasing"),
                            (["--target", "0"], r"--target: must be a number in \(0, 1\]"),
                            (["--lr", "nan"], "--lr: must be a number > 0, got nan"),
-                           (["--device", "cuda:7"], "--device cuda:7"), (["--resume"], "no training state")):
+                           (["--device", "cuda:7"], "--device cuda:7"), (["--resume"], "no training state"),
+                           (["--dtype", "float16"], "--dtype float16 does not train.*no loss scaling.*bfloat16"),
+                           (["--max-samples", "0"], "--max-samples: must be a whole number >= 1")):
         assert re.search(message, failure(argv(ckpt, data, tmp_path / "p", *extra), capsys)), extra
     for out, message in ((tmp_path / "missing" / "p", "does not exist; create it first"), (tmp_path, "is a folder")):
         with pytest.raises(SystemExit, match=message):
@@ -198,6 +211,7 @@ def test_bad_options_fail_before_the_model_loads(ckpt, data, tmp_path, monkeypat
     with pytest.raises(SystemExit, match="--data .* does not exist"):
         train.main(["--model", ckpt[0], "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "p")])
     assert not os.path.exists(tmp_path / "p")
+    assert [train.training_dtype(None, torch.device(d)) for d in ("cpu", "cuda")] == ["float32", "bfloat16"]
 
 
 def test_small_data_gets_a_proportional_held_out_split(ckpt, data, tmp_path, capsys):
@@ -226,6 +240,119 @@ def test_predictor_file_works_in_generate_and_mismatch_is_refused(ckpt, data, tm
         dyrate.RatePredictor.load(tmp_path / "p", model.LlavaConfig())
     with pytest.raises(SystemExit, match="out of reach"):
         train.main(argv(ckpt, data, tmp_path / "q", "--max-iters", "1", "--target", "0.3"))
+
+
+def test_a_predictor_trained_under_one_template_is_refused_under_the_other(ckpt, data, tmp_path, capsys):
+    """Trained with vicuna_v1 and padding (the papers' evaluation protocol), the predictor records them: generate.py and
+    tools.eval use them unasked, refuse llava-hf's template naming both, and run it with --allow-protocol-mismatch."""
+    answered = [line for line in (data / "train.jsonl").read_text().splitlines() if '"answer": "' in line]
+    (data / "answered.jsonl").write_text("\n".join(answered) + "\n")  # no distilled answers needed
+    options = argv(ckpt, data, tmp_path / "p", "--max-iters", "2", "--conv", "vicuna_v1", "--pad", "--val-size", "2")
+    options[options.index("--data") + 1] = str(data / "answered.jsonl")
+    train.main(options)
+    assert dyrate.protocol(dyrate.parse_rule(f"dyrate:predictor={tmp_path / 'p'}", model.read_config(ckpt[0]))) == \
+        ("vicuna_v1", True)
+    image = tmp_path / "x.png"
+    random_image(2).save(image)
+    run = ["--image", str(image), "--model", ckpt[0], "--method", "dyrate", "--predictor", str(tmp_path / "p"),
+           "--json", "--max-new-tokens", "3", "--prompt", "Hi"]
+    tok = processing.Tokenizer(ckpt[0], model.read_config(ckpt[0]))
+    assert generate.main(run).rows[0]["prompt_tokens"] == len(tok.encode_prompt("Hi", "vicuna_v1")[0])
+    with pytest.raises(SystemExit, match="trained with --conv vicuna_v1 --pad, and this run asks for --conv llava-hf "
+                                         "--pad.*--allow-protocol-mismatch"):
+        generate.main(run + ["--conv", "llava-hf"])
+    mismatched = generate.main(run + ["--conv", "llava-hf", "--allow-protocol-mismatch"]).rows[0]
+    assert mismatched["prompt_tokens"] == len(tok.encode_prompt("Hi", "llava-hf")[0])
+    capsys.readouterr()
+
+
+def test_max_samples_tokenises_only_its_subset_and_distill_answers_the_same(ckpt, ours, tmp_path, monkeypatch):
+    """--max-samples 12 of 40 records (half of them without an answer): tools.distill with the same --max-samples and
+    --seed answers the subset's records and no other, train.py then tokenises the subset's prompts only (counted at
+    the tokenizer; the held-out ones before training, the rest when a batch needs them), the held-out split is the same
+    for another --max-samples, and the predictor records the prompt protocol it was trained with."""
+    llava, tok = ours
+    for i in range(4):
+        random_image(400 + i).save(tmp_path / f"img{i}.png")
+    rows = [dict(image=f"img{i % 4}.png", prompt=f"Describe picture {i}.") for i in range(40)]
+    for row in rows[1::2]:
+        row["answer"] = "A red circle."
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    protocol, subset = ["--conv", "vicuna_v1", "--pad"], ["--max-samples", "12", "--seed", "3"]
+    distill.main(["--model", ckpt[0], "--data", str(path), "--max-new-tokens", "8", "--device", "cpu", *protocol,
+                  *subset])
+    common = ["--model", ckpt[0], "--data", str(path), "--out", str(tmp_path / "p"), "--batch-size", "4", "--val-size",
+              "4", "--distill-max-new-tokens", "8", "--eval-max-new-tokens", "4", "--device", "cpu", "--target", "0.8",
+              *protocol]
+    args = train.parse_args(common + subset)
+    chosen, _ = train.usable_samples(str(path), llava.config, args, True, 12, 3)  # every answer there: no error
+    unanswered = {row["prompt"] for row in rows[0::2]}
+    assert len(chosen) == 12 and set(train.read_answers(str(path))) == {s.key for s in chosen if s.prompt in unanswered}
+    prompts, real = [], processing.Tokenizer.encode_prompt
+    monkeypatch.setattr(processing.Tokenizer, "encode_prompt", lambda self, q, conv: prompts.append(q) or real(self, q,
+                                                                                                              conv))
+    samples, val = train.load_data(llava.config, tok, args, print)
+    assert prompts == [s.prompt for s in val] == [s.prompt for s in chosen[:4]] and len(samples) == 8
+    other = train.parse_args(common + ["--max-samples", "20", "--seed", "3"])
+    with pytest.raises(ValueError, match="have no answer.*--max-samples 20 --seed 3"):  # 8 more records: undistilled
+        train.load_data(llava.config, tok, other, print)
+    other.max_samples = 5
+    assert [(s.image, s.prompt) for s in train.load_data(llava.config, tok, other, print)[1]] == [(s.image, s.prompt)
+                                                                                                  for s in val]
+    prompts.clear()
+    train.main(common + subset + ["--max-iters", "3"])
+    assert set(prompts) <= {s.prompt for s in chosen} and len(set(prompts)) > 4  # not the other 28 records
+    meta = dyrate.RatePredictor.load(tmp_path / "p", llava.config).meta
+    assert (meta["conv"], meta["pad"]) == ("vicuna_v1", True)
+
+
+def test_answers_are_cut_to_max_answer_tokens_and_what_is_too_long_is_counted_once(ours):
+    llava, tok = ours
+    args = train.parse_args(["--model", "m", "--data", "d", "--out", "o"])
+    text = "A red circle and a blue square."
+    full = tok.tok.encode(text, add_special_tokens=False).ids + [2]  # EOS ends a given answer
+    for cap, want in ((None, full), (len(full), full), (3, full[:3])):  # cut: no EOS, the answer does not end there
+        s = train.Sample("x.png", "Describe the picture.", None, None, text)
+        assert train.tokenise([s], llava.config, tok, args, Counter(), cap)[0].answer == want
+    skipped = Counter()
+    for cap in (None, None, 8):  # an answer that fits the 512-token context only when cut
+        s = train.Sample("x.png", "Describe the picture.", None, None, "word " * 500)
+        assert len(train.tokenise([s], llava.config, tok, args, skipped, cap)) == (cap is not None)
+    too_long = train.Sample("x.png", "word " * 600, None, None, text)
+    assert train.tokenise([too_long], llava.config, tok, args, skipped) == []
+    assert train.tokenise([too_long], llava.config, tok, args, skipped) == []  # marked: counted once
+    assert skipped == {"longer than the context (512)": 3}
+
+
+@pytest.mark.slow
+def test_a_failure_on_one_rank_saves_the_state_and_stops_every_rank(ckpt, data, tmp_path):
+    """Rank 1 of a two-process torchrun (gloo) raises in step 3: both ranks learn it at that step's all-reduce and
+    exit non-zero naming rank 1 and its error (none waits for a collective's timeout), rank 0 having saved step 2's
+    state, from which --resume under torchrun finishes the run."""
+    inject = ("import os, sys, train\n"
+              "real, calls = train.train_step, []\n"
+              "def failing(*a, **kw):\n"
+              "    calls.append(1)\n"
+              "    if os.environ['RANK'] == '1' and len(calls) == 3:\n"
+              "        raise RuntimeError('injected on rank 1')\n"
+              "    return real(*a, **kw)\n"
+              "train.train_step = failing\n"
+              "train.main(sys.argv[1:])\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
+    common = argv(ckpt, data, tmp_path / "p", "--max-iters", "4", "--batch-size", "2")
+    run = subprocess.run([*torchrun, "--no-python", sys.executable, "-c", inject, *common], capture_output=True,
+                         text=True, env=env, cwd=ROOT, timeout=180)
+    assert run.returncode != 0
+    stops = re.findall(r"error: step 3 failed \(rank 1: RuntimeError: injected on rank 1\); the state of step 2 is "
+                       r"saved", run.stderr)
+    assert len(stops) == 2, run.stderr[-3000:]  # each rank's own
+    assert train.read_state(str(tmp_path / "p.state"))[1]["iter"] == 2
+    run = subprocess.run([*torchrun, "train.py", *common, "--resume"], capture_output=True, text=True, env=env,
+                         cwd=ROOT, timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "resumed from" in run.stdout and run.stdout.count("step 4/4") == 1
 
 
 @pytest.mark.slow
@@ -400,8 +527,8 @@ def test_batched_distillation_streams_to_the_cache_and_survives_an_interrupt(ckp
     capsys.readouterr()
     monkeypatch.setattr(generate, "generate", lambda *a, **kw: calls.append(len(a[2])) or real(*a, **kw))
     distill.main(distill_argv(ckpt, tmp_path / "five", "--batch-size", "5"))
-    assert sum(calls) == N_TRAIN - N_TRAIN // 3 - 10  # the rest only (the unreadable image never reaches generate)
-    assert "distilled 7/7 answers" in capsys.readouterr().out
+    assert sum(calls) == N_TRAIN - N_TRAIN // 3 - 10  # the rest only: the unreadable image and the record longer
+    assert "distilled 8/8 answers" in capsys.readouterr().out  # than the context are recorded, never generated
     five, skipped = train.load_samples(str(tmp_path / "five" / "train.jsonl"), llava.config, tok,
                                        train.parse_args(argv(ckpt, tmp_path / "five", tmp_path / "p")), print)
     assert [s.answer for s in five] == [s.answer for s in one] and len(five) == N_TRAIN

@@ -3,14 +3,17 @@ Self-distillation, the step before training (as nanoGPT's data/*/prepare.py prec
 unpruned model's greedy answer for every record that has none, appended batch by batch to DATA.answers.jsonl (one
 file per torchrun rank, DATA.answers.rankR.jsonl), keyed by model, template, answer length and prompt, where
 train.py finds them. A rerun answers only what is missing; an interrupt loses one batch at most; a record whose image
-does not decode is recorded as such (train.py skips and counts it).
+does not decode, or that is longer than the context, is recorded as such (train.py skips and counts it). With
+--max-samples N (and --seed) it distils the very subset train.py's --max-samples N draws.
 
     python -m tools.distill --model DIR --data train.jsonl                  # then: python train.py --data train.jsonl
-    torchrun --nproc_per_node=8 -m tools.distill --model DIR --data train.jsonl --batch-size 16
+    torchrun --nproc_per_node=8 -m tools.distill --model DIR --data train.jsonl --batch-size 16 --max-samples 20000
 """
 import argparse
+import dataclasses
 import sys
 import time
+from collections import Counter
 
 import torch.distributed as dist
 
@@ -27,18 +30,20 @@ def answers_file(data, rank=0):
 
 def distill(model, tok, todo, path, args, log):
     """The unpruned model's greedy answers for the samples `todo`, in batches through generate(), each batch appended
-    to `path` when it finishes; a sample whose image does not decode is recorded as such. A progress line (done/total,
-    samples/s, ETA) every 10 s."""
+    to `path` when it finishes; a sample whose image does not decode, or that is longer than the context, is recorded
+    as such. A progress line (done/total, samples/s, ETA) every 10 s."""
     t0 = last = time.perf_counter()
     with open(path, "a") as f:
         for i in range(0, len(todo), args.batch_size):
-            chunk, images, lines = [], [], []
-            for s in todo[i:i + args.batch_size]:
+            part = [dataclasses.replace(s) for s in todo[i:i + args.batch_size]]  # copies: their tokens are dropped
+            chunk, images = [], []
+            for s in train.tokenise(part, model.config, tok, args, Counter()):
                 try:
                     images.append(processing.load_image(s.image))
                     chunk.append(s)
                 except (ValueError, OSError):
-                    lines.append(dict(key=s.key, skipped="unreadable image"))
+                    s.bad = "unreadable image"
+            lines = [dict(key=s.key, skipped=s.bad) for s in part if s.bad]
             if chunk:
                 rows = generate.generate(model, tok, images, [s.prompt for s in chunk], args.distill_max_new_tokens,
                                          conv=args.conv, pad=args.pad, stats=False).rows
@@ -56,7 +61,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Answer the records that have no answer with the unpruned model (greedy), "
                                             "for train.py.")
     cli.add_model_args(p, default_model=None, required=True)
-    cli.add_data_args(p, "the records {image, prompt, answer?}; those without an answer get one")
+    g = cli.add_data_args(p, "the records {image, prompt, answer?}; those without an answer get one")
+    g.add_argument("--max-samples", type=train.number(int, 1), default=None, help="only the random N of the records "
+                   "that train.py --max-samples N (with the same --seed) uses")
+    g.add_argument("--seed", type=int, default=0, help="the --max-samples subset (train.py's --seed)")
     g = p.add_argument_group("generation")
     g.add_argument("--max-new-tokens", dest="distill_max_new_tokens", type=train.number(int, 1),
                    default=train.ANSWER_TOKENS, help="answer length (train.py --distill-max-new-tokens, if not this "
@@ -72,8 +80,11 @@ def main(argv=None):
         rank, world, device = cli.distributed(cli.device(args.device))
         log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
         cfg, tok = cli.checkpoint(args.model)
-        samples = train.load_samples(args.data, cfg, tok, args, log, need_answers=False)[0]
+        seed = args.seed if args.max_samples else None  # all records: in the file's order
+        samples, skipped = train.usable_samples(args.data, cfg, args, False, args.max_samples, seed)
         todo = [s for s in samples if s.answer is None]
+        subset = f" (--max-samples: a random {args.max_samples} of its records)" if args.max_samples else ""
+        log(f"{args.data}{subset}: {len(samples)} samples, {len(todo)} without an answer" + train.skip_note(skipped))
         model = cli.load_model(args.model, device, cli.dtype(args.dtype, device), log) if todo else None
     if todo:
         distill(model, tok, todo[rank::world], answers_file(args.data, rank), args, log)

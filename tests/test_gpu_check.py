@@ -1,6 +1,7 @@
 """
-tools/gpu_check.py's dry run: every step of the GPU check on the CPU with every geometry shrunk, so that a mistake in
-the script is found here and not on a GPU machine's clock.
+tools/gpu_check.py: the verdict logic in-process, the deadline, and the dry run (every check's code path on the CPU at
+tiny shapes) with planted faults: two dry runs, each planting a fault behind every other check, so that each check is
+seen failing with its fault and passing beside the others' (the faults are the script's --plant self-test).
 """
 import json
 import os
@@ -9,23 +10,95 @@ import sys
 
 import pytest
 
+from tools import gpu_check
+
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+CHECKS = [name for names in gpu_check.checks_of(gpu_check.DRY).values() for name in names]
+
+
+def dry_run(out, *flags):
+    """The script's dry run into `out`, its temporary folders under out.parent / "tmp" (its own it must remove)."""
+    scratch = out.parent / "tmp"
+    scratch.mkdir(exist_ok=True)
+    run = subprocess.run([sys.executable, "-m", "tools.gpu_check", "--dry-run", "--out", str(out), *flags], cwd=HERE,
+                         capture_output=True, text=True, timeout=900, env=dict(os.environ, TMPDIR=str(scratch)))
+    assert not [n for n in os.listdir(scratch) if n.startswith("gpu-check-")], "its scratch folder was left behind"
+    summary = json.loads((out / "summary.json").read_text())
+    return run, summary
+
+
+def test_plan_rejects_unknown_steps_and_plants():
+    args = gpu_check.parse_args(["--out", "o", "--steps", "loading,dropping", "--plant", "kv-dropped"])
+    assert gpu_check.plan_of(args, gpu_check.GPU) == {"loading": ["load-peak"], "dropping": ["kv-dropped"]}
+    with pytest.raises(ValueError, match="--steps 'loading,speeed'"):
+        gpu_check.plan_of(gpu_check.parse_args(["--out", "o", "--steps", "loading,speeed"]), gpu_check.GPU)
+    with pytest.raises(ValueError, match="--plant train-peak: not a check of the steps run"):
+        gpu_check.plan_of(gpu_check.parse_args(["--out", "o", "--steps", "loading", "--plant", "train-peak"]),
+                          gpu_check.GPU)
+
+
+def test_recorder_fails_a_figure_beyond_its_bound_and_nan(tmp_path):
+    record = gpu_check.Recorder(tmp_path / "step.json", ["b"])
+    record("a", 1.1, "<=", 1.1, "x")
+    record("b", 1.2, "<=", 1.1, "x", note="planted")
+    record("c", float("nan"), "<=", 1.1, "x")
+    record("d", 0.5, ">=", 1.0, "of the tests")
+    got = json.loads((tmp_path / "step.json").read_text())
+    assert {k: v["status"] for k, v in got.items()} == dict(a="pass", b="fail", c="fail", d="fail")
+    assert got["b"]["planted"] and not got["a"]["planted"] and got["b"]["note"] == "planted"
+
+
+def test_a_step_killed_at_the_deadline_leaves_its_checks_not_run(tmp_path):
+    """No process imports torch and loads a model in half a second: loading is killed, dropping never starts, and
+    neither check may read as passed."""
+    run, summary = dry_run(tmp_path, "--steps", "loading,dropping", "--deadline", "0.5")
+    assert run.returncode == 3, run.stdout + run.stderr
+    assert summary["steps"]["loading"]["status"] == "timed out"
+    assert summary["steps"]["dropping"] == dict(status="not run", seconds=0, why="no time left before the deadline")
+    assert {n: c["status"] for n, c in summary["checks"].items()} == {"load-peak": "not run", "kv-dropped": "not run"}
+    assert "killed at the deadline" in summary["checks"]["load-peak"]["why"]
+
+
+@pytest.fixture(scope="module", params=[0, 1], ids=["even-planted", "odd-planted"])
+def planted_run(request, tmp_path_factory):
+    """A whole dry run with a fault planted behind every other check (the even-numbered or the odd-numbered ones)."""
+    out = tmp_path_factory.mktemp(f"gpu-dry-{request.param}")
+    plants = CHECKS[request.param::2]
+    run, summary = dry_run(out, *[a for name in plants for a in ("--plant", name)])
+    return out, plants, run, summary
 
 
 @pytest.mark.slow
-def test_gpu_check_dry_run(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "tools.gpu_check", "--out", str(tmp_path), "--dry-run"], cwd=HERE,
-                         capture_output=True, text=True, timeout=600)
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert run.returncode == 0 and all(s["ok"] for s in summary["steps"].values()), (run.stdout, summary)
-    assert set(summary["steps"]) == {"pytest", "bench", "generate", "train"}
-    bench = json.loads((tmp_path / "bench-7b.json").read_text())
-    assert {r["method"] for r in bench["results"]} == {"none", "none+compile", "fastv", "dyrate", "dyrate+compile",
-                                                       "ramp", "ramp+compile", "transformers"}
-    generated = json.loads((tmp_path / "generate-7b.json").read_text())
-    assert set(generated["runs"]) == {"none", "fastv", "ramp"} and generated["load_s"] > 0
-    assert generated["runs"]["fastv"]["kept_visual"] == [288, 288]
-    trained = json.loads((tmp_path / "train-7b.json").read_text())
-    assert trained["live_peak"] > 0 and trained["batch"] == 2
-    assert "passed" in (tmp_path / "pytest.txt").read_text()
-    assert not os.path.exists(tmp_path / "work")  # the random checkpoint went to a scratch folder, removed
+def test_dry_run_fails_exactly_the_planted_checks(planted_run):
+    out, plants, run, summary = planted_run
+    checks = summary["checks"]
+    assert list(checks) == CHECKS  # every check is listed, in order
+    assert all(s["status"] == "done" for s in summary["steps"].values()), summary["steps"]
+    for name, c in checks.items():
+        assert isinstance(c["value"], (int, float)) and isinstance(c["threshold"], (int, float)), (name, c)
+        assert c["planted"] == (name in plants)
+        assert c["status"] == ("fail" if name in plants else "pass"), (name, c)
+    assert run.returncode == 1, run.stdout + run.stderr
+
+
+@pytest.mark.slow
+def test_dry_run_writes_everything_into_one_folder(planted_run):
+    out, _, run, summary = planted_run
+    names = {p.name for p in out.iterdir()}
+    for step in summary["steps"]:
+        assert {f"{step}.log", f"{step}.json"} <= names
+    runs = [f"compile-{m}" for m in ("none", "fastv", "dyrate")] + [f"speed-batch{B}" for B in (1, 2, 4)]
+    bench = {f"bench-{r}.{e}" for r in runs for e in ("txt", "json")}  # tools/bench.py's tables and results
+    assert {"summary.json", "summary.txt", "tests.xml"} | bench <= names
+    table = (out / "summary.txt").read_text()
+    assert all(name in table for name in CHECKS) and table in run.stdout  # the table is also what the run printed
+    speed = json.loads((out / "bench-speed-batch4.json").read_text())
+    assert {r["method"] for r in speed["results"]} == {"none", "fastv", "vtw", "dyrate"}
+    assert summary["checks"]["kv-dropped"]["expected_ratio"] < 0.9  # the schedule did drop
+
+
+@pytest.mark.slow
+def test_clean_dry_run_of_the_cheap_steps_exits_zero(tmp_path):
+    run, summary = dry_run(tmp_path, "--steps", "loading,dropping")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert {n: c["status"] for n, c in summary["checks"].items()} == {"load-peak": "pass", "kv-dropped": "pass"}

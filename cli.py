@@ -30,7 +30,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 # flags
 
 
-def add_model_args(p, default_model=SHAPES_MODEL, required=False, default_device=None):
+def add_model_args(p, default_model=SHAPES_MODEL, required=False, default_device=None,
+                   dtype_help="default: float16 on CUDA, float32 on CPU (bfloat16 for 7B on CPU: ~14 GB)"):
     """--model, --device, --dtype, in a group of their own."""
     g = p.add_argument_group("model")
     g.add_argument("--model", default=default_model, required=required,
@@ -38,8 +39,7 @@ def add_model_args(p, default_model=SHAPES_MODEL, required=False, default_device
                    + (", default: the shipped shapes model (models/shapes)" if default_model == SHAPES_MODEL else ""))
     g.add_argument("--device", default=default_device or ("cuda" if torch.cuda.is_available() else "cpu"),
                    help="cuda, cuda:1, cpu, ...")
-    g.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="default: float16 on CUDA, float32 on CPU (bfloat16 for 7B on CPU: ~14 GB)")
+    g.add_argument("--dtype", choices=DTYPES, default=None, help=dtype_help)
     return g
 
 

@@ -551,11 +551,9 @@ def parse_rates(text):
 
 def parse_args(argv=None):
     """Each number is checked by its type, so argparse names the flag in its error before anything loads."""
-    p = argparse.ArgumentParser(description="Train the DyRate rate predictor under a budget (the VLM frozen).",
-                                conflict_handler="resolve")  # resolve: --dtype's help and default are training's
-    g = cli.add_model_args(p, default_model=None, required=True)
-    g.add_argument("--dtype", choices=cli.DTYPES, default=None, help="default: bfloat16 on CUDA, float32 on CPU "
-                   "(float16 is refused: no loss scaling)")
+    p = argparse.ArgumentParser(description="Train the DyRate rate predictor under a budget (the VLM frozen).")
+    cli.add_model_args(p, default_model=None, required=True, dtype_help="default: bfloat16 on CUDA, float32 on CPU "
+                       "(float16 is refused: no loss scaling)")
     whole, positive, nonnegative = number(int, 1), number(float, 0, strict=True), number(float, 0)
     g = cli.add_data_args(p, "the records {image, prompt, answer?}")
     g.add_argument("--val-data", default=None, help="held-out file (default: --val-size samples of --data)")

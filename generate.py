@@ -120,18 +120,18 @@ class Batch:
     pruner: dyrate.Pruner
 
 
-def prompt_protocol(rules, conv=None, pad=None, allow_protocol_mismatch=False):
+def prompt_protocol(rules, conv=None, pad=None, allow_protocol_mismatch=False, default=("llava-hf", False)):
     """The prompt template and image padding (conv, pad) of a run of these rules: as given, else what their learned
-    predictors were trained with, else llava-hf's template unpadded. A predictor prompted otherwise than it was trained
-    reads other type shares (a system prompt before the image shifts them): an error unless allowed."""
+    predictors were trained with, else `default`. A predictor prompted otherwise than it was trained reads other type
+    shares (a system prompt before the image shifts them): an error unless allowed."""
     trained = sorted({p for p in map(dyrate.protocol, rules) if p is not None})
     flags = lambda c, p: f"--conv {c} {'--pad' if p else '--no-pad'}"  # noqa: E731
     if len(trained) > 1 and not allow_protocol_mismatch:
         both = " and ".join(flags(*p) for p in trained)
         raise ValueError(f"The predictors were trained under different protocols ({both}): evaluate them apart.")
-    c, p = trained[0] if trained else (None, None)
-    wanted = (conv if conv is not None else c or "llava-hf", pad if pad is not None else bool(p))
-    if c is not None and wanted != (c, p) and not allow_protocol_mismatch:
+    c, p = trained[0] if trained else default
+    wanted = (conv if conv is not None else c, pad if pad is not None else p)
+    if trained and wanted != (c, p) and not allow_protocol_mismatch:
         raise ValueError(f"The predictor was trained with {flags(c, p)}, and this run asks for {flags(*wanted)}: its "
                          f"rates would answer other type shares than it learned from. Leave --conv and --pad to the "
                          f"predictor, or pass --allow-protocol-mismatch (allow_protocol_mismatch=True) to do so on "

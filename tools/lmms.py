@@ -114,9 +114,8 @@ class DyRate(lmms):
             self.cfg, self.tok = cli.checkpoint(model)
             rule = cli.rule(spec, predictor, self.cfg, self._device)
             k_used = dyrate.pruning_layer(self.cfg.text.num_hidden_layers, k, rule)
-            trained = dyrate.protocol(rule) or PAPERS_PROTOCOL  # the predictor's recorded protocol, else the papers'
-            conv, pad = conv if conv is not None else trained[0], pad if pad is not None else trained[1]
-            generate.prompt_protocol([rule], conv, pad, allow)  # a predictor prompted otherwise: refused now
+            # the predictor's recorded protocol, else the papers'; a predictor prompted otherwise: refused now
+            conv, pad = generate.prompt_protocol([rule], conv, pad, allow, default=PAPERS_PROTOCOL)
             self.options = dict(rule=rule, k=k, conv=conv, pad=pad, allow_protocol_mismatch=allow, stats=False)
             self.method, self.protocol = dyrate.rule_spec(rule, k_used), dict(conv=conv, pad=pad)
             if self._device.type == "cuda":

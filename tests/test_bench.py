@@ -82,6 +82,7 @@ def test_bench_checks_its_arguments_before_building_anything(ckpt, tmp_path, mon
                            (["--new-tokens", "1"], "--new-tokens must be at least 2"),
                            (["--repeats", "0"], "--repeats"), (["--rate", "2"], "--rate"),
                            (["--methods", "fastv:eps=1"], "fastv takes ratio="),
+                           (["--methods", "none,vtw:k=match"], "only vtw takes k=match, after the pruned method"),
                            (["--k", "40"], r"K must lie in \[1, 7\] for this 8-layer model"),
                            (["--memory-gib", "-1"], "--memory-gib"),
                            (["--out", str(tmp_path / "a_file" / "b.json")], "cannot make the folder"),
@@ -160,3 +161,17 @@ def test_each_rule_prunes_at_its_own_layer_unless_k_is_given(tmp_path):
         rows = bench.main(common + extra)
         assert [r["k"] for r in rows] == ks and [r["kept_visual"] for r in rows] == [[288] * 2, [0] * 2, [0] * 2]
         assert rows[1]["tflops"] < rows[2]["tflops"]  # VTW's FLOPs grow with its layer
+
+
+def test_vtw_matched_on_flops_to_the_method_before_it(tmp_path, capsys):
+    """vtw:k=match takes the layer whose FLOPs are closest to the method before it (no other layer's are closer) and
+    its row names the layer it ran at."""
+    common = ["--geometry", "tiny", "--layers", "8", "--new-tokens", "3", "--repeats", "1"]
+    fastv, vtw = bench.main(common + ["--methods", "fastv:ratio=0.75,vtw:k=match", "--out", str(tmp_path / "b.json")])
+    assert vtw["method"] == "vtw:k=match" and vtw["kept_visual"] == [0] * 3 and 1 <= vtw["k"] <= 7
+    assert f"vtw:k=match: K={vtw['k']}, the layer whose FLOPs ratio is closest to fastv:ratio=0.75's" in \
+        capsys.readouterr().err
+    others = bench.main(common + ["--methods", ",".join(f"vtw:k={k}" for k in range(1, 8)),
+                                  "--out", str(tmp_path / "k.json")])
+    gaps = [abs(r["tflops"] - fastv["tflops"]) for r in others]
+    assert abs(vtw["tflops"] - fastv["tflops"]) == min(gaps) == gaps[vtw["k"] - 1]

@@ -16,7 +16,8 @@ parameters (fastv:ratio=0.75, mass:eps=1e-5, ...); dyrate runs --predictor, else
 the constant --rate, so its per-step work is real; a bare ramp rises from --rate to 1 over the answer (compaction at
 several steps); transformers (LlavaForConditionalGeneration, sdpa); a "+compile" suffix runs ours with
 tools.fast.compile_decode.
-Each rule prunes at its own layer K (vtw:k=15; dyrate.pruning_layer) unless --k sets one for all. Every model is built
+Each rule prunes at its own layer K (vtw:k=15; dyrate.pruning_layer) unless --k sets one for all; vtw:k=match takes
+the layer whose FLOPs ratio is closest to the method before it in --methods (fastv,vtw:k=match). Every model is built
 in --dtype: random weights are created in it, once, and ours shares transformers' tensors; with --model, transformers
 loads its own copy, and is left out of the default methods (one line says so) where that copy would not fit.
 Memory is measured, never computed: the peak of each run (CUDA: the allocator's peak, weights included; CPU: the
@@ -251,9 +252,10 @@ def check_args(args, available=None):
     cfg.check_length(1 + args.prompt_tokens + cfg.n_image_tokens + args.new_tokens)
     predictor = (dyrate.RatePredictor.load(args.predictor, cfg, dev) if args.predictor else constant_predictor(
         cfg.text.num_attention_heads, args.rate, dyrate.pruning_layer(cfg.text.num_hidden_layers, args.k), dev))
+    costs.check_matches([variant(m)[0] for m in methods])
     for m in methods:  # an unknown rule or parameter, or a K out of range, is an error here
         if m != "transformers":
-            method_rule(variant(m)[0], predictor, args, cfg)
+            method_rule(variant(m)[0].replace(costs.MATCH, ""), predictor, args, cfg)
     cli.check_writable_folder(args.out, "--out", make=True)
     if args.plot:
         cli.check_writable_folder(args.plot, "--plot", make=True)
@@ -373,6 +375,7 @@ class Workload:
     def __init__(self, args, hf, ours, compiled, predictor, dev):
         self.args, self.hf, self.ours, self.compiled, self.dev = args, hf, ours, compiled, dev
         self.cfg, self.predictor, N = ours.config, predictor, ours.config.n_image_tokens
+        self.matched = {}  # vtw:k=match -> its rule (match_vtw)
         torch.manual_seed(1)
         text = torch.randint(3, self.cfg.image_token_index, (args.prompt_tokens,), device="cpu").tolist()
         self.prompt = [self.cfg.bos_token_id] + text[:5] + [self.cfg.image_token_index] * N + text[5:]  # image at 6
@@ -382,8 +385,23 @@ class Workload:
         start, length = torch.full((B,), 6, device=self.dev), torch.full((B,), T, device=self.dev)
         if method == "none":
             return None
-        rule, k = method_rule(method, self.predictor, self.args, self.cfg)
+        rule = self.matched.get(method) or method_rule(method, self.predictor, self.args, self.cfg)[0]
+        k = dyrate.pruning_layer(self.cfg.text.num_hidden_layers, self.args.k, rule)
         return LabelledPruner(rule, N, start, length, k, stats=isinstance(rule, dyrate.Learned))
+
+    def match_vtw(self, methods, log):
+        """Each vtw:k=match of `methods` at the layer whose FLOPs ratio is closest to the method before it, run once at
+        batch 1 to read its kept counts (every row and batch prunes alike here)."""
+        T, n = len(self.prompt), self.args.new_tokens
+        for before, m in zip(methods, methods[1:]):
+            base = variant(m)[0]
+            if costs.MATCH in base and base not in self.matched:
+                hook = self.run(before, 1)["hook"]
+                r = hook.summary(0, n)
+                ratio = costs.costs(self.cfg, T, r["kept_visual"], r["k"], r["probes"], r["predictor_flops"])
+                self.matched[base] = dyrate.VTW(k=costs.matched_layer(self.cfg, [(T, n)], ratio["flops_ratio"]))
+                log(f"{base}: K={self.matched[base].k}, the layer whose FLOPs ratio is closest to {before}'s "
+                    f"{ratio['flops_ratio']:.3f}")
 
     def inputs(self, B):
         """The prompt ids (B, T) and pixel values (B, 3, S, S) of B identical rows."""
@@ -557,6 +575,7 @@ def main(argv=None):
     args.dtype = str(dtype).removeprefix("torch.")
     hf, ours, compiled = build_models(args, methods, dev, dtype)
     work = Workload(args, hf, ours, compiled, predictor, dev)
+    work.match_vtw(methods, log)
     rows, searches = measure(work, methods, batches, log)
     report(rows, args, ours.config, len(work.prompt), searches)
     save(rows, searches, args, work, dev)

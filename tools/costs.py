@@ -70,6 +70,18 @@ def cost_ratio(rows, cost="flops"):
 # the baselines the learned rate is compared with, matched on cost
 
 
+MATCH = ":k=match"  # vtw:k=match in tools.eval and tools.bench: VTW at the layer matched to the method before it
+
+
+def check_matches(methods):
+    """A ValueError unless every k=match in `methods` (rule specs) is VTW's, after a pruned method to be matched to."""
+    for i, m in enumerate(methods):
+        if MATCH in m and (not m.startswith("vtw:") or i == 0 or methods[i - 1].split(":")[0] in ("none",
+                                                                                                  "transformers")):
+            raise ValueError(f"{m}: only vtw takes k=match, after the pruned method it is matched to (e.g. --methods "
+                             f"none,fastv,vtw:k=match)")
+
+
 def matched_layer(cfg, lengths, target, cost="flops"):
     """VTW's withdrawal layer K (1 .. L-1; every image token dropped before it) whose cost ratio (a costs() key)
     over generations of the given (prompt tokens, new tokens) is closest to `target`."""

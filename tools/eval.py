@@ -411,10 +411,8 @@ def check_args(args):
     args.max_new_tokens = args.max_new_tokens or (64 if args.task == "caption" else 16)
     os.makedirs(args.out, exist_ok=True)
     cli.check_writable_folder(os.path.join(args.out, "metrics.json"), "--out")
-    for i, m in enumerate(args.methods):
-        if MATCH in m and (not m.startswith("vtw:") or i == 0 or args.methods[i - 1] == "none"):
-            raise ValueError(f"{m}: only vtw takes k=match, after the pruned method it is matched to (e.g. --methods "
-                             f"none,fastv,vtw:k=match)")
+    costs.check_matches(args.methods)
+    for m in args.methods:
         found = prediction_files(args.out, m)
         if found and not args.resume:
             raise ValueError(f"{found[0]} exists: pass --resume to continue that run, or another --out.")
@@ -444,9 +442,6 @@ def options(args, rule):
     """generate()'s (and beam search's) arguments for one rule."""
     return dict(rule=rule, k=args.k, conv=args.conv, pad=args.pad, stats=args.figure2,
                 allow_protocol_mismatch=args.allow_protocol_mismatch)
-
-
-MATCH = ":k=match"  # vtw:k=match, VTW at the layer whose FLOPs ratio matches the method before it
 
 
 def matched_vtw(llava, tok, records, args, before, log, device, world):
@@ -512,7 +507,7 @@ def main(argv=None):
         if world > 1:
             dist.barrier()  # every rank has checked OUT before any writes to it
         cfg, tok = cli.checkpoint(args.model)
-        rules = cli.rules(",".join(m.replace(MATCH, "") for m in args.methods), args.predictor, cfg, device)
+        rules = cli.rules(",".join(m.replace(costs.MATCH, "") for m in args.methods), args.predictor, cfg, device)
         args.conv, args.pad = generate.prompt_protocol(rules.values(), args.conv, args.pad,
                                                        args.allow_protocol_mismatch)
         records = read_records(data, args, cfg, tok)
@@ -530,7 +525,7 @@ def main(argv=None):
             with cli.sigterm_raises_stop():
                 results = []
                 for m in args.methods:
-                    rule = matched_vtw(llava, tok, records, args, results[-1], log, device, world) if MATCH in m \
+                    rule = matched_vtw(llava, tok, records, args, results[-1], log, device, world) if costs.MATCH in m \
                         else rules[m]
                     results.append(run_method(llava, tok, records, m, args, rule, log, rank, world))
         except cli.INTERRUPTS as e:

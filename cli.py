@@ -8,6 +8,7 @@ a command line runs its steps inside `user_errors()`, which prints those errors 
 """
 import argparse
 import contextlib
+import math
 import os
 import signal
 import sys
@@ -88,6 +89,52 @@ def add_k_arg(group):
     group.add_argument("--k", type=int, default=None, help=f"pruning layer K of every rule: layers >= K see only the "
                        f"kept image tokens (default: each rule's own, 'vtw:k=15'; else the predictor's, VTW's paper "
                        f"layer, or {dyrate.DEFAULT_K})")
+
+
+def number(kind, low, strict=False, high=math.inf, hint=""):
+    """An argparse type: a finite int or float (kind) >= low (strict: > low) and <= high."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan
+        if math.isfinite(value) and (value > low if strict else value >= low) and value <= high:
+            return value
+        bounds = f"in {'(' if strict else '['}{low}, {high}]" if high < math.inf else f"{'>' if strict else '>='} {low}"
+        raise argparse.ArgumentTypeError(f"must be a {'whole ' if kind is int else ''}number {bounds}, got {text}"
+                                         + hint)
+    return parse
+
+
+def parse_rates(text):
+    """'start:stop:count' or a comma list -> increasing drop rates in [0, 1]."""
+    try:
+        if ":" in text:
+            a, b, n = text.split(":")
+            if int(n) < 2:
+                raise ValueError
+            rates = [float(a) + (float(b) - float(a)) * i / (int(n) - 1) for i in range(int(n))]
+        else:
+            rates = [float(r) for r in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 'start:stop:count' (count >= 2, e.g. 0:1:9) or a comma list "
+                                         f"of drop rates (e.g. 0,0.5,0.75,1).") from None
+    if len(rates) < 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: give at least two candidate rates for the predictor to choose "
+                                         f"from.")
+    if any(not 0 <= r <= 1 for r in rates) or sorted(set(rates)) != rates:
+        raise argparse.ArgumentTypeError(f"{text!r}: the candidate rates must be distinct, increasing and in [0, 1].")
+    return rates
+
+
+def check_files(files, image_folder=None):
+    """Each (flag, path) names a file that exists, and --image-folder a folder: checked before the weights load."""
+    for name, path in files:
+        if path is not None and not os.path.isfile(path):
+            folder = " (it is a folder)" if os.path.isdir(path) else ""
+            raise FileNotFoundError(f"{name} {path!r} does not exist{folder}.")
+    if image_folder is not None and not os.path.isdir(image_folder):
+        raise FileNotFoundError(f"--image-folder {image_folder!r} is not a folder.")
 
 
 def rule(spec, predictor, cfg, dev):

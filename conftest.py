@@ -17,6 +17,7 @@ from PIL import Image
 
 import model
 import processing
+from tools import tokenizer
 
 IMAGE_SIZE, PATCH = 112, 14  # 8 x 8 = 64 image tokens
 
@@ -81,7 +82,7 @@ CORPUS = ["USER: What is in the image? ASSISTANT: A red circle and a blue square
 
 def build_tokenizer(folder, legacy=True):
     """The shapes model's tokenizer builder (llava-hf's structure) on a small corpus."""
-    return processing.build_tokenizer(folder, CORPUS, 160, legacy)
+    return tokenizer.build_tokenizer(folder, CORPUS, 160, legacy)
 
 
 def make_hf(image_id, pad_id, kv_heads=4, head_dim=16, seed=0, layers=4):

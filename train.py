@@ -513,48 +513,12 @@ def train(model, tok, predictor, samples, refs, args, log, rank=0, world=1, resu
 # the command line
 
 
-def number(kind, low, strict=False, high=math.inf, hint=""):
-    """An argparse type: a finite int or float (kind) >= low (strict: > low) and <= high."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = math.nan
-        if math.isfinite(value) and (value > low if strict else value >= low) and value <= high:
-            return value
-        bounds = f"in {'(' if strict else '['}{low}, {high}]" if high < math.inf else f"{'>' if strict else '>='} {low}"
-        raise argparse.ArgumentTypeError(f"must be a {'whole ' if kind is int else ''}number {bounds}, got {text}"
-                                         + hint)
-    return parse
-
-
-def parse_rates(text):
-    """'start:stop:count' or a comma list -> increasing drop rates in [0, 1]."""
-    try:
-        if ":" in text:
-            a, b, n = text.split(":")
-            if int(n) < 2:
-                raise ValueError
-            rates = [float(a) + (float(b) - float(a)) * i / (int(n) - 1) for i in range(int(n))]
-        else:
-            rates = [float(r) for r in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give 'start:stop:count' (count >= 2, e.g. 0:1:9) or a comma list "
-                                         f"of drop rates (e.g. 0,0.5,0.75,1).") from None
-    if len(rates) < 2:
-        raise argparse.ArgumentTypeError(f"{text!r}: give at least two candidate rates for the predictor to choose "
-                                         f"from.")
-    if any(not 0 <= r <= 1 for r in rates) or sorted(set(rates)) != rates:
-        raise argparse.ArgumentTypeError(f"{text!r}: the candidate rates must be distinct, increasing and in [0, 1].")
-    return rates
-
-
 def parse_args(argv=None):
     """Each number is checked by its type, so argparse names the flag in its error before anything loads."""
     p = argparse.ArgumentParser(description="Train the DyRate rate predictor under a budget (the VLM frozen).")
     cli.add_model_args(p, default_model=None, required=True, dtype_help="default: bfloat16 on CUDA, float32 on CPU "
                        "(float16 is refused: no loss scaling)")
-    whole, positive, nonnegative = number(int, 1), number(float, 0, strict=True), number(float, 0)
+    whole, positive, nonnegative = cli.number(int, 1), cli.number(float, 0, strict=True), cli.number(float, 0)
     g = cli.add_data_args(p, "the records {image, prompt, answer?}")
     g.add_argument("--val-data", default=None, help="held-out file (default: --val-size samples of --data)")
     g.add_argument("--val-size", type=whole, default=32, help="held-out samples taken from --data without --val-data")
@@ -566,25 +530,25 @@ def parse_args(argv=None):
     g = p.add_argument_group("predictor and objective")
     g.add_argument("--out", required=True, help="predictor file to write (generate.py --predictor reads it)")
     cli.add_k_arg(g)
-    g.add_argument("--rates", type=lambda text: parse_rates(text) and text, default="0:1:9",
+    g.add_argument("--rates", type=lambda text: cli.parse_rates(text) and text, default="0:1:9",
                    help="candidate drop rates: 'start:stop:count' or a comma list")
     g.add_argument("--step-feature", action="store_true", help="an extension: the predictor also sees the answer step")
     g.add_argument("--budget", choices=dyrate.BUDGETS, default="flops", help="FLOPs, mean KV cache or no-cache FLOPs")
-    g.add_argument("--target", type=number(float, 0, strict=True, high=1, hint=" (a fraction of none's cost)"),
+    g.add_argument("--target", type=cli.number(float, 0, strict=True, high=1, hint=" (a fraction of none's cost)"),
                    default=0.5, help="the budget as a fraction of none's cost")
     g.add_argument("--budget-weight", type=nonnegative, default=20.0, help="weight of (cost ratio - target)^2")
     g.add_argument("--loss", choices=["kl", "ce"], default="kl", help="KL to the unpruned model, or CE to the answer")
     g.add_argument("--tau-start", type=positive, default=1.0, help="Gumbel temperature at the start")
     g.add_argument("--tau-end", type=positive, default=0.1, help="Gumbel temperature at the end")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--max-iters", type=number(int, 1, hint=" (to evaluate a trained predictor: python -m "
+    g.add_argument("--max-iters", type=cli.number(int, 1, hint=" (to evaluate a trained predictor: python -m "
                    "tools.compare)"), default=300, help="training steps")
     g.add_argument("--batch-size", type=whole, default=8, help="samples per step (per rank under torchrun)")
     g.add_argument("--micro-batch-size", type=whole, default=None, help="samples per forward/backward (7B on 24 GB: 1)")
     g.add_argument("--checkpoint", action="store_true", help="activation checkpointing of layers >= K (less memory)")
     g.add_argument("--lr", type=positive, default=0.05, help="peak learning rate (AdamW)")
     g.add_argument("--min-lr", type=nonnegative, default=0.005, help="learning rate at the end of the cosine")
-    g.add_argument("--warmup-iters", type=number(int, 0), default=10, help="linear warmup steps")
+    g.add_argument("--warmup-iters", type=cli.number(int, 0), default=10, help="linear warmup steps")
     g.add_argument("--weight-decay", type=nonnegative, default=0.0, help="AdamW weight decay")
     g.add_argument("--seed", type=int, default=0, help="--max-samples' subset, held-out split, data order, noise")
     g.add_argument("--resume", action="store_true", help="continue from OUT.state exactly")
@@ -593,16 +557,6 @@ def parse_args(argv=None):
     g.add_argument("--eval-interval", type=whole, default=100, help="steps between held-out evaluations (and saves)")
     g.add_argument("--eval-max-new-tokens", type=whole, default=32, help="answer length evaluated per held-out sample")
     return p.parse_args(argv)
-
-
-def check_files(files, image_folder=None):
-    """Each (flag, path) names a file that exists, and --image-folder a folder: checked before the weights load."""
-    for name, path in files:
-        if path is not None and not os.path.isfile(path):
-            folder = " (it is a folder)" if os.path.isdir(path) else ""
-            raise FileNotFoundError(f"{name} {path!r} does not exist{folder}.")
-    if image_folder is not None and not os.path.isdir(image_folder):
-        raise FileNotFoundError(f"--image-folder {image_folder!r} is not a folder.")
 
 
 def resumed_state(args):
@@ -653,7 +607,7 @@ def make_predictor(args, cfg, val):
     """A new predictor, its target checked against what dropping every image token reaches on the held-out samples
     (the training ones are not tokenised yet)."""
     torch.manual_seed(args.seed)
-    predictor = dyrate.RatePredictor(cfg.text.num_attention_heads, parse_rates(args.rates), args.k,
+    predictor = dyrate.RatePredictor(cfg.text.num_attention_heads, cli.parse_rates(args.rates), args.k,
                                      args.step_feature).to(args.device)
     floor = [dyrate.budget_cost(cfg, len(s.ids), [0] * len(s.answer), args.k, args.budget) for s in val]
     floor = sum(c for c, _ in floor) / sum(none for _, none in floor)
@@ -677,7 +631,7 @@ def training_dtype(name, device):
 def main(argv=None):
     args = parse_args(argv)
     with cli.user_errors():  # every check that needs no weights (files, torchrun, the checkpoint, data, target) first
-        check_files((("--data", args.data), ("--val-data", args.val_data)), args.image_folder)
+        cli.check_files((("--data", args.data), ("--val-data", args.val_data)), args.image_folder)
         cli.check_writable_folder(args.out, "--out")
         rank, world, device = cli.distributed(cli.device(args.device))
         args.device, args.world_size, args.dtype = str(device), world, training_dtype(args.dtype, device)

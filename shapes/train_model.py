@@ -26,6 +26,7 @@ import processing
 from shapes.data import (CELLS, COLOURS, COVERED, IMAGE_SIZE, SHAPES, caption, coverage, draw, item_label, make_scene,
                          named, patch_labels, questions, sample, task)
 from shapes.experiment import accuracy_line, evaluate_answers
+from tools import tokenizer
 
 
 def corpus():
@@ -276,7 +277,7 @@ def train_model(out, iters, vision_iters, batch, lr, seed, eval_every, prune_ite
     from that saved shapes model instead of random weights (the training-only heads then stay off)."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    image_id, pad_id = processing.build_tokenizer(out, corpus(), vocab_size=220)
+    image_id, pad_id = tokenizer.build_tokenizer(out, corpus(), vocab_size=220)
     vocab = (pad_id + 1 + 63) // 64 * 64  # like llava-hf: the embedding padded to a multiple of 64
     cfg = model_config(vocab, image_id, pad_id)
     save_config(cfg, out)

@@ -38,7 +38,7 @@ import generate
 import model
 import processing
 import train
-from tools import bench, distill, memory
+from tools import bench, distill, memory, tokenizer
 
 SETTINGS = {  # name -> train.py flags (besides --batch-size)
     "defaults": [],
@@ -64,7 +64,7 @@ def write_checkpoint(cfg, folder, dtype, seed=0, shard_bytes=2 * 2**30):
     """Random weights (normal(0, 0.02); norms 1, biases 0) of our Llava, whose names are the hub's keys, written as
     llava-hf writes them: safetensors shards with an index, a config.json and a (small) tokenizer.json."""
     os.makedirs(folder, exist_ok=True)
-    cfg.image_token_index, cfg.pad_token_id = processing.build_tokenizer(folder, CORPUS)
+    cfg.image_token_index, cfg.pad_token_id = tokenizer.build_tokenizer(folder, CORPUS)
     with torch.device("meta"):
         llava = model.Llava(cfg)
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -144,7 +144,7 @@ def measure_step(llava, samples, setting, device):
 
 def step_inputs(llava, batch, setting, device):
     args = step_args(batch, setting, device)
-    predictor = dyrate.RatePredictor(llava.config.text.num_attention_heads, train.parse_rates(args.rates),
+    predictor = dyrate.RatePredictor(llava.config.text.num_attention_heads, cli.parse_rates(args.rates),
                                      args.k).to(device)
     return args, predictor, torch.Generator(device).manual_seed(0)
 
@@ -163,7 +163,7 @@ def step_flops(llava, sample, setting, device):
     """The FLOPs of a one-sample train_step (torch's FlopCounterMode; counted in a run of its own: its backward
     hooks keep tensors alive, which would inflate the memory measured with it)."""
     args = step_args(1, setting, device)
-    predictor = dyrate.RatePredictor(llava.config.text.num_attention_heads, train.parse_rates(args.rates),
+    predictor = dyrate.RatePredictor(llava.config.text.num_attention_heads, cli.parse_rates(args.rates),
                                      args.k).to(device)
     with FlopCounterMode(display=False) as flops:
         train.train_step(llava, predictor, [sample], args, 1.0, torch.Generator(device).manual_seed(0), Counter())

@@ -69,7 +69,7 @@ def parse_args(argv=None):
     g.add_argument("--predictor", required=True, help="predictor file written by train.py")
     g.add_argument("--budget", choices=dyrate.BUDGETS, default=None,
                    help="the cost the baselines are matched on (default: the predictor's budget)")
-    g.add_argument("--max-new-tokens", dest="eval_max_new_tokens", type=train.number(int, 1), default=32,
+    g.add_argument("--max-new-tokens", dest="eval_max_new_tokens", type=cli.number(int, 1), default=32,
                    help="answer length evaluated per held-out sample")
     args = p.parse_args(argv)
     args.distill_max_new_tokens = args.eval_max_new_tokens  # train.load_samples: each prompt and answer must fit
@@ -79,7 +79,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     with cli.user_errors():  # every check that needs no weights first
-        train.check_files((("--data", args.data), ("--predictor", args.predictor)), args.image_folder)
+        cli.check_files((("--data", args.data), ("--predictor", args.predictor)), args.image_folder)
         device = cli.device(args.device)
         args.device = str(device)
         cfg, tok = cli.checkpoint(args.model)

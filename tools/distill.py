@@ -62,21 +62,21 @@ def parse_args(argv=None):
                                             "for train.py.")
     cli.add_model_args(p, default_model=None, required=True)
     g = cli.add_data_args(p, "the records {image, prompt, answer?}; those without an answer get one")
-    g.add_argument("--max-samples", type=train.number(int, 1), default=None, help="only the random N of the records "
+    g.add_argument("--max-samples", type=cli.number(int, 1), default=None, help="only the random N of the records "
                    "that train.py --max-samples N (with the same --seed) uses")
     g.add_argument("--seed", type=int, default=0, help="the --max-samples subset (train.py's --seed)")
     g = p.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", dest="distill_max_new_tokens", type=train.number(int, 1),
+    g.add_argument("--max-new-tokens", dest="distill_max_new_tokens", type=cli.number(int, 1),
                    default=train.ANSWER_TOKENS, help="answer length (train.py --distill-max-new-tokens, if not this "
                    "default)")
-    g.add_argument("--batch-size", type=train.number(int, 1), default=8, help="samples per generate() call")
+    g.add_argument("--batch-size", type=cli.number(int, 1), default=8, help="samples per generate() call")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     with cli.user_errors():  # every check that needs no weights, then torchrun, the data, and the weights if needed
-        train.check_files((("--data", args.data),), args.image_folder)
+        cli.check_files((("--data", args.data),), args.image_folder)
         rank, world, device = cli.distributed(cli.device(args.device))
         log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
         cfg, tok = cli.checkpoint(args.model)

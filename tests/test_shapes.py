@@ -371,3 +371,30 @@ def test_sweep_reads_every_curve_at_each_learned_cost(tmp_path):
     assert rows[1].startswith("| detail | p-step (+step) | mean KV cache 0.300 | **0.700** | 0.500 |")
     sweep.plots(results, tmp_path)
     assert len(list(tmp_path.glob("*.png"))) == 9
+
+
+def test_yardstick_sets_each_predictor_against_every_curve_seed_by_seed():
+    """shapes.yardstick from hand-made sweeps of two seeds: each curve read at the predictor's own mean KV on each seed
+    (linear between its two nearest points), mean and sd over the seeds, and the goal's verdict."""
+    from shapes import yardstick
+
+    def point(task, method, param, accuracy, kv):
+        return dict(task=task, method=method, param=param, accuracy=accuracy, kv_ratio=kv)
+    per_seed = {}
+    for seed, shift in ((1, 0.0), (2, 0.1)):
+        results = []
+        for task in yardstick.TASKS:
+            results += [point(task, "none", None, 0.9, 1.0), point(task, "fastv", 0.5, 0.8, 0.6),
+                        point(task, "fastv", 0.9, 0.4, 0.2), point(task, "mass", 1e-5, 0.7, 0.2),
+                        point(task, "mass", 1e-2, 0.7 + shift, 0.6), point(task, "ramp", 0.5, 0.85, 0.5),
+                        point(task, "learned", "p", 0.6 + shift, 0.4)]
+        per_seed[seed] = {"p": yardstick.compare(results, "p")}
+    assert per_seed[1]["p"]["detail"] == pytest.approx(dict(kv=0.4, learned=0.6, none=0.9, fastv=0.6, mass=0.7,
+                                                            ramp=None))
+    summary = yardstick.summarise(per_seed)["p"]["detail"]
+    assert summary["learned"] == pytest.approx((0.65, 0.0707), abs=1e-4)  # 0.6 and 0.7: sd 0.1 / sqrt(2)
+    assert summary["mass"] == pytest.approx((0.725, 0.0354), abs=1e-4)  # 0.7 and 0.75 at mean KV 0.4
+    assert summary["ramp"] == (None, None)
+    rows = [line for line in yardstick.table(yardstick.summarise(per_seed), (1, 2)).splitlines() if "| p |" in line]
+    assert rows[0] == ("| detail | p | 0.400 ± 0.000 | **0.650** ± 0.071 | 0.600 ± 0.000 | 0.725 ± 0.035 | - | "
+                       "0.900 ± 0.000 | not met (-0.075) |")

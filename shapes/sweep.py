@@ -123,6 +123,33 @@ def plots(results, out):
                             f"{name} (ratio to none)").save(os.path.join(out, f"{task}-{cost}.png"))
 
 
+def load(model_dir, predictor_paths):
+    """The model (decode-time drops compacted by moves: the same tokens, faster), its tokenizer and the predictors by
+    file name."""
+    llava = model.Llava.from_pretrained(model_dir)
+    llava.cache_class = fast.FastKVCache
+    tok = processing.Tokenizer(model_dir, llava.config)
+    return llava, tok, {os.path.basename(path): dyrate.RatePredictor.load(path, llava.config)
+                        for path in predictor_paths}
+
+
+def measure_all(llava, tok, predictors, tasks, path, wanted=lambda point: True, log=print):
+    """Every point of the sweep that `wanted` keeps, resumable: each is saved to the JSON file `path` as soon as it is
+    measured, and one found there is not measured again. Returns all the points in the file."""
+    results = json.load(open(path)) if os.path.isfile(path) else []
+    done = {(r["task"], r["method"], json.dumps(r["param"])) for r in results}
+    todo = [pt for pt in points(llava, tok, predictors, tasks)
+            if wanted(pt) and (pt[0], pt[1], json.dumps(pt[2])) not in done]
+    log(f"{path}: {len(done)} points measured already, {len(todo)} to go")
+    for i, (task, method, param, kw) in enumerate(todo):
+        r = dict(task=task, method=method, param=param, **measure(llava, tok, tasks[task], kw))
+        results.append(r)
+        processing.write_json(path, results)
+        log(f"[{i + 1}/{len(todo)}] {task:8} {method:12} {str(param):22} accuracy {r['accuracy']:.3f} | FLOPs "
+            f"{r['flops_ratio']:.3f} | mean KV {r['kv_ratio']:.3f} | no-cache {r['nocache_ratio']:.3f}")
+    return results
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Accuracy against cost for every method over its parameter (shapes).")
     p.add_argument("--model", default="models/shapes", help="checkpoint folder")
@@ -130,24 +157,10 @@ def main(argv=None):
     p.add_argument("--predictors", nargs="*", default=PREDICTORS, help="predictor files (train.py), a point each")
     p.add_argument("--out", default="runs/sweep", help="folder for sweep.json, the plots and table.md")
     args = p.parse_args(argv)
-    llava = model.Llava.from_pretrained(args.model)
-    llava.cache_class = fast.FastKVCache  # decode-time drops compacted by moves: the same tokens, faster
-    tok = processing.Tokenizer(args.model, llava.config)
-    predictors = {os.path.basename(path): dyrate.RatePredictor.load(path, llava.config) for path in args.predictors}
+    llava, tok, predictors = load(args.model, args.predictors)
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "sweep.json")
-    results = json.load(open(path)) if os.path.isfile(path) else []
-    done = {(r["task"], r["method"], json.dumps(r["param"])) for r in results}
-    tasks = task_records(args.data)
-    todo = [pt for pt in points(llava, tok, predictors, tasks)
-            if (pt[0], pt[1], json.dumps(pt[2])) not in done]
-    print(f"{len(done)} points measured already, {len(todo)} to go")
-    for i, (task, method, param, kw) in enumerate(todo):
-        r = dict(task=task, method=method, param=param, **measure(llava, tok, tasks[task], kw))
-        results.append(r)
-        processing.write_json(path, results)
-        print(f"[{i + 1}/{len(todo)}] {task:8} {method:8} {str(param):22} accuracy {r['accuracy']:.3f} | FLOPs "
-              f"{r['flops_ratio']:.3f} | mean KV {r['kv_ratio']:.3f} | no-cache {r['nocache_ratio']:.3f}", flush=True)
+    results = measure_all(llava, tok, predictors, task_records(args.data), os.path.join(args.out, "sweep.json"),
+                          log=lambda msg: print(msg, flush=True))
     plots(results, args.out)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table(results, predictors))

@@ -15,15 +15,11 @@ against each curve at its own mean KV (linear between the curve's two nearest po
 OUT/seed-S/ (the scenes and the sweep's sweep.json), OUT/yardstick.json and OUT/table.md.
 """
 import argparse
-import json
 import os
 import statistics
 
-import dyrate
-import model
 import processing
 from shapes import data, experiment, sweep
-from tools import fast
 
 SEEDS = (11, 12, 13)  # shapes.data --seed 11, 12, 13: scenes from random.Random(112), (122), (132)
 N_SCENES = 100
@@ -45,22 +41,12 @@ def seed_scenes(out, seed, n):
 
 def measure_seed(llava, tok, predictors, path, log):
     """The sweep's points of none, the learned predictors and the GRIDS' curves (no VTW: a KV budget ranks no VTW
-    point), on one seed's scenes; resumable point by point in the folder's sweep.json. Returns the points."""
-    out = os.path.join(os.path.dirname(path), "sweep.json")
-    results = json.load(open(out)) if os.path.isfile(out) else []
-    done = {(r["task"], r["method"], json.dumps(r["param"])) for r in results}
+    point) on one seed's scenes, resumable point by point in the folder's sweep.json. Returns the points."""
     records = experiment.task_records(path)
-    tasks = {task: records[task] for task in TASKS}
-    todo = [pt for pt in sweep.points(llava, tok, predictors, tasks)
-            if (pt[1] in ("none", "learned", "learned+step") or pt[2] in GRIDS.get(pt[1], ()))
-            and (pt[0], pt[1], json.dumps(pt[2])) not in done]
-    for i, (task, method, param, kw) in enumerate(todo):
-        results.append(dict(task=task, method=method, param=param, **sweep.measure(llava, tok, tasks[task], kw)))
-        processing.write_json(out, results)
-        r = results[-1]
-        log(f"{os.path.basename(os.path.dirname(path))} [{i + 1}/{len(todo)}] {task:8} {method:12} {str(param):20} "
-            f"accuracy {r['accuracy']:.3f} | mean KV {r['kv_ratio']:.3f}")
-    return results
+    return sweep.measure_all(llava, tok, predictors, {task: records[task] for task in TASKS},
+                             os.path.join(os.path.dirname(path), "sweep.json"),
+                             lambda pt: pt[1] in ("none", "learned", "learned+step") or pt[2] in GRIDS.get(pt[1], ()),
+                             log)
 
 
 def compare(results, name):
@@ -100,8 +86,9 @@ def table(summary, seeds):
     for task in TASKS:
         for name, by_task in summary.items():
             s = by_task[task]
-            best = max(s[m][0] for m in ("fastv", "mass") if s[m][0] is not None)
-            met = "met" if s["learned"][0] >= best - 0.01 else f"not met ({s['learned'][0] - best:+.3f})"
+            best = max([s[m][0] for m in ("fastv", "mass") if s[m][0] is not None], default=None)
+            met = "-" if best is None else "met" if s["learned"][0] >= best - 0.01 else \
+                f"not met ({s['learned'][0] - best:+.3f})"
             lines.append(f"| {task} | {name} | {cell(s['kv'])} | {cell(s['learned'], True)} | "
                          + " | ".join(cell(s[m]) for m in CURVES) + f" | {cell(s['none'])} | {met} |")
     return (f"Mean ± standard deviation over seeds {', '.join(map(str, seeds))} ({N_SCENES} scenes each); each curve "
@@ -114,16 +101,14 @@ def main(argv=None):
     p.add_argument("--predictors", nargs="*", default=PREDICTORS, help="KV-budget predictor files (train.py)")
     p.add_argument("--out", default="runs/yardstick", help="folder for the scenes, each seed's sweep and the table")
     args = p.parse_args(argv)
-    llava = model.Llava.from_pretrained(args.model)
-    llava.cache_class = fast.FastKVCache  # decode-time drops compacted by moves: the same tokens, faster
-    tok = processing.Tokenizer(args.model, llava.config)
-    predictors = {os.path.basename(path): dyrate.RatePredictor.load(path, llava.config) for path in args.predictors}
+    llava, tok, predictors = sweep.load(args.model, args.predictors)
     if any(p.meta.get("budget") != "kv" for p in predictors.values()):
         raise SystemExit("error: --predictors: the yardstick compares at the mean KV cache; give KV-budget predictors")
     os.makedirs(args.out, exist_ok=True)
     per_seed = {}
     for seed in SEEDS:
-        results = measure_seed(llava, tok, predictors, seed_scenes(args.out, seed, N_SCENES), print)
+        results = measure_seed(llava, tok, predictors, seed_scenes(args.out, seed, N_SCENES),
+                               lambda msg, seed=seed: print(f"seed {seed}: {msg}", flush=True))
         per_seed[seed] = {name: compare(results, name) for name in predictors}
     summary = summarise(per_seed)
     processing.write_json(os.path.join(args.out, "yardstick.json"), dict(seeds=SEEDS, scenes=N_SCENES,

@@ -522,10 +522,9 @@ class TrainMask:
     statistics() (data: no gradient reaches the predictor through layers < k, whose output does not depend on it)
     and decide() (the predictor, the sample, the mask: where the gradient goes)."""
 
-    def __init__(self, predictor, n_image, image_start, prompt_len, tau=1.0, noise=None, monotone=False):
+    def __init__(self, predictor, n_image, image_start, prompt_len, tau=1.0, noise=None):
         self.predictor, self.n_image, self.k = predictor, n_image, predictor.k
         self.image_start, self.prompt_len, self.tau, self.noise = image_start, prompt_len, tau, noise
-        self.monotone = monotone  # an extension (train.py --monotone): the answer rows under never_grow
         self.logits = None  # (B, T, C) the predictor's logits of the last forward
         self.onehot = None  # (B, T, C) its straight-through choice
         self.kept_count = None  # (B, T) float: each query row's kept count, differentiable (the cost terms use it)
@@ -551,30 +550,11 @@ class TrainMask:
         self.logits = self.predictor(shares, step)  # (B, T, C)
         self.onehot = gumbel_softmax_st(self.logits, self.tau, self.noise)  # (B, T, C)
         keeps = keep_count(torch.tensor(self.predictor.rates, device=scores.device), self.n_image)  # (C,)
-        if self.monotone:
-            weight, self.kept_count = self.never_grow(scores, keeps)
-        else:  # the paper's: each row chooses afresh among every image token
-            masks = candidate_masks(scores, keeps)  # (B, T, C, N)
-            weight = (self.onehot[..., None] * masks).sum(-2)  # (B, T, N): 0/1 forward, gradient into onehot
-            self.kept_count = self.onehot @ keeps.to(self.onehot.dtype)  # (B, T)
+        masks = candidate_masks(scores, keeps)  # (B, T, C, N)
+        weight = (self.onehot[..., None] * masks).sum(-2)  # (B, T, N): 0/1 forward, gradient into onehot
+        self.kept_count = self.onehot @ keeps.to(self.onehot.dtype)  # (B, T)
         idx = (self.image_start[:, None] + torch.arange(self.n_image, device=scores.device))[:, None].expand(-1, T, -1)
         return torch.ones(B, T, S, device=scores.device).scatter(2, idx, weight)
-
-    def never_grow(self, scores, keeps):
-        """Inference's rule on the answer rows (Pruner.decide): each step keeps, of the image tokens the step before
-        kept, the best-ranked by its own scores, at most as many. Returns the (B, T, N) weight and (B, T) kept counts;
-        the gradient reaches each row's choice, as the paper's."""
-        B, T, N = scores.shape
-        kept = torch.ones(B, N, dtype=torch.bool, device=scores.device)  # the hard kept set of the step before
-        weights, counts = [], []
-        for t in range(T):
-            limit = torch.minimum(keeps[None], kept.sum(1, keepdim=True))  # (B, C): counts never grow
-            masks = rank_of(scores[:, t].masked_fill(~kept, float("-inf")))[:, None] < limit[..., None]  # (B, C, N)
-            weights.append((self.onehot[:, t, :, None] * masks).sum(1))  # (B, N)
-            counts.append((self.onehot[:, t] * limit.to(self.onehot.dtype)).sum(-1))  # (B,)
-            answering = (t >= self.prompt_len - 1)[:, None]  # the prompt rows before step 0 constrain nothing
-            kept = torch.where(answering, weights[-1].detach() > 0.5, kept)
-        return torch.stack(weights, 1), torch.stack(counts, 1)
 
     def __call__(self, probs, x, positions, n_valid, caches):
         """Called before layer k with probs (B, H, T, S), layer k-1's attention of every row; drops nothing, returns

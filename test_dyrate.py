@@ -199,31 +199,6 @@ def test_straight_through_gradient_reaches_predictor(ours):
         assert torch.isfinite(predictor.linear.weight.grad).all() and predictor.linear.weight.grad.abs().sum() > 0
 
 
-def test_monotone_training_keeps_what_inference_keeps():
-    """train.py --monotone: for the same rates and scores, each answer row of TrainMask.never_grow keeps the image
-    tokens the Pruner keeps at that step (counts never grow, each step a subset of the one before), and the gradient
-    still reaches every row's choice (the paper's TrainMask chooses each row afresh: its counts would be 48, 48, 32,
-    64, 16, 48)."""
-    rates, chosen = [0.0, 0.25, 0.5, 0.75], [1, 1, 2, 0, 3, 1]  # row 0 a prompt row, row 1 step 0, then the answer
-    T, L = len(chosen), 2
-    scores = torch.rand(1, T, N_IMAGE, generator=torch.Generator().manual_seed(0))
-    keeps = dyrate.keep_count(torch.tensor(rates), N_IMAGE)
-    onehot = F.one_hot(torch.tensor([chosen]), len(rates)).float().requires_grad_()
-    mask = dyrate.TrainMask(dyrate.RatePredictor(4, rates, K), N_IMAGE, torch.tensor([0]), torch.tensor([L]),
-                            monotone=True)
-    mask.onehot = onehot
-    weight, counts = mask.never_grow(scores, keeps)
-    pruner = dyrate.Pruner(dyrate.Schedule(tuple(rates[c] for c in chosen[L - 1:])), N_IMAGE, torch.tensor([0]),
-                           torch.tensor([L]), K)
-    for t in range(L - 1, T):  # row t is step t - (L - 1)
-        rate, keep, kept = pruner.decide(None, scores[:, t])
-        pruner.kept_mask, pruner.step = kept, pruner.step + 1
-        assert torch.equal(weight[:, t] > 0.5, kept) and counts[0, t] == keep[0] == kept.sum()
-    assert counts[0].tolist() == [48, 48, 32, 32, 16, 16]  # after the rate 0.75, 0.25 asks for 48 and keeps 16
-    (weight.sum() + counts.sum()).backward()
-    assert (onehot.grad[0, L - 1:].abs().sum(-1) > 0).all()
-
-
 def test_step_feature_is_the_same_step_in_training_and_at_inference(ours, tmp_path):
     """--step-feature: the predictor sees the answer step (0: the prefill). A predictor that reads only the step
     (rate index = min(step, 4), the shares' weights zero) decides the same rate at each step in train.py's TrainMask

@@ -226,7 +226,7 @@ def prefix(model, predictor, samples, pixels, noise, args, tau):
     ids, lengths, starts, n_answer = batch_tensors(samples, cfg.pad_token_id, args.device)
     B, T = ids.shape
     positions = torch.arange(T, device=ids.device).expand(B, T)
-    mask = dyrate.TrainMask(predictor, cfg.n_image_tokens, starts, lengths, tau, noise[:, :T], args.monotone)
+    mask = dyrate.TrainMask(predictor, cfg.n_image_tokens, starts, lengths, tau, noise[:, :T])
     x, probs = lm.run(0, mask.k, model.embed(ids, pixels), positions, None, probe_rows=mask.probe_rows(lengths, T))
     shares, scores = mask.statistics(probs)  # (B, T, H, 4), (B, T, N)
     mask.decide(shares, scores, T)
@@ -384,7 +384,7 @@ def save_checkpoint(state, predictor, args, cfg, rank):
         meta = state[1]
         predictor.save(args.out, dyrate.fingerprint(cfg), dict(
             trained_iters=meta["iter"], budget=args.budget, target=args.target, held_out=meta["held_out"],
-            conv=args.conv, pad=args.pad, monotone=args.monotone))
+            conv=args.conv, pad=args.pad))
         write_state(args.out + ".state", state)
 
 
@@ -533,8 +533,6 @@ def parse_args(argv=None):
     g.add_argument("--rates", type=lambda text: cli.parse_rates(text) and text, default="0:1:9",
                    help="candidate drop rates: 'start:stop:count' or a comma list")
     g.add_argument("--step-feature", action="store_true", help="an extension: the predictor also sees the answer step")
-    g.add_argument("--monotone", action="store_true", help="an extension: train under inference's rule that kept image "
-                   "tokens never come back (each answer step keeps a subset of the step before), not a choice afresh")
     g.add_argument("--budget", choices=dyrate.BUDGETS, default="flops", help="FLOPs, mean KV cache or no-cache FLOPs")
     g.add_argument("--target", type=cli.number(float, 0, strict=True, high=1, hint=" (a fraction of none's cost)"),
                    default=0.5, help="the budget as a fraction of none's cost")

@@ -3,7 +3,7 @@ The honest yardstick: every KV-budget predictor against FastV, the mass rule and
 cache, on held-out scenes drawn from seeds that no training run, model choice or predictor choice ever used, the mean
 and spread over the seeds.
 
-    python -m shapes.yardstick --out runs/yardstick     # 3 seeds x 100 scenes, ~1 h on 2 CPU cores, resumable
+    python -m shapes.yardstick --out runs/yardstick     # 3 seeds x 100 scenes, ~55 min on 2 CPU cores, resumable
 
 Why fresh seeds: the shipped test split (shapes.data --seed 0, data/shapes/test.jsonl) is the one the predictors'
 targets, the rate grid and the shipped checkpoints were chosen on, by looking at its tables; the shapes model itself

@@ -12,9 +12,11 @@ as `python -m shapes.data --seed s` draws its test split (random.Random(10 s + 2
 else in the project uses. Per seed: the sweep's points for none, FastV over R, the ramp over its start and the mass rule
 over eps (shapes.sweep), on detailed descriptions and captions, and each predictor's one point; a predictor is then set
 against each curve at its own mean KV (linear between the curve's two nearest points), seed by seed. Writes
-OUT/seed-S/ (the scenes and the sweep's sweep.json), OUT/yardstick.json and OUT/table.md.
+OUT/seed-S/ (the scenes and the sweep's sweep.json), OUT/yardstick.json, OUT/table.md and the curves averaged over
+the seeds, OUT/TASK-COST.png.
 """
 import argparse
+import json
 import os
 import statistics
 
@@ -61,6 +63,19 @@ def compare(results, name):
     return rows
 
 
+def pooled(runs):
+    """The points measured on every seed (runs: each seed's sweep points), their accuracy and cost ratios averaged over
+    the seeds: the curves drawn."""
+    by_point = {}
+    for results in runs:
+        for r in results:
+            by_point.setdefault((r["task"], r["method"], json.dumps(r["param"])), []).append(r)
+    return [dict(task=rs[0]["task"], method=rs[0]["method"], param=rs[0]["param"],
+                 **{key: statistics.mean(r[key] for r in rs) for key in ("accuracy", "flops_ratio", "kv_ratio",
+                                                                          "nocache_ratio")})
+            for rs in by_point.values() if len(rs) == len(runs)]
+
+
 def mean_sd(values):
     values = [v for v in values if v is not None]
     if not values:
@@ -105,11 +120,12 @@ def main(argv=None):
     if any(p.meta.get("budget") != "kv" for p in predictors.values()):
         raise SystemExit("error: --predictors: the yardstick compares at the mean KV cache; give KV-budget predictors")
     os.makedirs(args.out, exist_ok=True)
-    per_seed = {}
+    per_seed, runs = {}, []
     for seed in SEEDS:
-        results = measure_seed(llava, tok, predictors, seed_scenes(args.out, seed, N_SCENES),
-                               lambda msg, seed=seed: print(f"seed {seed}: {msg}", flush=True))
-        per_seed[seed] = {name: compare(results, name) for name in predictors}
+        runs.append(measure_seed(llava, tok, predictors, seed_scenes(args.out, seed, N_SCENES),
+                                 lambda msg, seed=seed: print(f"seed {seed}: {msg}", flush=True)))
+        per_seed[seed] = {name: compare(runs[-1], name) for name in predictors}
+    sweep.plots([r for r in pooled(runs) if "learned" not in r["method"] or r["param"] in predictors], args.out)
     summary = summarise(per_seed)
     processing.write_json(os.path.join(args.out, "yardstick.json"), dict(seeds=SEEDS, scenes=N_SCENES,
                                                                          per_seed=per_seed, summary=summary))

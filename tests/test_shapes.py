@@ -398,3 +398,8 @@ def test_yardstick_sets_each_predictor_against_every_curve_seed_by_seed():
     rows = [line for line in yardstick.table(yardstick.summarise(per_seed), (1, 2)).splitlines() if "| p |" in line]
     assert rows[0] == ("| detail | p | 0.400 ± 0.000 | **0.650** ± 0.071 | 0.600 ± 0.000 | 0.725 ± 0.035 | - | "
                        "0.900 ± 0.000 | not met (-0.075) |")
+    runs = [[dict(task="detail", method="fastv", param=0.5, accuracy=a, flops_ratio=c, kv_ratio=c, nocache_ratio=c)]
+            for a, c in ((0.6, 0.4), (0.8, 0.5))]
+    runs[1].append(dict(runs[1][0], param=0.75))  # measured on one seed only: not drawn
+    assert yardstick.pooled(runs) == [dict(task="detail", method="fastv", param=0.5, accuracy=pytest.approx(0.7),
+                                           flops_ratio=0.45, kv_ratio=0.45, nocache_ratio=0.45)]

@@ -375,7 +375,7 @@ class Workload:
     def __init__(self, args, hf, ours, compiled, predictor, dev):
         self.args, self.hf, self.ours, self.compiled, self.dev = args, hf, ours, compiled, dev
         self.cfg, self.predictor, N = ours.config, predictor, ours.config.n_image_tokens
-        self.matched = {}  # vtw:k=match -> its rule (match_vtw)
+        self.matched = {}  # vtw:k=match -> the rule it stands for, vtw:k=K (match_vtw)
         torch.manual_seed(1)
         text = torch.randint(3, self.cfg.image_token_index, (args.prompt_tokens,), device="cpu").tolist()
         self.prompt = [self.cfg.bos_token_id] + text[:5] + [self.cfg.image_token_index] * N + text[5:]  # image at 6
@@ -385,8 +385,7 @@ class Workload:
         start, length = torch.full((B,), 6, device=self.dev), torch.full((B,), T, device=self.dev)
         if method == "none":
             return None
-        rule = self.matched.get(method) or method_rule(method, self.predictor, self.args, self.cfg)[0]
-        k = dyrate.pruning_layer(self.cfg.text.num_hidden_layers, self.args.k, rule)
+        rule, k = method_rule(self.matched.get(method, method), self.predictor, self.args, self.cfg)
         return LabelledPruner(rule, N, start, length, k, stats=isinstance(rule, dyrate.Learned))
 
     def match_vtw(self, methods, log):
@@ -396,12 +395,10 @@ class Workload:
         for before, m in zip(methods, methods[1:]):
             base = variant(m)[0]
             if costs.MATCH in base and base not in self.matched:
-                hook = self.run(before, 1)["hook"]
-                r = hook.summary(0, n)
-                ratio = costs.costs(self.cfg, T, r["kept_visual"], r["k"], r["probes"], r["predictor_flops"])
-                self.matched[base] = dyrate.VTW(k=costs.matched_layer(self.cfg, [(T, n)], ratio["flops_ratio"]))
-                log(f"{base}: K={self.matched[base].k}, the layer whose FLOPs ratio is closest to {before}'s "
-                    f"{ratio['flops_ratio']:.3f}")
+                ratio = costs.row_costs(self.cfg, dict(self.run(before, 1)["hook"].summary(0, n), prompt_tokens=T))
+                k = costs.matched_layer(self.cfg, [(T, n)], ratio["flops_ratio"])
+                self.matched[base] = f"vtw:k={k}"
+                log(f"{base}: K={k}, the layer whose FLOPs ratio is closest to {before}'s {ratio['flops_ratio']:.3f}")
 
     def inputs(self, B):
         """The prompt ids (B, T) and pixel values (B, 3, S, S) of B identical rows."""

@@ -143,14 +143,6 @@ def weights_bytes(llava):
     return sum(t.numel() * t.element_size() for t in llava.state_dict().values())
 
 
-def allocated(dev):
-    """Bytes held now: CUDA's allocated, the CPU's resident set."""
-    if dev.type == "cuda":
-        return torch.cuda.memory_allocated(dev)
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-
-
 def checkpoint(args, sizes):
     """The random checkpoint of the geometry in the hub layout (float16, sharded), written once into --work."""
     from tools import bench_train  # NOTE: imported where used: it registers a FLOP formula test_dyrate.py registers too
@@ -238,7 +230,7 @@ def run_loading(args, sizes, dev, record):
     """The checkpoint loaded in float16; the peak bytes held while loading, against the weights'."""
     folder = checkpoint(args, sizes)
     memory.reset_peak(dev)
-    before = allocated(dev)
+    before = memory.now(dev)
     t0 = time.perf_counter()
     llava = cli.load_model(folder, dev, torch.float16)
     spare = [t.clone() for t in llava.state_dict().values()] if planted(args, "load-peak") else None  # a 2nd copy

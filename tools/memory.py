@@ -50,13 +50,25 @@ def reset_peak(device):
     reset_resident_peak()
 
 
+def resident(field):
+    """A line of /proc/self/status in bytes: VmHWM (the peak resident set), VmRSS (the resident set now)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
 def peak(device):
     """Bytes at the peak since reset_peak: CUDA allocated (weights included); CPU resident (VmHWM)."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device)
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    return resident("VmHWM")
+
+
+def now(device):
+    """Bytes held now: CUDA allocated; CPU resident (VmRSS)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    return resident("VmRSS")
 
 
 class LiveTensors(TorchDispatchMode):

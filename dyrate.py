@@ -140,6 +140,16 @@ def fingerprint(cfg):
 # inference: rate, rank, drop
 
 
+def scores_by_position(probs, key_positions, image_start, n_image):
+    """(B, H, 1, S) attention over keys holding the tokens at key_positions (B, S) -> (B, n_image): what each image
+    token receives, averaged over heads, 0 for those no key holds (a deeper stage's layers hold only the kept ones)."""
+    rel = key_positions - image_start[:, None]  # (B, S): index among the image tokens, if one
+    is_image = (rel >= 0) & (rel < n_image)
+    mean = probs.mean(1)[:, 0] * is_image  # (B, S)
+    return torch.zeros(len(rel), n_image, device=rel.device, dtype=mean.dtype).scatter_add(
+        1, rel.clamp(0, n_image - 1), mean)
+
+
 def rank_of(scores):
     """(..., N) -> (..., N) long: each token's place when sorted by descending score (0 = most attended; ties keep
     their order)."""
@@ -178,12 +188,22 @@ def drop_tokens(x, positions, n_valid, drop_mask, image_start, n_image):
 
 @dataclass
 class Rule:
-    """none: keeps every image token (the statistics are still computed for reporting)."""
-    k: int | None = field(default=None, kw_only=True)  # its own pruning layer K, as 'vtw:k=15' (pruning_layer)
+    """none: keeps every image token (the statistics are still computed for reporting).
+    Every rule also takes k (its own pruning layer K, as 'vtw:k=15': pruning_layer) and stages: with stages=S > 1 it
+    drops again before layers 2K, 3K, .. SK, stage s keeping lam**s of the image tokens stage 0 (at K) keeps, the
+    best-ranked by the attention at the layer before (PyramidDrop's form), at every step the rule ranks."""
+    k: int | None = field(default=None, kw_only=True)
+    stages: int = field(default=1, kw_only=True)
+    lam: float = field(default=0.5, kw_only=True)
 
     def default_k(self, n_layers):
         """K when neither the rule nor its caller sets one."""
         return min(DEFAULT_K, max(1, n_layers - 1))
+
+    def layers(self, k, n_layers):
+        """[(layer, fraction)]: the layers before which image tokens go, K first, each with the fraction of stage 0's
+        kept count that it keeps."""
+        return [(k * (s + 1), self.lam ** s) for s in range(self.stages)]
 
     def ranks(self, step):
         """Does this step read layer K-1's attention to rank the image tokens?"""
@@ -202,6 +222,9 @@ class Rule:
         """A ValueError naming the parameter a user set wrong."""
 
     def __post_init__(self):
+        if isinstance(self.stages, bool) or not isinstance(self.stages, int) or self.stages < 1:
+            raise ValueError(f"stages must be a whole number >= 1, got {self.stages!r}.")
+        fraction("lam (the kept fraction per stage)", self.lam)
         self.check()
 
 
@@ -247,6 +270,31 @@ class VTW(Rule):
 
     def rate(self, step, shares, scores, kept_mask):
         return 1.0
+
+
+@dataclass
+class Pyramid(Rule):
+    """PyramidDrop: at the prefill, stages at layers K, 2K, 3K (8, 16, 24 of LLaVA-1.5-7B's 32), each keeping lam of
+    the image tokens before it, ranked by the last prompt token's attention at the layer before."""
+    stages: int = field(default=3, kw_only=True)
+
+    def default_k(self, n_layers):
+        return max(1, round(8 * n_layers / 32))
+
+    def ranks(self, step):
+        return step == 0
+
+    def rate(self, step, shares, scores, kept_mask):
+        return 1 - self.lam
+
+
+@dataclass
+class Depth(FastV):
+    """Depth-based pruning (the seed paper's ablation IV-D1): FastV's ratio at K, then at every deeper layer l the
+    kept image tokens fall linearly with depth, keeping (L - l) / (L - K) of K's (docs/costs.md)."""
+
+    def layers(self, k, n_layers):
+        return [(layer, (n_layers - layer) / (n_layers - k)) for layer in range(k, n_layers)]
 
 
 @dataclass
@@ -326,7 +374,7 @@ class Mass(Rule):
 
 
 RULES = {"none": Rule, "fastv": FastV, "vtw": VTW, "schedule": Schedule, "ramp": Ramp, "dyrate": Learned, "mass": Mass,
-         "random": Random}
+         "random": Random, "pdrop": Pyramid, "depth": Depth}
 
 
 def parse_rule(spec, cfg=None, device="cpu"):
@@ -343,7 +391,8 @@ def parse_rule(spec, cfg=None, device="cpu"):
     for param in params:
         key, _, value = param.partition("=")
         if key not in types or not value:
-            takes = ", ".join(f"{k}=..." for k in sorted(types, key=lambda k: k == "k"))  # its own first, then k
+            common = ("k", "stages", "lam")  # every rule's, after its own
+            takes = ", ".join(f"{k}=..." for k in sorted(types, key=lambda k: k in common and common.index(k) + 1))
             raise ValueError(f"{spec!r}: {name} takes {takes}, not {param!r}.")
         try:
             args[key] = (RatePredictor.load(value, cfg, device) if key == "predictor" else
@@ -364,7 +413,9 @@ def rule_spec(rule, k):
     def text(value):
         return (getattr(value, "path", "<in memory>") if isinstance(value, RatePredictor) else
                 "/".join(map(str, value)) if isinstance(value, tuple) else str(value))
-    params = [f"{f.name}={text(getattr(rule, f.name))}" for f in fields(rule) if f.name != "k"]
+    single = rule.stages == 1  # lam says nothing then
+    params = [f"{f.name}={text(getattr(rule, f.name))}" for f in fields(rule)
+              if f.name != "k" and not (single and f.name in ("stages", "lam"))]
     return ":".join([rule_name(rule), *params] + ([f"k={k}"] if type(rule) is not Rule else []))
 
 
@@ -388,6 +439,10 @@ def pruning_layer(n_layers, k=None, rule=None):
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= top:
         raise ValueError(f"K must lie in [1, {top}] for this {n_layers}-layer model: layer K-1 ranks the image tokens "
                          f"and layers K.. see the kept ones; got {k!r}.")
+    last = rule.layers(k, n_layers)[-1][0]
+    if last > top:
+        raise ValueError(f"{rule.stages} stages from K={k} reach layer {last}, past this {n_layers}-layer model's "
+                         f"last ({top}): lower stages= or k=.")
     return k
 
 
@@ -399,6 +454,7 @@ class StepRecord:
     rate: torch.Tensor  # (B,) the drop rate chosen
     shares: torch.Tensor | None  # (B, H, 4) type shares of the current query at layer k-1, None if not computed
     ranked: bool  # the method itself read layer k-1 this step (statistics computed only for reporting do not count)
+    deeper: list = field(default_factory=list)  # (B, N) bool: the image tokens each stage after the first keeps
 
 
 class Pruner:
@@ -414,19 +470,32 @@ class Pruner:
         self.kept_mask = torch.ones(len(image_start), n_image, dtype=torch.bool, device=image_start.device)  # (B, N)
         self.step = 0  # the next step: 0 = the prefill
         self.history: list[StepRecord] = []
+        self.plan = None  # [(layer, fraction of stage 0's kept count)] of the rule's stages, K first (stages())
+        self.deeper_masks = []  # (B, N) each: what each stage after the first keeps
 
-    def probe_rows(self, n_valid, T):
-        """The query rows whose layer K-1 attention this step needs: each row's last real token, or none."""
-        return (n_valid - 1)[:, None] if self.stats or self.rule.ranks(self.step) else None
+    def stages(self, n_layers):
+        """The layers before which this pruner acts (model.py): K, and any deeper stage's of the rule."""
+        if self.plan is None:
+            self.plan = self.rule.layers(self.k, n_layers)
+            self.deeper_masks = [self.kept_mask.clone() for _ in self.plan[1:]]
+        return [layer for layer, _ in self.plan]
 
-    def __call__(self, probs, x, positions, n_valid, caches):
+    def probe_rows(self, n_valid, T, stage=0):
+        """The query rows whose attention at the layer before the stage this step needs: each row's last real token,
+        or none."""
+        ranks = self.rule.ranks(self.step - (stage > 0))  # a deeper stage comes after stage 0 counted the step
+        return (n_valid - 1)[:, None] if ranks or (self.stats and stage == 0) else None
+
+    def __call__(self, probs, x, positions, n_valid, caches, stage=0):
         """Called before layer k. probs (B, H, 1, S): layer k-1's attention of each row's current query (None when
         this step needs no ranking); x (B, T, C), positions (B, T), n_valid (B,): what enters layer k; caches: every
         layer's KVCache. Chooses the rate, then drops the lowest-ranked of the still kept image tokens: at the
         prefill from x itself (layers >= k never compute them), at a decode step from the caches of every layer >= k
         (physically, at once: KVCache.drop). Kept counts never grow.
         A decode step reads nothing back to the host. Returns x, positions, n_valid and key mask (None) for layers
-        >= k."""
+        >= k. A deeper stage (stage >= 1): deeper()."""
+        if stage:
+            return self.deeper(stage, probs, x, positions, n_valid, caches)
         prefill, ranks = self.step == 0, self.rule.ranks(self.step)
         shares = scores = None
         if probs is not None:
@@ -457,12 +526,36 @@ class Pruner:
         ranking = self.rule.ranking(self.step, scores)
         return rate, keep, rank_of(ranking.masked_fill(~self.kept_mask, float("-inf"))) < keep[:, None]
 
-    def drop_from_caches(self, drop, caches):
-        """A decode step's drops (B, N) leave the caches of every layer >= k, which hold the same slots."""
-        ref = caches[self.k]
-        _, gone = real_and_dropped(ref.pos, ref.length, drop, self.image_start, self.n_image)  # (B, S)
-        for cache in caches[self.k:]:
-            cache.drop(gone)
+    def deeper(self, stage, probs, x, positions, n_valid, caches):
+        """Stage s >= 1, before its layer: of the image tokens stage s-1 keeps after this step and stage s kept before,
+        keep the best-ranked (by the rule's ranking of this layer's scores) plan[s]'s fraction of stage 0's kept
+        count, and drop the rest from layers >= its layer, as stage 0 does from layers >= K."""
+        layer, share = self.plan[stage]
+        record, before = self.history[-1], self.deeper_masks[stage - 1]
+        candidates = (self.kept_mask if stage == 1 else self.deeper_masks[stage - 2]) & before  # (B, N)
+        kept = candidates
+        if probs is not None:  # keys: the tokens entering this stage at the prefill, else the layer's cache slots
+            keys = positions if self.step == 1 else caches[layer - 1].pos[:, :probs.shape[-1]]  # (B, S)
+            scores = self.rule.ranking(self.step - 1, scores_by_position(probs, keys, self.image_start, self.n_image))
+            keep = torch.minimum(candidates.sum(1), (share * record.kept_count + 0.5).floor().long())  # (B,)
+            kept = rank_of(scores.masked_fill(~candidates, float("-inf"))) < keep[:, None]
+        drop = before & ~kept
+        self.deeper_masks[stage - 1] = kept
+        record.deeper.append(kept.clone())  # the history's own copy (beam search reorders both)
+        if self.step == 1 and bool(drop.any()):
+            x, positions, n_valid = drop_tokens(x, positions, n_valid, drop, self.image_start, self.n_image)
+        elif self.step > 1 and probs is not None:
+            self.drop_from_caches(drop, caches, stage)
+        return x, positions, n_valid, None
+
+    def drop_from_caches(self, drop, caches, stage=0):
+        """A decode step's drops (B, N) leave the caches of every layer from the stage's on; the layers of each stage
+        (up to the next one's) hold the same slots."""
+        bounds = [layer for layer, _ in self.plan] + [len(caches)]
+        for lo, hi in zip(bounds[stage:], bounds[stage + 1:]):
+            _, gone = real_and_dropped(caches[lo].pos, caches[lo].length, drop, self.image_start, self.n_image)
+            for cache in caches[lo:hi]:  # (B, S)
+                cache.drop(gone)
 
     def summary(self, b, n_steps, history=None):
         """Row b's first n_steps steps (of `history`, else this pruner's) as plain lists: what tools/costs.py counts
@@ -474,7 +567,9 @@ class Pruner:
                     rates=[round(float(h.rate[b]), 6) for h in steps],
                     type_shares=[None if h.shares is None else [round(v, 6) for v in h.shares[b].mean(0).tolist()]
                                  for h in steps],
-                    k=self.k, predictor_flops=self.rule.predictor.flops() if learned else 0)
+                    k=self.k, predictor_flops=self.rule.predictor.flops() if learned else 0,
+                    stages=[layer for layer, _ in self.plan or [(self.k, 1.0)]],
+                    kept_stages=[[int(h.kept_count[b])] + [int(m[b].sum()) for m in h.deeper] for h in steps])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -529,7 +624,10 @@ class TrainMask:
         self.onehot = None  # (B, T, C) its straight-through choice
         self.kept_count = None  # (B, T) float: each query row's kept count, differentiable (the cost terms use it)
 
-    def probe_rows(self, n_valid, T):
+    def stages(self, n_layers):
+        return [self.k]
+
+    def probe_rows(self, n_valid, T, stage=0):
         """Every query row of the sequence."""
         return torch.arange(T, device=n_valid.device).expand(len(n_valid), T)
 
@@ -556,7 +654,7 @@ class TrainMask:
         idx = (self.image_start[:, None] + torch.arange(self.n_image, device=scores.device))[:, None].expand(-1, T, -1)
         return torch.ones(B, T, S, device=scores.device).scatter(2, idx, weight)
 
-    def __call__(self, probs, x, positions, n_valid, caches):
+    def __call__(self, probs, x, positions, n_valid, caches, stage=0):
         """Called before layer k with probs (B, H, T, S), layer k-1's attention of every row; drops nothing, returns
         the (B, T, S) key weight for layers >= k."""
         return x, positions, n_valid, self.decide(*self.statistics(probs), probs.shape[-1])
@@ -573,9 +671,20 @@ def layer_flops(t, T, S):
     return proj + 2 * 3 * T * t.hidden_size * t.intermediate_size + 2 * 2 * t.num_attention_heads * T * S * t.head_dim
 
 
+def segments(cfg, k, kept):
+    """[(layers, image tokens they hold)] from layer 0 up: layers < K every image token, then each stage's layers (to
+    the next stage's) its kept count. k: K, or the stages' layers (Pruner.summary's `stages`); kept: a count, or one
+    per stage (or one for every stage)."""
+    ks = list(k) if isinstance(k, (list, tuple)) else [k]
+    counts = list(kept) if isinstance(kept, (list, tuple)) else [kept] * len(ks)
+    ends = ks[1:] + [cfg.text.num_hidden_layers]
+    return [(ks[0], cfg.n_image_tokens)] + [(end - start, c) for start, end, c in zip(ks, ends, counts)]
+
+
 def generation_flops(cfg, prompt_len, kept, k=DEFAULT_K, probes=0, predictor_flops=0, cache=True):
     """Matmul FLOPs of generating len(kept) tokens for one row: kept[t] image tokens remain in layers >= k at step t
-    (kept[0] at prefill). `probes` steps computed the layer k-1 statistics and ran the predictor. cache=False: every
+    (kept[0] at prefill; with several stages, k their layers and kept[t] a count per stage: segments). `probes` steps
+    computed the layer k-1 statistics and ran the predictor (and ranked at each deeper stage). cache=False: every
     step recomputes the whole kept sequence so far (FastV's original code); the image features are computed once."""
     t, v, N = cfg.text, cfg.vision, cfg.n_image_tokens
     Tv = (v.image_size // v.patch_size) ** 2 + 1  # CLIP runs on the patches + CLS
@@ -583,30 +692,31 @@ def generation_flops(cfg, prompt_len, kept, k=DEFAULT_K, probes=0, predictor_flo
                          * (2 * 4 * Tv * v.hidden_size ** 2 + 2 * 2 * Tv * v.hidden_size * v.intermediate_size
                             + 2 * 2 * Tv * Tv * v.hidden_size))
     projector = 2 * N * (v.hidden_size * t.hidden_size + t.hidden_size ** 2)
-    lm_head, late = 2 * t.hidden_size * t.vocab_size, t.num_hidden_layers - k
-    steps = []
+    lm_head, steps = 2 * t.hidden_size * t.vocab_size, []
     for step in range(len(kept)):
-        full, short = prompt_len + step, prompt_len - (N - kept[step]) + step  # tokens in layers < k and >= k
         if cache and step > 0:  # one new token attending to the cached keys
             # NOTE: a decode step's own drops are counted from the next step on (tools/fast.py compacts them then)
-            seen = prompt_len - (N - kept[step - 1]) + step
-            steps.append(k * layer_flops(t, 1, full) + late * layer_flops(t, 1, seen) + lm_head)
+            steps.append(sum(n * layer_flops(t, 1, prompt_len - (N - c) + step)
+                             for n, c in segments(cfg, k, kept[step - 1])) + lm_head)
         else:  # the whole (kept) sequence so far
-            steps.append(k * layer_flops(t, full, full) + late * layer_flops(t, short, short) + lm_head)
+            steps.append(sum(n * layer_flops(t, T, T) for n, c in segments(cfg, k, kept[step])
+                             for T in [prompt_len - (N - c) + step]) + lm_head)
     keys_at_probe = sum(prompt_len + s for s in range(probes))  # layer k-1 holds every token
-    # the prefill's probe scores (beside SDPA's pass; a decode step's probe is its attention), type shares, predictor
-    overhead = (2 * t.num_attention_heads * t.head_dim * prompt_len if probes else 0) \
+    # the prefill's probe scores at each stage (beside SDPA's pass; a decode step's probe is its attention), over the
+    # tokens the layer before holds; type shares; predictor
+    probed = [prompt_len - (N - c) for _, c in segments(cfg, k, kept[0])[:-1]] if probes else []
+    overhead = sum(2 * t.num_attention_heads * t.head_dim * n for n in probed) \
         + 2 * t.num_attention_heads * 4 * keys_at_probe + probes * predictor_flops
     return vision + projector + sum(steps) + overhead
 
 
 def kv_cache_bytes(cfg, prompt_len, n_new, kept, k, dtype):
     """Bytes of keys and values one row holds after generating n_new tokens (the last is never fed back) with `kept`
-    image tokens left in layers >= k."""
+    image tokens left in layers >= k (or per stage: segments)."""
     t = cfg.text
     n = prompt_len + n_new - 1
     per_token = 2 * t.num_key_value_heads * t.head_dim * torch.finfo(dtype).bits // 8
-    return per_token * (k * n + (t.num_hidden_layers - k) * (n - (cfg.n_image_tokens - kept)))
+    return per_token * sum(layers * (n - (cfg.n_image_tokens - c)) for layers, c in segments(cfg, k, kept))
 
 
 def budget_cost(cfg, prompt_len, kept, k, budget, probes=0, predictor_flops=0, dtype=torch.float16):

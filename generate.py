@@ -284,7 +284,7 @@ def summary_line(out, cfg):
     r = out.rows[0]
     n_new = len(r["token_ids"])
     speed = f"{1e3 / out.decode_ms_per_token:.1f} tok/s" if n_new > 1 else "n/a (one new token)"
-    flops, kv = (dyrate.budget_cost(cfg, r["prompt_tokens"], r["kept_visual"], r["k"], budget, r["probes"],
+    flops, kv = (dyrate.budget_cost(cfg, r["prompt_tokens"], r["kept_stages"], r["stages"], budget, r["probes"],
                                     r["predictor_flops"]) for budget in ("flops", "kv"))
     return (f"prompt tokens {r['prompt_tokens']} | new tokens {n_new} | prefill {out.prefill_ms:.1f} ms | decode "
             f"{speed} | peak memory {out.peak_memory_bytes / 2**30:.2f} GiB | {r['rule']}: image tokens kept "

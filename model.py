@@ -375,16 +375,18 @@ class LlamaModel(nn.Module):
     def forward(self, x, positions=None, n_valid=None, caches=None, pruner=None):
         """x (B, T, C); positions (B, T): each token's index in its row's whole sequence (arange by default, never a
         cache length); n_valid (B,): real tokens per row, then padding. The one hook, `pruner` (dyrate.Pruner or
-        TrainMask), sees layer k-1's attention of its probe_rows(), then may drop image tokens or mask them as keys.
+        TrainMask), acts before each of its stages' layers (one, K, for most rules): it sees the layer before's
+        attention of its probe_rows(), then may drop image tokens or mask them as keys for the layers from there on.
         Returns the normed hidden states and the real tokens per row."""
         B, T, _ = x.shape
         positions = torch.arange(T, device=x.device).expand(B, T) if positions is None else positions
         n_valid = torch.full((B,), T, device=x.device) if n_valid is None else n_valid
-        if pruner is None:
-            return self.norm(self.run(0, len(self.layers), x, positions, n_valid, caches)[0]), n_valid
-        x, probs = self.run(0, pruner.k, x, positions, n_valid, caches, pruner.probe_rows(n_valid, T))
-        x, positions, n_valid, key_weight = pruner(probs, x, positions, n_valid, caches)
-        x, _ = self.run(pruner.k, len(self.layers), x, positions, n_valid, caches, key_weight=key_weight)
+        lo, key_weight = 0, None
+        for stage, k in enumerate(pruner.stages(len(self.layers)) if pruner is not None else ()):
+            x, probs = self.run(lo, k, x, positions, n_valid, caches, pruner.probe_rows(n_valid, T, stage), key_weight)
+            x, positions, n_valid, key_weight = pruner(probs, x, positions, n_valid, caches, stage)
+            lo = k
+        x, _ = self.run(lo, len(self.layers), x, positions, n_valid, caches, key_weight=key_weight)
         return self.norm(x), n_valid
 
 

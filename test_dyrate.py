@@ -63,16 +63,20 @@ def run_steps(llava, ids, lengths, px, pruner, steps):
 
 
 class KeyMask:
-    """A pruner hook that only hands layers >= k a fixed key weight: the mask reference."""
+    """A pruner hook that only hands layers >= k a fixed key weight: the mask reference. With several stages (layers),
+    one weight per stage, for the layers from its layer on."""
 
-    def __init__(self, weight, k=K):
-        self.weight, self.k = weight, k
+    def __init__(self, weight, k=K, layers=None):
+        self.weights, self.layers = weight if layers else [weight], layers or [k]
 
-    def probe_rows(self, n_valid, T):
+    def stages(self, n_layers):
+        return self.layers
+
+    def probe_rows(self, n_valid, T, stage=0):
         return None
 
-    def __call__(self, probs, x, positions, n_valid, caches):
-        return x, positions, n_valid, self.weight
+    def __call__(self, probs, x, positions, n_valid, caches, stage=0):
+        return x, positions, n_valid, self.weights[stage]
 
 
 @pytest.mark.parametrize("method,kw", [(dyrate.FastV(0.5), {}), ("vtw", {}),
@@ -268,7 +272,7 @@ def test_predictor_file_round_trip_and_errors(ours, tmp_path):
         generate.generate(llava, tok, [image], ["Hi"], max_new_tokens=2, rule="fastv", k=0)
     with pytest.raises(ValueError, match="Unknown rule 'nonsense'"):
         generate.generate(llava, tok, [image], ["Hi"], max_new_tokens=2, rule="nonsense")
-    with pytest.raises(ValueError, match="fastv takes ratio=..., k=..., not 'mass=0.1'"):
+    with pytest.raises(ValueError, match="fastv takes ratio=..., k=..., stages=..., lam=..., not 'mass=0.1'"):
         generate.generate(llava, tok, [image], ["Hi"], max_new_tokens=2, rule="fastv:mass=0.1")
     with pytest.raises(ValueError, match=r"drop ratio must lie in \[0, 1\], got 1.5"):
         generate.generate(llava, tok, [image], ["Hi"], max_new_tokens=2, rule="fastv:ratio=1.5")
@@ -432,3 +436,142 @@ def test_each_rule_has_its_own_layer_and_names_its_settings():
         dyrate.pruning_layer(32, None, dyrate.parse_rule("vtw:k=32"))
     with pytest.raises(ValueError, match="k=1.5.*not valid"):
         dyrate.parse_rule("vtw:k=1.5")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# rules that drop at several layers (stages): PyramidDrop, the depth-based rule, any rule with stages=S
+
+
+def stage_kept(pruner, b):
+    """Row b's kept image tokens at every step, per stage: a list over the stages of (steps, N) bool."""
+    first = ~torch.cumsum(torch.stack([h.dropped_mask[b] for h in pruner.history]), 0).bool()
+    return [first] + [torch.stack([h.deeper[s][b] for h in pruner.history]) for s in range(len(pruner.plan) - 1)]
+
+
+def hf_replay(hf, x, positions, L, s, layers, kept, steps):
+    """transformers' own decoder layers and DynamicCache, run layer by layer on our embeddings x (1, L + steps - 1, C):
+    the prompt (the image tokens a stage dropped at the prefill hidden from that stage's layers as keys, by an additive
+    mask), then one token per step, each layer's cache first emptied of the image tokens its stage no longer keeps at
+    that step. Returns the logits of every step (steps, V) and {(step, layer): (the last query's attention over the
+    keys, averaged over heads (S,), the keys' token positions (S,))} of the layers before the stages."""
+    from transformers import DynamicCache
+    lm, cache, seen = hf.model.language_model, DynamicCache(), {}
+    held = [positions[0, :L].clone() for _ in lm.layers]  # the token positions each layer's cache holds
+    stage_of = [max([i for i, k in enumerate(layers) if k <= n] or [-1]) for n in range(len(lm.layers))]
+    out = []
+    for t in range(steps):
+        lo, hi = (0, L) if t == 0 else (L + t - 1, L + t)
+        h, pos = x[:, lo:hi], positions[:, lo:hi]
+        rope = lm.rotary_emb(h, pos)
+        for n, layer in enumerate(lm.layers):
+            st = stage_of[n]
+            gone = torch.zeros(L + steps, dtype=torch.bool)
+            if st >= 0:
+                gone[s:s + N_IMAGE] = ~kept[st][t]
+            mask = None
+            if t == 0:  # causal, and the stage's dropped image tokens hidden as keys
+                allowed = torch.ones(L, L).tril().bool() & ~gone[:L][None]
+                mask = torch.zeros(1, 1, L, L).masked_fill(~allowed, float("-inf"))
+            elif len(cache.layers) > n:  # the stage's drops leave this layer's cache before the step's query
+                keep = ~gone[held[n]]
+                cache.layers[n].keys = cache.layers[n].keys[:, :, keep]
+                cache.layers[n].values = cache.layers[n].values[:, :, keep]
+                held[n] = held[n][keep]
+            if t > 0:
+                held[n] = torch.cat([held[n], pos[0]])
+            grab = layer.self_attn.register_forward_hook(  # eager attention returns its probabilities
+                lambda mod, args, output, n=n: seen.__setitem__((t, n), (output[1][0, :, -1].mean(0), held[n])))
+            h = layer(h, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                      position_embeddings=rope)
+            grab.remove()
+        out.append(hf.lm_head(lm.norm(h))[0, -1])
+    return torch.stack(out), seen
+
+
+@pytest.mark.parametrize("rule", ["pdrop", "depth:ratio=0.25", "random:k=1:stages=2:lam=0.25",
+                                  "schedule:rates=0.25/0.5/0.5/0.75/0.875/1.0:k=1:stages=3"])
+def test_stages_replayed_in_transformers_cache(rule, ours, ckpt):
+    """A rule that drops at several layers (PyramidDrop; the depth-based rule at every layer from K; a schedule's
+    decode-time drops with deeper stages): two ragged rows, each row's logits and greedy tokens are what transformers'
+    own layers and DynamicCache give when the same image tokens leave each layer's cache at the same step; each stage
+    keeps its plan's share of stage 0's count, a subset of the stage before it."""
+    llava, _ = ours
+    ids, lengths, px, starts = two_rows(ours)
+    steps = 6
+    pruner = dyrate.Pruner(rule, N_IMAGE, starts, lengths, dyrate.pruning_layer(4, None, dyrate.parse_rule(rule)))
+    logits, tokens, _ = run_steps(llava, ids, lengths, px, pruner, steps)
+    layers = [layer for layer, _ in pruner.plan]
+    assert len(layers) > 1
+    for b in range(2):
+        L, s = int(lengths[b]), int(starts[b])
+        kept = stage_kept(pruner, b)
+        for before, after in zip(kept, kept[1:]):
+            assert not (after & ~before).any()  # each stage keeps a subset of the stage before
+        for (_, share), stage in zip(pruner.plan, kept):
+            assert stage.sum(1).tolist() == [min(c, math.floor(share * k + 0.5)) for c, k in
+                                             zip(stage.sum(1).tolist(), kept[0].sum(1).tolist())]
+        seq = torch.cat([ids[b, :L], tokens[b, :-1]])[None]
+        with torch.no_grad():
+            x = llava.embed(seq, px[b:b + 1])
+            ref, seen = hf_replay(ckpt[1], x, torch.arange(seq.shape[1])[None], L, s, layers, kept, steps)
+        assert_close(logits[:, b], ref, 1e-4, f"{rule} row {b}")
+        assert torch.equal(ref.argmax(-1), tokens[b])
+        for st in range(1, len(layers)) if not rule.startswith("random") else ():  # FastV's ranking at every stage
+            for t in range(steps if pruner.rule.ranks(1) else 1):
+                probs, keys = seen[t, layers[st] - 1]
+                image = (keys >= s) & (keys < s + N_IMAGE)
+                scores = torch.zeros(N_IMAGE).index_put_((keys[image] - s,), probs[image])
+                candidates = kept[st - 1][t] & (kept[st][t - 1] if t else True)
+                n_keep = int(kept[st][t].sum())
+                best = scores.masked_fill(~candidates, -1.0).topk(n_keep).indices
+                assert kept[st][t].nonzero()[:, 0].tolist() == sorted(best.tolist()), (rule, b, st, t)
+    assert kept[0][0].sum() > kept[-1][-1].sum()  # later stages keep fewer
+
+
+def test_stages_equal_their_mask_reference_and_their_costs(ours):
+    """Our own reference for a staged rule: a forward over the whole sequence in which each stage's layers cannot see
+    the image keys the stage dropped by each row's step; and the KV cache its costs count is the bytes the caches
+    hold after each step."""
+    llava, _ = ours
+    ids, lengths, px, starts = two_rows(ours)
+    rule = dyrate.parse_rule("ramp:start=0.25:steps=5:k=1:stages=3")
+    pruner = dyrate.Pruner(rule, N_IMAGE, starts, lengths, 1)
+    caches, held = llava.new_caches(2, 6), []
+    with torch.no_grad():
+        out = []
+        for token, logit in generate.decode(llava, ids, lengths, px, caches, 6, pruner):
+            out.append((token, logit))
+            held.append(sum(held_bytes(c) for c in caches))
+    logits, tokens = torch.stack([lg for _, lg in out]), torch.stack([t for t, _ in out], 1)
+    from tools import costs
+    for b in range(2):
+        L, s = int(lengths[b]), int(starts[b])
+        seq = torch.cat([ids[b, :L], tokens[b, :-1]])[None]
+        weights = []
+        for stage in stage_kept(pruner, b):
+            weight = torch.ones(1, seq.shape[1], seq.shape[1])
+            for i in range(seq.shape[1]):
+                weight[0, i, s:s + N_IMAGE] = stage[max(0, i - L + 1)].float()
+            weights.append(weight)
+        with torch.no_grad():
+            ref = llava(seq, px[b:b + 1], pruner=KeyMask(weights, layers=[1, 2, 3]))[0, L - 1:]
+        assert_close(logits[:, b], ref, 1e-5, f"row {b}")
+        row = costs.row_costs(llava.config, dict(pruner.summary(b, 6), prompt_tokens=L), torch.float32)
+        assert row["mean_kv_bytes"] == sum(int(h[b]) for h in held) / 6 and row["kv_cache_bytes"] == int(held[-1][b])
+
+
+def test_staged_rules_settings_and_errors():
+    """pdrop's default layers are PyramidDrop's 8, 16, 24 of 32 with lam 0.5; the depth rule's kept share falls
+    linearly to the last layer; stages past the model's last layer, or a bad lam, are named errors."""
+    pdrop = dyrate.parse_rule("pdrop")
+    assert dyrate.pruning_layer(32, None, pdrop) == 8 and pdrop.layers(8, 32) == [(8, 1.0), (16, 0.5), (24, 0.25)]
+    assert dyrate.rule_spec(pdrop, 8) == "pdrop:stages=3:lam=0.5:k=8"
+    assert dyrate.parse_rule(dyrate.rule_spec(pdrop, 8)) == dyrate.Pyramid(k=8)
+    depth = dyrate.parse_rule("depth:ratio=0.5")
+    assert depth.layers(2, 32)[:2] == [(2, 1.0), (3, 29 / 30)] and depth.layers(2, 32)[-1] == (31, 1 / 30)
+    with pytest.raises(ValueError, match="3 stages from K=2 reach layer 6.*lower stages= or k="):
+        dyrate.pruning_layer(4, 2, dyrate.parse_rule("fastv:stages=3"))
+    with pytest.raises(ValueError, match="lam"):
+        dyrate.parse_rule("pdrop:lam=2")
+    with pytest.raises(ValueError, match="stages must be a whole number"):
+        dyrate.parse_rule("fastv:stages=0")

@@ -333,7 +333,7 @@ def evaluate(model, refs, make_rule, k, args):
         count += n
 
     def ratio(budget):
-        pairs = [dyrate.budget_cost(cfg, r["prompt_len"], r["kept_visual"], r["k"], budget, r["probes"],
+        pairs = [dyrate.budget_cost(cfg, r["prompt_len"], r["kept_stages"], r["stages"], budget, r["probes"],
                                     r["predictor_flops"]) for r in rows]
         return sum(c for c, _ in pairs) / sum(none for _, none in pairs)
     return dict({f"{budget}_ratio": ratio(budget) for budget in dyrate.BUDGETS}, agreement=agree / count, kl=kl / count)

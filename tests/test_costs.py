@@ -37,10 +37,13 @@ class DropFixed:
     def __init__(self, drop, start):
         self.drop, self.start = drop, start
 
-    def probe_rows(self, n_valid, T):
+    def stages(self, n_layers):
+        return [self.k]
+
+    def probe_rows(self, n_valid, T, stage=0):
         return None
 
-    def __call__(self, probs, x, positions, n_valid, caches):
+    def __call__(self, probs, x, positions, n_valid, caches, stage=0):
         return (*dyrate.drop_tokens(x, positions, n_valid, self.drop, self.start, N_IMAGE), None)
 
 
@@ -72,7 +75,8 @@ def test_nocache_flops_match_flop_counter(ours):
 @pytest.mark.parametrize("method,kw", [("none", {}), (dyrate.FastV(0.5), {}), ("vtw", {}), ("vtw", dict(k=1)),
                                        ("vtw", dict(k=3)), (dyrate.Mass(0.2), {}),
                                        (dyrate.Schedule([0.25, 0.5, 0.5, 0.75]), {}),
-                                       (dyrate.Learned(random_predictor(seed=1)), {})])
+                                       (dyrate.Learned(random_predictor(seed=1)), {}), ("pdrop", {}),
+                                       ("depth", {}), ("schedule:rates=0.25/0.5/0.5/0.75:k=1:stages=3", {})])
 def test_flops_match_flop_counter(method, kw, ours, ckpt):
     """Our accounting of a whole generation (vision, projector, every layer's projections, MLP and attention with its
     real key count, LM head, probe, type shares, predictor) equals torch's FlopCounterMode on the real forwards of the

@@ -74,14 +74,17 @@ def test_dropping_by_moves_gives_the_core_drops_decode(ours, ckpt):
     stats = dyrate.Pruner("none", N_IMAGE, starts, lengths, K)
     run_steps(llava, ids, lengths, px, stats, 8)
     predictor = random_predictor(center=torch.stack([h.shares for h in stats.history]).mean((0, 1)))
-    for rule in (dyrate.Schedule([0.25, 0.25, 0.5, 0.5, 0.75, 0.875, 1.0]), dyrate.Learned(predictor)):
-        core_hook, fast_hook = (dyrate.Pruner(rule, N_IMAGE, starts, lengths, K) for _ in range(2))
+    staged = dyrate.Schedule([0.25, 0.25, 0.5, 0.5, 0.75, 0.875, 1.0], k=1, stages=3)  # drops at layers 1, 2, 3
+    for rule in (dyrate.Schedule([0.25, 0.25, 0.5, 0.5, 0.75, 0.875, 1.0]), dyrate.Learned(predictor), staged):
+        core_hook, fast_hook = (dyrate.Pruner(rule, N_IMAGE, starts, lengths, rule.k or K) for _ in range(2))
         core_logits, core_tokens, core_caches = run_steps(llava, ids, lengths, px, core_hook, 8)
         fast_logits, fast_tokens, fast_caches = run_steps(faster, ids, lengths, px, fast_hook, 8)
         assert torch.equal(fast_tokens, core_tokens), rule
         assert_close(fast_logits, core_logits, 1e-5, f"fast against core, {type(rule).__name__}")
         kept = torch.stack([h.kept_count for h in core_hook.history])  # (steps, B)
         assert torch.equal(torch.stack([h.kept_count for h in fast_hook.history]), kept)
+        assert all(torch.equal(a, b) for h, g in zip(core_hook.history, fast_hook.history) for a, b in zip(h.deeper,
+                                                                                                          g.deeper))
         assert len(set(kept[1:, 0].tolist())) >= 2  # drops at decode steps
         if isinstance(rule, dyrate.Learned):
             assert (kept[:, 0] != kept[:, 1]).any()
@@ -214,18 +217,20 @@ def test_beams_through_the_compiled_decode_keep_its_buckets(ckpt, ours):
         torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("rule", [dyrate.FastV(0.5), dyrate.Schedule([0.25, 0.5, 0.75]), "none"])
+@pytest.mark.parametrize("rule", [dyrate.FastV(0.5), dyrate.Schedule([0.25, 0.5, 0.75]), "none",
+                                  dyrate.Pyramid(k=1)])
 def test_chunked_prefill_is_bit_identical(rule, ours):
     """fast.chunk_prefill: the vision tower and every decoder layer of the prefill run one row at a time (then three),
     for a ragged batch with pruning: the same logits, caches and tokens, bit for bit."""
     llava, _ = ours
     ids, lengths, px, starts = two_rows(ours)
     ids, lengths, px, starts = (torch.cat([t, t.flip(0)]) for t in (ids, lengths, px, starts))  # 4 ragged rows
-    whole = run_steps(llava, ids, lengths, px, dyrate.Pruner(rule, N_IMAGE, starts, lengths, K), 4)
+    k = getattr(rule, "k", None) or K
+    whole = run_steps(llava, ids, lengths, px, dyrate.Pruner(rule, N_IMAGE, starts, lengths, k), 4)
     try:
         for rows in (1, 3):
             fast.chunk_prefill(llava, rows)
-            chunked = run_steps(llava, ids, lengths, px, dyrate.Pruner(rule, N_IMAGE, starts, lengths, K), 4)
+            chunked = run_steps(llava, ids, lengths, px, dyrate.Pruner(rule, N_IMAGE, starts, lengths, k), 4)
             assert torch.equal(chunked[0], whole[0]) and torch.equal(chunked[1], whole[1]), rows
             for a, b in zip(chunked[2], whole[2]):
                 assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v) and torch.equal(a.length, b.length)

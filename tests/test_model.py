@@ -159,10 +159,13 @@ def test_probe_gives_hf_attention_probabilities(ckpt, ours):
     class Probe:  # the pruner hook, used only to read one layer's attention
         k = 2
 
-        def probe_rows(self, n_valid, T):
+        def stages(self, n_layers):
+            return [self.k]
+
+        def probe_rows(self, n_valid, T, stage=0):
             return torch.stack([n_valid - 1, n_valid - 5], dim=1)  # (B, 2): the last token and another row
 
-        def __call__(self, probs, x, positions, n_valid, caches):
+        def __call__(self, probs, x, positions, n_valid, caches, stage=0):
             self.probs = probs
             return x, positions, n_valid, None
 

@@ -314,10 +314,13 @@ class Scores:
     def __init__(self, image_start, n_image):
         self.image_start, self.n_image, self.scores = image_start, n_image, None
 
-    def probe_rows(self, n_valid, T):
+    def stages(self, n_layers):
+        return [self.k]
+
+    def probe_rows(self, n_valid, T, stage=0):
         return (n_valid - 1)[:, None]
 
-    def __call__(self, probs, x, positions, n_valid, caches):
+    def __call__(self, probs, x, positions, n_valid, caches, stage=0):
         self.scores = dyrate.image_scores(probs, self.image_start, self.n_image)[:, 0]  # (B, N)
         return x, positions, n_valid, None
 

@@ -125,11 +125,11 @@ class BeamSearch:
 def select_pruner_rows(pruner, src, dst):
     """Row dst[i] takes row src[i]'s pruning state (beam search: a beam takes its parent's): the kept image tokens
     and the history of its steps (the caches' rows: fast.select_rows); (D,) long tensors, the rows that change."""
-    for t in (pruner.kept_mask, pruner.image_start, pruner.prompt_len):
+    for t in (pruner.kept_mask, pruner.image_start, pruner.prompt_len, *pruner.deeper_masks):
         if t is not None:
             t[dst] = t[src]
     for h in pruner.history:  # small tensors: each step's (B, ...) record, row by row
-        for t in (h.kept_count, h.dropped_mask, h.rate, h.shares):
+        for t in (h.kept_count, h.dropped_mask, h.rate, h.shares, *h.deeper):
             if t is not None:
                 t[dst] = t[src]
 
@@ -137,7 +137,8 @@ def lineage(pruner, b, n_steps):
     """Row b's first n_steps step records, as rows of their own (a finished beam's history, kept when it finishes
     while its row goes on to other beams)."""
     return [dyrate.StepRecord(h.kept_count[b:b + 1].clone(), h.dropped_mask[b:b + 1].clone(), h.rate[b:b + 1].clone(),
-                       None if h.shares is None else h.shares[b:b + 1].clone(), h.ranked)
+                       None if h.shares is None else h.shares[b:b + 1].clone(), h.ranked,
+                       [m[b:b + 1].clone() for m in h.deeper])
             for h in pruner.history[:n_steps]]
 
 

@@ -18,8 +18,8 @@ def kv_bytes_read(cfg, prompt_len, kept, k, dtype):
     drops leave at the next one) plus the new token. With the weights, what bounds a memory-bound decode step."""
     t, N = cfg.text, cfg.n_image_tokens
     per_token = 2 * t.num_key_value_heads * t.head_dim * torch.finfo(dtype).bits // 8
-    return sum(per_token * (k * (prompt_len + s) + (t.num_hidden_layers - k) * (prompt_len - (N - kept[s - 1]) + s))
-               for s in range(1, len(kept)))
+    return sum(per_token * layers * (prompt_len - (N - c) + s)
+               for s in range(1, len(kept)) for layers, c in dyrate.segments(cfg, k, kept[s - 1]))
 
 
 def fastv_flops(cfg, n_tokens, n_kept_image, k=dyrate.DEFAULT_K):
@@ -28,8 +28,9 @@ def fastv_flops(cfg, n_tokens, n_kept_image, k=dyrate.DEFAULT_K):
     t = cfg.text
     d, m, L = t.hidden_size, t.intermediate_size, t.num_hidden_layers
     per_layer = lambda n: 4 * n * d * d + 2 * n * n * d + 2 * n * d * m  # noqa: E731
-    n_short = n_tokens - (cfg.n_image_tokens - n_kept_image)
-    return k * per_layer(n_tokens) + (L - k) * per_layer(n_short), L * per_layer(n_tokens)
+    pruned = sum(layers * per_layer(n_tokens - (cfg.n_image_tokens - c))
+                 for layers, c in dyrate.segments(cfg, k, n_kept_image))
+    return pruned, L * per_layer(n_tokens)
 
 
 def costs(cfg, prompt_len, kept, k, probes=0, predictor_flops=0, dtype=torch.float16):
@@ -111,9 +112,10 @@ def matched_keep(cfg, lengths, target, k, ramp=False, cost="flops"):
 
 
 def row_costs(cfg, row, dtype=torch.float16):
-    """costs() of one generate() row, from its history: kept_visual per step, the steps that ranked (probes), K and the
-    predictor's FLOPs per step."""
-    return costs(cfg, row["prompt_tokens"], row["kept_visual"], row["k"], row["probes"], row["predictor_flops"], dtype)
+    """costs() of one generate() row, from its history: each stage's kept count per step, the steps that ranked
+    (probes), the stages' layers and the predictor's FLOPs per step."""
+    return costs(cfg, row["prompt_tokens"], row["kept_stages"], row["stages"], row["probes"], row["predictor_flops"],
+                 dtype)
 
 
 def add(rows, cfg, dtype=torch.float16):

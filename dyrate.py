@@ -205,6 +205,10 @@ class Rule:
         kept count that it keeps."""
         return [(k * (s + 1), self.lam ** s) for s in range(self.stages)]
 
+    def image_tokens(self, n):
+        """Image tokens the language model gets for an image of n features: all of them but under VisionZip."""
+        return n
+
     def ranks(self, step):
         """Does this step read layer K-1's attention to rank the image tokens?"""
         return False
@@ -298,6 +302,44 @@ class Depth(FastV):
 
 
 @dataclass
+class VisionZip(Rule):
+    """VisionZip, before the language model (a rule's `compress`: Llava.vision_features calls it): of the feature
+    layer's tokens keep the `dominant` that CLS attends to most (CLS among them), in their order, and merge the rest
+    into `contextual` tokens by the similarity of their keys. LLaVA-1.5-7B settings: 54 + 10 = 64 tokens, 108 + 20,
+    162 + 30. The language model drops nothing more."""
+    dominant: int = 54
+    contextual: int = 10
+
+    def check(self):
+        for what, n in (("dominant", self.dominant), ("contextual", self.contextual)):
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"VisionZip's {what} must be a whole number >= 1, got {n!r}.")
+
+    def image_tokens(self, n):
+        if self.dominant + self.contextual > n:
+            raise ValueError(f"VisionZip's dominant + contextual ({self.dominant} + {self.contextual}) must not exceed "
+                             f"the image's {n} tokens.")
+        return self.dominant + self.contextual
+
+    def compress(self, hidden, cls_attention, keys):
+        """hidden (n, T, Cv): the feature layer's output, CLS first; cls_attention (n, H, T): its CLS query's
+        attention; keys (n, H, T, hs) -> (n, dominant + contextual, Cv)."""
+        n, T, C = hidden.shape
+        top = cls_attention.sum(1)[:, 1:].topk(self.dominant - 1, dim=1).indices + 1  # (n, d - 1): patches by CLS
+        chosen = torch.zeros(n, T, dtype=torch.bool, device=hidden.device).scatter(1, top, True)
+        chosen[:, 0] = True  # CLS is always kept
+        R = T - self.dominant  # the rest, in their order
+        rest, metric = hidden[~chosen].view(n, R, C), keys.mean(1)[~chosen].view(n, R, -1)  # (n, R, C), (n, R, hs)
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        spaced = torch.arange(0, R, max(1, R // self.contextual), device=hidden.device)[:self.contextual]
+        target = torch.zeros(R, dtype=torch.bool, device=hidden.device).index_fill(0, spaced, True)  # (R,)
+        similarity = metric[:, ~target] @ metric[:, target].transpose(1, 2)  # (n, R - c, c): cosine
+        assign = F.one_hot(similarity.argmax(-1), self.contextual).to(hidden.dtype)  # (n, R - c, c)
+        merged = assign.transpose(1, 2) @ rest[:, ~target] / assign.sum(1).clamp(min=1)[..., None]  # (n, c, C): means
+        return torch.cat([hidden[chosen].view(n, self.dominant, C), rest[:, target] + merged], 1)
+
+
+@dataclass
 class Schedule(Rule):
     """A hand-set rate per step (the last one holds after), ranked by FastV's scores at every step."""
     rates: tuple = (0.5,)
@@ -374,7 +416,7 @@ class Mass(Rule):
 
 
 RULES = {"none": Rule, "fastv": FastV, "vtw": VTW, "schedule": Schedule, "ramp": Ramp, "dyrate": Learned, "mass": Mass,
-         "random": Random, "pdrop": Pyramid, "depth": Depth}
+         "random": Random, "pdrop": Pyramid, "depth": Depth, "visionzip": VisionZip}
 
 
 def parse_rule(spec, cfg=None, device="cpu"):
@@ -466,8 +508,12 @@ class Pruner:
     def __init__(self, rule, n_image, image_start, prompt_len, k=DEFAULT_K, stats=True):
         self.rule = parse_rule(rule)
         assert not isinstance(self.rule, Learned) or self.rule.predictor.k == k, "trained for another K (pruning_layer)"
-        self.n_image, self.k, self.image_start, self.prompt_len, self.stats = n_image, k, image_start, prompt_len, stats
-        self.kept_mask = torch.ones(len(image_start), n_image, dtype=torch.bool, device=image_start.device)  # (B, N)
+        self.k, self.image_start, self.prompt_len, self.stats = k, image_start, prompt_len, stats
+        self.n_image = self.rule.image_tokens(n_image)  # what the language model gets of an image's n_image features
+        self.cut = n_image - self.n_image
+        self.compress_image = getattr(self.rule, "compress", None)  # Llava.vision_features calls it (VisionZip)
+        B, dev = len(image_start), image_start.device
+        self.kept_mask = torch.ones(B, self.n_image, dtype=torch.bool, device=dev)  # (B, N)
         self.step = 0  # the next step: 0 = the prefill
         self.history: list[StepRecord] = []
         self.plan = None  # [(layer, fraction of stage 0's kept count)] of the rule's stages, K first (stages())
@@ -568,8 +614,12 @@ class Pruner:
                     type_shares=[None if h.shares is None else [round(v, 6) for v in h.shares[b].mean(0).tolist()]
                                  for h in steps],
                     k=self.k, predictor_flops=self.rule.predictor.flops() if learned else 0,
-                    stages=[layer for layer, _ in self.plan or [(self.k, 1.0)]],
-                    kept_stages=[[int(h.kept_count[b])] + [int(m[b].sum()) for m in h.deeper] for h in steps])
+                    # for the costs: each stage's layer and kept count; an image compressed before the language model
+                    # (VisionZip) is a stage at layer 0 of a prompt `prompt_cut` tokens longer
+                    stages=[0] * bool(self.cut) + [layer for layer, _ in self.plan or [(self.k, 1.0)]],
+                    kept_stages=[[self.n_image] * bool(self.cut) + [int(h.kept_count[b])] +
+                                 [int(m[b].sum()) for m in h.deeper] for h in steps],
+                    prompt_cut=self.cut, compressed=[self.rule.dominant, self.rule.contextual] if self.cut else None)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -681,17 +731,21 @@ def segments(cfg, k, kept):
     return [(ks[0], cfg.n_image_tokens)] + [(end - start, c) for start, end, c in zip(ks, ends, counts)]
 
 
-def generation_flops(cfg, prompt_len, kept, k=DEFAULT_K, probes=0, predictor_flops=0, cache=True):
+def generation_flops(cfg, prompt_len, kept, k=DEFAULT_K, probes=0, predictor_flops=0, cache=True, compressed=None):
     """Matmul FLOPs of generating len(kept) tokens for one row: kept[t] image tokens remain in layers >= k at step t
     (kept[0] at prefill; with several stages, k their layers and kept[t] a count per stage: segments). `probes` steps
     computed the layer k-1 statistics and ran the predictor (and ranked at each deeper stage). cache=False: every
-    step recomputes the whole kept sequence so far (FastV's original code); the image features are computed once."""
+    step recomputes the whole kept sequence so far (FastV's original code); the image features are computed once.
+    compressed: VisionZip's (dominant, contextual), whose work in the vision tower counts too."""
     t, v, N = cfg.text, cfg.vision, cfg.n_image_tokens
     Tv = (v.image_size // v.patch_size) ** 2 + 1  # CLIP runs on the patches + CLS
     vision = (2 * (Tv - 1) * v.num_channels * v.patch_size ** 2 * v.hidden_size + cfg.n_vision_layers_used
                          * (2 * 4 * Tv * v.hidden_size ** 2 + 2 * 2 * Tv * v.hidden_size * v.intermediate_size
                             + 2 * 2 * Tv * Tv * v.hidden_size))
-    projector = 2 * N * (v.hidden_size * t.hidden_size + t.hidden_size ** 2)
+    projector = 2 * (sum(compressed) if compressed else N) * (v.hidden_size * t.hidden_size + t.hidden_size ** 2)
+    if compressed:  # the CLS query's scores in the feature layer, the keys' similarities, the merge
+        other, hs = Tv - sum(compressed), v.hidden_size // v.num_attention_heads
+        vision += 2 * Tv * v.hidden_size + 2 * other * compressed[1] * (hs + v.hidden_size)
     lm_head, steps = 2 * t.hidden_size * t.vocab_size, []
     for step in range(len(kept)):
         if cache and step > 0:  # one new token attending to the cached keys
@@ -719,7 +773,7 @@ def kv_cache_bytes(cfg, prompt_len, n_new, kept, k, dtype):
     return per_token * sum(layers * (n - (cfg.n_image_tokens - c)) for layers, c in segments(cfg, k, kept))
 
 
-def budget_cost(cfg, prompt_len, kept, k, budget, probes=0, predictor_flops=0, dtype=torch.float16):
+def budget_cost(cfg, prompt_len, kept, k, budget, probes=0, predictor_flops=0, dtype=torch.float16, compressed=None):
     """The cost a budget is on (one of BUDGETS) of one row's generation with kept[t] image tokens in layers >= k at
     step t, and none's (every image token kept, no statistics): `flops` with a KV cache, `nocache` FLOPs when every
     step recomputes the kept sequence, `kv` the KV cache held after each step summed over the steps (over many rows:
@@ -731,5 +785,11 @@ def budget_cost(cfg, prompt_len, kept, k, budget, probes=0, predictor_flops=0, d
             return sum(kv_cache_bytes(cfg, prompt_len, s + 1, counts[s], k, dtype) for s in range(n))
         return held(kept), held(none)
     cache = budget == "flops"
-    return (generation_flops(cfg, prompt_len, kept, k, probes, predictor_flops, cache=cache),
+    return (generation_flops(cfg, prompt_len, kept, k, probes, predictor_flops, cache, compressed),
             generation_flops(cfg, prompt_len, none, k, cache=cache))
+
+
+def row_cost(cfg, row, budget, dtype=torch.float16):
+    """budget_cost of a generation row (Pruner.summary with its prompt_tokens)."""
+    return budget_cost(cfg, row["prompt_tokens"] + row["prompt_cut"], row["kept_stages"], row["stages"], budget,
+                       row["probes"], row["predictor_flops"], dtype, row["compressed"])

@@ -149,7 +149,7 @@ def make_batch(cfg, tokenizer, images, prompts, max_new_tokens, rule="none", k=N
     rule = dyrate.parse_rule(rule)
     k = dyrate.pruning_layer(cfg.text.num_hidden_layers, k, rule)
     conv, pad = prompt_protocol([rule], conv, pad, allow_protocol_mismatch)
-    encoded = [tokenizer.encode_prompt(p, conv) for p in prompts]
+    encoded = [tokenizer.encode_prompt(p, conv, rule.image_tokens(cfg.n_image_tokens)) for p in prompts]
     lengths = torch.tensor([len(ids) for ids, _ in encoded], device=device)  # (B,)
     B, T = len(encoded), int(lengths.max())
     cfg.check_length(T + max_new_tokens)
@@ -284,8 +284,7 @@ def summary_line(out, cfg):
     r = out.rows[0]
     n_new = len(r["token_ids"])
     speed = f"{1e3 / out.decode_ms_per_token:.1f} tok/s" if n_new > 1 else "n/a (one new token)"
-    flops, kv = (dyrate.budget_cost(cfg, r["prompt_tokens"], r["kept_stages"], r["stages"], budget, r["probes"],
-                                    r["predictor_flops"]) for budget in ("flops", "kv"))
+    flops, kv = (dyrate.row_cost(cfg, r, budget) for budget in ("flops", "kv"))
     return (f"prompt tokens {r['prompt_tokens']} | new tokens {n_new} | prefill {out.prefill_ms:.1f} ms | decode "
             f"{speed} | peak memory {out.peak_memory_bytes / 2**30:.2f} GiB | {r['rule']}: image tokens kept "
             f"{r['kept_visual'][0]} -> {r['kept_visual'][-1]} of {cfg.n_image_tokens}, FLOPs {flops[0] / flops[1]:.2f} "
@@ -308,6 +307,9 @@ def main(argv=None):
             from tools import beam
             beam.check_options(args.num_beams, args.num_return_sequences, args.length_penalty, args.temperature)
         if args.viz:
+            if getattr(rule, "compress", None):
+                raise ValueError("--viz greys out the patches a rule drops, and VisionZip's tokens are not patches "
+                                 "(it merges them before the language model): leave --viz out.")
             cli.check_writable_folder(args.viz + ".gif", "--viz", make=True)
         model = cli.load_model(args.model, device, cli.dtype(args.dtype, device), log)
         if args.compile:

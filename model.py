@@ -133,14 +133,18 @@ class CLIPEncoderLayer(nn.Module):
         self.mlp = nn.ModuleDict(dict(fc1=nn.Linear(C, cfg.intermediate_size), fc2=nn.Linear(cfg.intermediate_size, C)))
         self.layer_norm2 = nn.LayerNorm(C, eps=cfg.layer_norm_eps)
 
-    def forward(self, x):
+    def forward(self, x, probe=False):
+        """x (B, T, C) -> (B, T, C); probe=True: also the CLS token's attention (B, nh, T) and the keys (B, nh, T, hs)
+        (what VisionZip chooses and merges the image tokens by)."""
         (B, T, C), attn, mlp = x.shape, self.self_attn, self.mlp
         h, hs = self.layer_norm1(x), C // self.n_head
         q, k, v = [attn[name](h).view(B, T, self.n_head, hs).transpose(1, 2) for name in ("q_proj", "k_proj", "v_proj")]
         y = F.scaled_dot_product_attention(q, k, v, scale=hs ** -0.5)  # (B, nh, T, hs)
         x = x + attn.out_proj(y.transpose(1, 2).reshape(B, T, C))
         h = mlp.fc1(self.layer_norm2(x))
-        return x + mlp.fc2(h * torch.sigmoid(1.702 * h) if self.quick_gelu else F.gelu(h))
+        x = x + mlp.fc2(h * torch.sigmoid(1.702 * h) if self.quick_gelu else F.gelu(h))
+        return (x, attention_probs(q[:, :, :1], k, torch.ones(B, 1, 1, T, dtype=torch.bool, device=x.device),
+                                   hs ** -0.5)[:, :, 0], k) if probe else x
 
 
 class CLIPVisionEmbeddings(nn.Module):
@@ -167,12 +171,13 @@ class CLIPVisionTransformer(nn.Module):
                                                                for _ in range(cfg.num_hidden_layers))))
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # in the checkpoint, unused
 
-    def forward(self, pixel_values, n_layers):
-        """Hidden state after the first `n_layers` blocks (the blocks after LLaVA's feature layer never run)."""
+    def forward(self, pixel_values, n_layers, probe=False):
+        """Hidden state after the first `n_layers` blocks (the blocks after LLaVA's feature layer never run); probe:
+        with the last block's CLS attention and keys (CLIPEncoderLayer)."""
         x = self.pre_layrnorm(self.embeddings(pixel_values))
-        for layer in self.encoder.layers[:n_layers]:
-            x = layer(x)
-        return x  # (B, 577, C)
+        for i, layer in enumerate(self.encoder.layers[:n_layers]):
+            x = layer(x, probe and i == n_layers - 1)
+        return x  # (B, 577, C), or with the probe's two tensors
 
 
 class LlavaMultiModalProjector(nn.Module):
@@ -457,17 +462,22 @@ class Llava(nn.Module):
         self.language_model = nn.ModuleDict(dict(  # NOTE: lm_head is not tied to embed_tokens
             model=LlamaModel(cfg.text), lm_head=nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)))
 
-    def vision_features(self, pixel_values):
-        """(n_images, 3, H, W) -> CLIP features at LLaVA's feature layer (n_images, 576, vision hidden)."""
+    def vision_features(self, pixel_values, compress=None):
+        """(n_images, 3, H, W) -> CLIP features at LLaVA's feature layer (n_images, 576, vision hidden). compress: a
+        pruner's, which makes fewer features per image from the feature layer's hidden states, CLS attention and keys
+        (dyrate.VisionZip)."""
         v = self.config.vision
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (v.num_channels, v.image_size, v.image_size):
             raise ValueError(f"pixel_values must be (n_images, {v.num_channels}, {v.image_size}, {v.image_size}), got "
                              f"{tuple(pixel_values.shape)}; make them with processing.preprocess().")
+        if compress is not None:
+            return compress(*self.vision_tower.vision_model(pixel_values, self.config.n_vision_layers_used, True))
         h = self.vision_tower.vision_model(pixel_values, self.config.n_vision_layers_used)  # (n, 577, Cv)
         return h[:, 1:] if self.config.vision_feature_select_strategy == "default" else h  # "default" drops CLS
 
-    def embed(self, input_ids, pixel_values=None, vision=None):
-        """(B, T, C) token embeddings, the image ids' replaced by the features of pixel_values (or given `vision`)."""
+    def embed(self, input_ids, pixel_values=None, vision=None, pruner=None):
+        """(B, T, C) token embeddings, the image ids' replaced by the features of pixel_values (made by the pruner's
+        compress_image if it has one), or by `vision`, each image's (n_features, Cv), as many as its image ids."""
         cfg = self.config
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
@@ -475,21 +485,25 @@ class Llava(nn.Module):
             raise ValueError(f"input_ids must lie in [0, {cfg.text.vocab_size}); is the tokenizer from this model?")
         x = self.language_model.model.embed_tokens(input_ids)
         is_image = input_ids == cfg.image_token_index
-        n_images = len(vision) if vision is not None else 0 if pixel_values is None else len(pixel_values)
-        n_ids, n_features = int(is_image.sum()), n_images * cfg.n_image_tokens
+        per_image = getattr(pruner, "n_image", cfg.n_image_tokens)
+        n_ids = int(is_image.sum())
+        n_features = sum(map(len, vision)) if vision is not None else 0 if pixel_values is None else \
+            len(pixel_values) * per_image
         if n_ids != n_features:
             raise ValueError(f"input_ids hold {n_ids} image token ids ({cfg.image_token_index}) but the images give "
-                             f"{n_features} features: each image needs exactly {cfg.n_image_tokens} image ids "
+                             f"{n_features} features: each image needs exactly {per_image} image ids "
                              f"(Tokenizer.encode_prompt expands <image> to them).")
         if n_ids:
-            vision = self.vision_features(pixel_values) if vision is None else vision
-            x = x.masked_scatter(is_image[..., None], self.multi_modal_projector(vision).to(x.dtype))
+            compress = getattr(pruner, "compress_image", None)
+            vision = self.vision_features(pixel_values, compress) if vision is None else vision
+            features = torch.cat(list(vision))  # (n_ids, Cv): the images' features in order
+            x = x.masked_scatter(is_image[..., None], self.multi_modal_projector(features).to(x.dtype))
         return x
 
     def forward(self, input_ids, pixel_values=None, pruner=None):
         """Logits (B, T, V) of the whole sequence, without a cache (only the kept positions' if a pruner drops)."""
         self.config.check_length(input_ids.shape[1])
-        h, _ = self.language_model.model(self.embed(input_ids, pixel_values), pruner=pruner)
+        h, _ = self.language_model.model(self.embed(input_ids, pixel_values, pruner=pruner), pruner=pruner)
         return self.language_model.lm_head(h)
 
     def new_caches(self, batch, max_new):
@@ -501,7 +515,7 @@ class Llava(nn.Module):
     def prefill(self, input_ids, caches, n_valid=None, pixel_values=None, pruner=None):
         """Step 0: the prompts (B, T), rows padded at the end (n_valid real tokens each), into fresh caches. Returns
         the logits of each row's last real token (B, V)."""
-        return self.last_logits(self.embed(input_ids, pixel_values), None, n_valid, caches, pruner)
+        return self.last_logits(self.embed(input_ids, pixel_values, pruner=pruner), None, n_valid, caches, pruner)
 
     def decode_step(self, token, positions, caches, pruner=None):
         """One new token per row, token (B,) at RoPE positions (B,) (its index in the row's full sequence), over the

@@ -168,8 +168,9 @@ class Tokenizer:
                 raise ValueError(f"{path}: {token} has id {self.tok.token_to_id(token)} but config.json's {what} is "
                                  f"{want}; the tokenizer and the model do not belong together.")
 
-    def encode_prompt(self, question, conv="llava-hf"):
-        """Prompt ids with the one <image> expanded to n_image_tokens ids, and the index of the first image id."""
+    def encode_prompt(self, question, conv="llava-hf", n_image=None):
+        """Prompt ids with the one <image> expanded to n_image ids (default: the model's n_image_tokens), and the index
+        of the first image id."""
         if conv not in TEMPLATES:
             raise ValueError(f"Unknown conversation template {conv!r}; choose one of {sorted(TEMPLATES)}.")
         if not isinstance(question, str) or not question.strip():
@@ -178,7 +179,8 @@ class Tokenizer:
             raise ValueError("The question must not contain '<image>': the template places the image.")
         ids = self.tok.encode(TEMPLATES[conv].format(question)).ids  # BOS added by the post-processor
         start = ids.index(self.cfg.image_token_index)
-        return ids[:start] + [self.cfg.image_token_index] * self.cfg.n_image_tokens + ids[start + 1:], start
+        n_image = self.cfg.n_image_tokens if n_image is None else n_image
+        return ids[:start] + [self.cfg.image_token_index] * n_image + ids[start + 1:], start
 
     def decode(self, ids):
         return self.tok.decode(list(ids), skip_special_tokens=True)

@@ -575,3 +575,79 @@ def test_staged_rules_settings_and_errors():
         dyrate.parse_rule("pdrop:lam=2")
     with pytest.raises(ValueError, match="stages must be a whole number"):
         dyrate.parse_rule("fastv:stages=0")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# VisionZip: fewer image tokens before the language model
+
+
+def visionzip_reference(hidden, attentions, keys, dominant, contextual):
+    """VisionZip's selection and merge as its released code computes them (dvlab-research/VisionZip, clip_encoder.py),
+    step by step: hidden (n, T, C) the feature layer's output, attentions (n, H, T, T) its attention, keys (n, T, hs)
+    its keys averaged over heads."""
+    n, T, C = hidden.shape
+    top = attentions[:, :, 0, 1:].sum(1).topk(dominant - 1, dim=1).indices + 1
+    all_indices = torch.cat([torch.zeros(n, 1, dtype=top.dtype), top], 1)
+    mask = torch.ones(n, T, dtype=torch.bool).scatter_(1, all_indices, False)
+    dominant_tokens = hidden.masked_select(~mask[..., None]).view(n, dominant, C)
+    metric = keys[mask].view(n, T - dominant, -1)
+    filtered = hidden.masked_select(mask[..., None]).view(n, T - dominant, C)
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    step = max(1, metric.shape[1] // contextual)
+    target = torch.arange(0, metric.shape[1], step)[:contextual]
+    others = ~torch.isin(torch.arange(metric.shape[1]), target)
+    similarity = torch.bmm(metric[:, others], metric[:, target].transpose(1, 2))
+    assign = torch.zeros(n, int(others.sum()), contextual).scatter_(2, similarity.argmax(2)[..., None], 1)
+    counts = assign.sum(1).clamp(min=1)[..., None]
+    contextual_tokens = filtered[:, target] + torch.bmm(assign.transpose(1, 2), filtered[:, others]) / counts
+    return torch.cat([dominant_tokens, contextual_tokens], 1)
+
+
+def test_visionzip_keeps_and_merges_as_its_released_code_on_transformers_clip(ours, ckpt):
+    """Our VisionZip (the probe in our CLIP's feature layer, dyrate.VisionZip.compress) equals its released code's
+    steps run on transformers' CLIP (its eager attentions, hidden states and the feature layer's keys): 12 dominant
+    tokens (CLS among them) and 4 contextual ones of 64."""
+    llava, _ = ours
+    _, _, px, _ = two_rows(ours)
+    tower = ckpt[1].model.vision_tower
+    with torch.no_grad():
+        out = tower(px, output_hidden_states=True, output_attentions=True)
+        layer = tower.encoder.layers[-2]
+        n, T, C = out.hidden_states[-3].shape
+        keys = layer.self_attn.k_proj(layer.layer_norm1(out.hidden_states[-3])).view(n, T, 4, C // 4).mean(2)
+        ref = visionzip_reference(out.hidden_states[-2], out.attentions[-2], keys, 12, 4)
+        rule = dyrate.VisionZip(dominant=12, contextual=4)
+        got = llava.vision_features(px, rule.compress)
+    assert got.shape == (2, 16, C) and rule.image_tokens(N_IMAGE) == 16
+    assert_close(got, ref, 1e-5, "VisionZip")
+    with pytest.raises(ValueError, match="must not exceed the image's 64 tokens"):
+        dyrate.VisionZip(dominant=60, contextual=10).image_tokens(N_IMAGE)
+
+
+def test_a_batch_mixing_rows_with_and_without_visionzip_gives_each_row_what_it_gets_alone(ours):
+    """Rows with 16 image tokens (VisionZip) and with 64 share a ragged batch: each row's greedy tokens and logits are
+    those of generate() on it alone, with VisionZip or without."""
+    llava, tok = ours
+    images, prompts = [random_image(3), random_image(4)], ["What is in the image?", "Describe it in detail."]
+    zip_rule = dyrate.VisionZip(dominant=12, contextual=4)
+    alone = [generate.generate(llava, tok, [images[0]], [prompts[0]], 6, rule=zip_rule).rows[0],
+             generate.generate(llava, tok, [images[1]], [prompts[1]], 6).rows[0]]
+    encoded = [tok.encode_prompt(prompts[0], n_image=16)[0], tok.encode_prompt(prompts[1])[0]]
+    lengths = torch.tensor([len(e) for e in encoded])
+    ids = torch.full((2, int(lengths.max())), llava.config.pad_token_id)
+    for b, e in enumerate(encoded):
+        ids[b, :len(e)] = torch.tensor(e)
+    px = torch.stack([processing.preprocess(im, IMAGE_SIZE) for im in images])
+    with torch.no_grad():
+        vision = [llava.vision_features(px[:1], zip_rule.compress)[0], llava.vision_features(px[1:])[0]]
+        x = llava.embed(ids, vision=vision)  # 16 + 64 features for 16 + 64 image ids
+        caches, tokens = llava.new_caches(2, 6), []
+        logits = llava.last_logits(x, None, lengths, caches, None)
+        for t in range(6):
+            tokens.append(logits.argmax(-1))
+            logits = llava.decode_step(tokens[-1], lengths + t, caches)
+    tokens = torch.stack(tokens, 1)
+    for b in range(2):
+        n = len(alone[b]["token_ids"])
+        assert tokens[b, :n].tolist() == alone[b]["token_ids"], b
+    assert alone[0]["kept_visual"] == [16] * len(alone[0]["token_ids"]) and int(lengths[0]) + 40 < int(lengths[1])

@@ -327,14 +327,13 @@ def evaluate(model, refs, make_rule, k, args):
         pruner = dyrate.Pruner(make_rule(n), cfg.n_image_tokens, torch.tensor([s.start], device=dev),
                                torch.tensor([len(s.ids)], device=dev), k, stats=False)
         logits, _ = forced_decode(model, s, load_pixels([s], model, args, Counter())[1], pruner, n, ref_tokens)
-        rows.append(dict(pruner.summary(0, n), prompt_len=len(s.ids)))
+        rows.append(dict(pruner.summary(0, n), prompt_tokens=len(s.ids)))
         agree += (logits.argmax(-1).cpu() == torch.tensor(ref_tokens, device="cpu")).sum().item()
         kl += F.kl_div(logits.log_softmax(-1), ref_logits.log_softmax(-1), log_target=True, reduction="sum").item()
         count += n
 
     def ratio(budget):
-        pairs = [dyrate.budget_cost(cfg, r["prompt_len"], r["kept_stages"], r["stages"], budget, r["probes"],
-                                    r["predictor_flops"]) for r in rows]
+        pairs = [dyrate.row_cost(cfg, r, budget) for r in rows]
         return sum(c for c, _ in pairs) / sum(none for _, none in pairs)
     return dict({f"{budget}_ratio": ratio(budget) for budget in dyrate.BUDGETS}, agreement=agree / count, kl=kl / count)
 

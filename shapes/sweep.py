@@ -6,7 +6,9 @@ shapes model's held-out detailed descriptions, captions and short questions.
     python -m shapes.sweep --out runs/sweep          # resumable: every point is saved as soon as it is measured
 
 Methods and their parameter: FastV over R, VTW over its withdrawal layer K, hand-set ramps (the rate rising linearly
-to 1 over a typical answer) over their start rate, the training-free mass rule over eps, and the learned predictors
+to 1 over a typical answer) over their start rate, the training-free mass rule over eps, random drops at FastV's step
+over R, PyramidDrop over lam, the depth-based rule over its ratio at K, VisionZip over its token count, and the
+learned predictors
 (--predictors: train.py's files, one point each at the cost it reached; those trained with --step-feature are a
 series of their own). Writes OUT/sweep.json (every point: exact-
 match accuracy, the FLOPs, mean KV-cache and no-cache FLOPs ratios to none, kept counts), one plot per task and cost
@@ -31,10 +33,13 @@ FASTV_R = [0.25, 0.5, 0.625, 0.75, 0.8125, 0.875, 0.9375, 0.97]
 RAMP_START = [0.0, 0.25, 0.5, 0.625, 0.75, 0.875, 0.9375, 0.97]
 # eps down to 1e-7: the shapes model's layer-1 attention sits on a few patches, so the rest carry almost nothing
 MASS_EPS = [1e-7, 1e-6, 1e-5, 1e-4, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4]
+PDROP_LAM = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.75, 0.9]  # stages at layers 3, 6, 9 of the shapes model's 12
+DEPTH_R = [0.0, 0.25, 0.5, 0.625, 0.75, 0.875, 0.9375]
+VISIONZIP = [(14, 2), (27, 5), (54, 10), (81, 15), (108, 20), (162, 30)]  # (dominant, contextual): its papers' 5.4 : 1
 PREDICTORS = [f"models/shapes/predictor-{name}" for name in  # the shipped ones: 4 targets per budget, one extension
               ("0.7", "0.55", "0.4", "0.33", "kv-0.6", "kv-0.45", "kv-0.36", "kv-0.3", "kv-0.3-step")]
 COSTS = {"flops": "FLOPs (KV cache)", "kv": "mean KV cache", "nocache": "no-cache FLOPs"}
-CURVES = ("fastv", "vtw", "ramp", "mass")  # the curves a learned point is compared with
+CURVES = ("fastv", "vtw", "ramp", "mass", "random", "pdrop", "depth", "visionzip")  # the curves learned points meet
 
 
 def task_records(path, seed=0):
@@ -63,6 +68,10 @@ def points(llava, tok, predictors, tasks):
         yield from ((task, "vtw", k, dict(rule=dyrate.VTW(), k=k)) for k in range(1, L))
         yield from ((task, "ramp", r0, dict(rule=dyrate.Ramp(r0, steps))) for r0 in RAMP_START)
         yield from ((task, "mass", eps, dict(rule=dyrate.Mass(eps))) for eps in MASS_EPS)
+        yield from ((task, "random", r, dict(rule=dyrate.Random(r))) for r in FASTV_R)
+        yield from ((task, "pdrop", lam, dict(rule=dyrate.Pyramid(lam=lam))) for lam in PDROP_LAM)
+        yield from ((task, "depth", r, dict(rule=dyrate.Depth(r))) for r in DEPTH_R)
+        yield from ((task, "visionzip", d + c, dict(rule=dyrate.VisionZip(d, c))) for d, c in VISIONZIP)
         yield from ((task, "learned+step" if p.step else "learned", name, dict(rule=dyrate.Learned(p)))
                     for name, p in predictors.items())
 

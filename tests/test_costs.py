@@ -76,7 +76,8 @@ def test_nocache_flops_match_flop_counter(ours):
                                        ("vtw", dict(k=3)), (dyrate.Mass(0.2), {}),
                                        (dyrate.Schedule([0.25, 0.5, 0.5, 0.75]), {}),
                                        (dyrate.Learned(random_predictor(seed=1)), {}), ("pdrop", {}),
-                                       ("depth", {}), ("schedule:rates=0.25/0.5/0.5/0.75:k=1:stages=3", {})])
+                                       ("depth", {}), ("schedule:rates=0.25/0.5/0.5/0.75:k=1:stages=3", {}),
+                                       ("visionzip:dominant=12:contextual=4", {})])
 def test_flops_match_flop_counter(method, kw, ours, ckpt):
     """Our accounting of a whole generation (vision, projector, every layer's projections, MLP and attention with its
     real key count, LM head, probe, type shares, predictor) equals torch's FlopCounterMode on the real forwards of the
@@ -130,3 +131,21 @@ def test_fastv_matching_is_within_a_hundredth_of_the_target():
             keep = costs.matched_keep(cfg, lengths, target, K, cost=cost)
             got = costs.cost_ratio([costs.costs(cfg, p, [keep] * n, K) for p, n in lengths], cost)
             assert abs(got - target) <= 0.01 and 0 <= keep <= N, (cost, target, got)
+
+
+def test_visionzip_costs_count_the_shorter_prompt(ours):
+    """VisionZip's KV cache is the bytes its caches hold after each step, with the prompt's 16 image tokens; none's is
+    the same prompt with all 64."""
+    llava, tok = ours
+    cfg = llava.config
+    batch = generate.make_batch(cfg, tok, [random_image(3)], ["What is in the image?"], 4,
+                                rule="visionzip:dominant=12:contextual=4")
+    caches, held = llava.new_caches(1, 4), []
+    with torch.no_grad():
+        for _ in generate.decode(llava, batch.input_ids, batch.lengths, batch.pixel_values, caches, 4, batch.pruner):
+            held.append(sum(held_bytes(c) for c in caches))
+    L = int(batch.lengths[0])
+    row = costs.row_costs(cfg, dict(batch.pruner.summary(0, 4), prompt_tokens=L), torch.float32)
+    assert row["mean_kv_bytes"] == sum(int(h[0]) for h in held) / 4 and row["kv_cache_bytes"] == int(held[-1][0])
+    per_token = int(held[-1][0]) // (cfg.text.num_hidden_layers * (L + 3))
+    assert row["kv_cache_bytes_none"] == per_token * cfg.text.num_hidden_layers * (L + 48 + 3)

@@ -141,7 +141,7 @@ def test_bad_options_fail_before_the_model_loads(ckpt, ours, tmp_path, monkeypat
                            (["--max-new-tokens", "600"], "exceed the model's context of 512"),
                            (["--method", "none", "--predictor", str(tmp_path / "p")], "used by --method dyrate only"),
                            (["--method", "fastv:ratio=1.5"], r"drop ratio must lie in \[0, 1\]"),
-                           (["--method", "fastv:eps=1"], "fastv takes ratio=..., k=..., not 'eps=1'"),
+                           (["--method", "fastv:eps=1"], "fastv takes ratio=..., k=..., stages=.*, not 'eps=1'"),
                            (["--method", "nonsense"], "Unknown rule 'nonsense'"),
                            (["--num-beams", "2", "--temperature", "1"], "use temperature 0"),
                            (["--k", "9"], r"K must lie in \[1, 3\]"), (["--device", "cuda:3"], "--device cuda:3"),

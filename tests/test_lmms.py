@@ -126,7 +126,8 @@ def test_lmms_eval_scores_a_local_task_as_eval_py_does(task, tmp_path, capsys):
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
     manager = TaskManager(include_path=str(task / "tasks"), include_defaults=False)
-    for method, extra in (("none", {}), ("fastv", dict(ratio="0.75"))):
+    for method, extra in (("none", {}), ("fastv", dict(ratio="0.75")), ("visionzip", dict(dominant="40")),
+                          ("pdrop", dict(lam="0.25"))):
         lm = lmms.DyRate(model=SHAPES, method=method, conv="llava-hf", pad="false", batch_size="4", **extra)
         res = simple_evaluate(model=lm, tasks=["dyrate_shapes_short"], task_manager=manager, bootstrap_iters=0,
                               log_samples=True)
@@ -141,7 +142,7 @@ def test_lmms_eval_scores_a_local_task_as_eval_py_does(task, tmp_path, capsys):
             assert answers == [json.loads(line)["prediction"] for line in f]
         costs = lm.costs["dyrate_shapes_short"]
         assert costs["answers"] == 8 and abs(costs["flops_ratio"] - ours["flops_ratio"]) < 1e-12
-        assert (costs["flops_ratio"] < 1) == (method == "fastv")
+        assert (costs["flops_ratio"] < 1) == (method != "none")
         assert (costs["method"], costs["conv"], costs["pad"]) == (lm.method, "llava-hf", False)
         assert f"dyrate dyrate_shapes_short: {lm.method}" in capsys.readouterr().err
         assert cost_keys(res, lm.method, "llava-hf", "false")["flops_ratio"] == costs["flops_ratio"]
@@ -202,9 +203,9 @@ def test_model_args_are_checked_before_the_weights_load(tmp_path):
         return str(e.value)
     assert "unknown model arg 'raito'" in error("method=fastv,raito=0.875")
     assert "'ratio': the valid ones are model, method, k," in error("method=mass,ratio=0.5")
-    assert "and mass's own eps." in error("method=mass,ratio=0.5")
-    assert "and random's own ratio, seed." in error("method=random,sed=1")
-    assert "(vtw has no parameters)" in error("method=vtw,ratio=0.5")
+    assert ", mass's own eps, and every rule's stages, lam." in error("method=mass,ratio=0.5")
+    assert ", random's own ratio, seed, and" in error("method=random,sed=1")
+    assert "(vtw has no parameters of its own), and every rule's stages, lam." in error("method=vtw,ratio=0.5")
     assert "choose one of none, fastv" in error("method=fastvv")
     assert "ratio given twice" in error("method=fastv:ratio=0.5,ratio=0.75")
     assert "FastV's drop ratio must lie in [0, 1], got 2.0" in error("method=fastv,ratio=2")

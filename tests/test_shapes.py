@@ -370,7 +370,7 @@ def test_sweep_reads_every_curve_at_each_learned_cost(tmp_path):
     table = sweep.table(results, {"p-kv": Meta(False), "p-step": Meta(True)})
     rows = [line for line in table.splitlines() if line.startswith("| detail")]
     # fastv at mean KV 0.4: 0.4 + (0.8 - 0.4) * (0.4 - 0.2) / (0.6 - 0.2) = 0.6; the ramp has one point: no curve there
-    assert rows[0] == "| detail | p-kv | mean KV cache 0.400 | **0.750** | 0.600 | - | - | - | 0.900 |"
+    assert rows[0] == "| detail | p-kv | mean KV cache 0.400 | **0.750** | 0.600 | - | - | - | - | - | - | - | 0.900 |"
     assert rows[1].startswith("| detail | p-step (+step) | mean KV cache 0.300 | **0.700** | 0.500 |")
     sweep.plots(results, tmp_path)
     assert len(list(tmp_path.glob("*.png"))) == 9

@@ -501,7 +501,8 @@ class Workload:
 
         def summary(steps):  # the first `steps` steps: kept counts, FLOPs, KV bytes (no pruner: K changes no cost)
             row = hook.summary(0, steps) if hook else dict(kept_visual=[N] * steps, probes=0, predictor_flops=0,
-                                                           k=dyrate.DEFAULT_K)
+                                                           k=dyrate.DEFAULT_K, kept_stages=[N] * steps,
+                                                           stages=dyrate.DEFAULT_K, prompt_cut=0, compressed=None)
             return dict(row, **costs.row_costs(cfg, dict(row, prompt_tokens=T), dtype))
         whole, first = summary(n), summary(1)
         total_s = r["prefill_s"] + r["decode_s"]

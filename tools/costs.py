@@ -33,17 +33,18 @@ def fastv_flops(cfg, n_tokens, n_kept_image, k=dyrate.DEFAULT_K):
     return pruned, L * per_layer(n_tokens)
 
 
-def costs(cfg, prompt_len, kept, k, probes=0, predictor_flops=0, dtype=torch.float16):
+def costs(cfg, prompt_len, kept, k, probes=0, predictor_flops=0, dtype=torch.float16, compressed=None):
     """The one cost summary of a row's generation, from its kept image tokens per step (kept[0] at prefill), each next
     to none's (every image token kept, no statistics): `flops` (with a KV cache), `nocache_flops` (every step
     recomputes the kept sequence), `kv_byte_steps` (the KV cache held after each step, summed over the steps: what
     bounds a batch; `mean_kv_bytes` is its mean), `kv_cache_bytes` at the end, `kv_bytes_read` (what the decode
     steps' attention reads) and FastV's prefill-only count. Ints give ints; tensors (training) give differentiable
-    tensors."""
+    tensors. With several stages: k their layers and kept[t] a count per stage (dyrate.segments); compressed:
+    VisionZip's (dominant, contextual) (dyrate.generation_flops)."""
     N, n = cfg.n_image_tokens, len(kept)
     out = {}
-    flops, nocache, held = (dyrate.budget_cost(cfg, prompt_len, kept, k, budget, probes, predictor_flops, dtype)
-                            for budget in ("flops", "nocache", "kv"))
+    flops, nocache, held = (dyrate.budget_cost(cfg, prompt_len, kept, k, budget, probes, predictor_flops, dtype,
+                                               compressed) for budget in ("flops", "nocache", "kv"))
     for name, value, none in (
             ("flops", *flops), ("nocache_flops", *nocache), ("kv_byte_steps", *held),
             ("kv_cache_bytes", dyrate.kv_cache_bytes(cfg, prompt_len, n, kept[-1], k, dtype),
@@ -114,8 +115,8 @@ def matched_keep(cfg, lengths, target, k, ramp=False, cost="flops"):
 def row_costs(cfg, row, dtype=torch.float16):
     """costs() of one generate() row, from its history: each stage's kept count per step, the steps that ranked
     (probes), the stages' layers and the predictor's FLOPs per step."""
-    return costs(cfg, row["prompt_tokens"], row["kept_stages"], row["stages"], row["probes"], row["predictor_flops"],
-                 dtype)
+    return costs(cfg, row["prompt_tokens"] + row["prompt_cut"], row["kept_stages"], row["stages"], row["probes"],
+                 row["predictor_flops"], dtype, row["compressed"])
 
 
 def add(rows, cfg, dtype=torch.float16):

@@ -577,20 +577,20 @@ class Pruner:
         keep the best-ranked (by the rule's ranking of this layer's scores) plan[s]'s fraction of stage 0's kept
         count, and drop the rest from layers >= its layer, as stage 0 does from layers >= K."""
         layer, share = self.plan[stage]
-        record, before = self.history[-1], self.deeper_masks[stage - 1]
+        record, before, prefill = self.history[-1], self.deeper_masks[stage - 1], self.step == 1  # stage 0 counted it
         candidates = (self.kept_mask if stage == 1 else self.deeper_masks[stage - 2]) & before  # (B, N)
         kept = candidates
         if probs is not None:  # keys: the tokens entering this stage at the prefill, else the layer's cache slots
-            keys = positions if self.step == 1 else caches[layer - 1].pos[:, :probs.shape[-1]]  # (B, S)
+            keys = positions if prefill else caches[layer - 1].pos[:, :probs.shape[-1]]  # (B, S)
             scores = self.rule.ranking(self.step - 1, scores_by_position(probs, keys, self.image_start, self.n_image))
             keep = torch.minimum(candidates.sum(1), (share * record.kept_count + 0.5).floor().long())  # (B,)
             kept = rank_of(scores.masked_fill(~candidates, float("-inf"))) < keep[:, None]
         drop = before & ~kept
         self.deeper_masks[stage - 1] = kept
         record.deeper.append(kept.clone())  # the history's own copy (beam search reorders both)
-        if self.step == 1 and bool(drop.any()):
+        if prefill and bool(drop.any()):
             x, positions, n_valid = drop_tokens(x, positions, n_valid, drop, self.image_start, self.n_image)
-        elif self.step > 1 and probs is not None:
+        elif not prefill and probs is not None:
             self.drop_from_caches(drop, caches, stage)
         return x, positions, n_valid, None
 

@@ -13,18 +13,23 @@ from tools import bench, memory
 
 def test_bench_runs_every_method_on_a_checkpoint(ckpt, tmp_path, capsys):
     """bench.py end to end on a checkpoint folder (no timing asserted: benchmarks print figures): ours and
-    transformers produce the same tokens, each method keeps what it should, memory and FLOPs are reported."""
-    rows = bench.main(["--model", ckpt[0], "--methods", "none,fastv,vtw,dyrate,ramp,transformers",
+    transformers produce the same tokens, each method keeps what it should (VisionZip: a shorter prompt), memory and
+    FLOPs are reported."""
+    methods = "none,fastv,vtw,dyrate,ramp,transformers,pdrop,visionzip:dominant=12:contextual=4"
+    rows = bench.main(["--model", ckpt[0], "--methods", methods,
                        "--new-tokens", "5", "--repeats", "1", "--batch-sizes", "1,2", "--out", str(tmp_path / "b.json"),
                        "--plot", str(tmp_path / "t.png")])
     out = capsys.readouterr().out
     by = {(r["method"], r["batch"]): r for r in rows}
-    assert len(rows) == 12 and json.loads((tmp_path / "b.json").read_text())["results"][0]["method"] == "none"
+    assert len(rows) == 16 and json.loads((tmp_path / "b.json").read_text())["results"][0]["method"] == "none"
     for B in (1, 2):
         assert by[("none", B)]["tokens"] == by[("transformers", B)]["tokens"]
         assert by[("fastv", B)]["kept_visual"] == by[("dyrate", B)]["kept_visual"] == [N_IMAGE // 2] * 5
         assert by[("vtw", B)]["kept_visual"] == [0] * 5 and by[("ramp", B)]["kept_visual"][-1] == 0
         assert by[("vtw", B)]["tflops"] < by[("fastv", B)]["tflops"] < by[("none", B)]["tflops"]
+        assert by[("pdrop", B)]["kept_visual"] == [N_IMAGE // 2] * 5 and by[("pdrop", B)]["k"] == 1
+        zipped = by[("visionzip:dominant=12:contextual=4", B)]
+        assert zipped["kept_visual"] == [16] * 5 and zipped["tflops"] < by[("fastv", B)]["tflops"]
     assert all(r["peak_memory_bytes"] > r["kv_cache_bytes"] for r in rows)  # measured: the whole process
     assert Image.open(tmp_path / "t.png").size == (720, 420)
     kv = {key: r["kv_cache_bytes"] for key, r in by.items()}

@@ -374,35 +374,47 @@ class Workload:
 
     def __init__(self, args, hf, ours, compiled, predictor, dev):
         self.args, self.hf, self.ours, self.compiled, self.dev = args, hf, ours, compiled, dev
-        self.cfg, self.predictor, N = ours.config, predictor, ours.config.n_image_tokens
+        self.cfg, self.predictor = ours.config, predictor
         self.matched = {}  # vtw:k=match -> the rule it stands for, vtw:k=K (match_vtw)
         torch.manual_seed(1)
-        text = torch.randint(3, self.cfg.image_token_index, (args.prompt_tokens,), device="cpu").tolist()
-        self.prompt = [self.cfg.bos_token_id] + text[:5] + [self.cfg.image_token_index] * N + text[5:]  # image at 6
+        self.text = torch.randint(3, self.cfg.image_token_index, (args.prompt_tokens,), device="cpu").tolist()
+
+    def rule(self, method):
+        """A method's rule and K, None for none and transformers."""
+        base = variant(method)[0]
+        return None if base in ("none", "transformers") else \
+            method_rule(self.matched.get(base, base), self.predictor, self.args, self.cfg)
+
+    def prompt(self, method):
+        """The prompt's ids: the image's ids (576, fewer for a rule that compresses it: VisionZip) at index 6."""
+        rule, N = self.rule(method), self.cfg.n_image_tokens
+        n = rule[0].image_tokens(N) if rule else N
+        return [self.cfg.bos_token_id] + self.text[:5] + [self.cfg.image_token_index] * n + self.text[5:]
 
     def pruner(self, method, B):
-        T, N = len(self.prompt), self.cfg.n_image_tokens
+        T, N = len(self.prompt(method)), self.cfg.n_image_tokens
         start, length = torch.full((B,), 6, device=self.dev), torch.full((B,), T, device=self.dev)
         if method == "none":
             return None
-        rule, k = method_rule(self.matched.get(method, method), self.predictor, self.args, self.cfg)
+        rule, k = self.rule(method)
         return LabelledPruner(rule, N, start, length, k, stats=isinstance(rule, dyrate.Learned))
 
     def match_vtw(self, methods, log):
         """Each vtw:k=match of `methods` at the layer whose FLOPs ratio is closest to the method before it, run once at
         batch 1 to read its kept counts (every row and batch prunes alike here)."""
-        T, n = len(self.prompt), self.args.new_tokens
+        n = self.args.new_tokens
         for before, m in zip(methods, methods[1:]):
             base = variant(m)[0]
             if costs.MATCH in base and base not in self.matched:
+                T = len(self.prompt(before))
                 ratio = costs.row_costs(self.cfg, dict(self.run(before, 1)["hook"].summary(0, n), prompt_tokens=T))
                 k = costs.matched_layer(self.cfg, [(T, n)], ratio["flops_ratio"])
                 self.matched[base] = f"vtw:k={k}"
                 log(f"{base}: K={k}, the layer whose FLOPs ratio is closest to {before}'s {ratio['flops_ratio']:.3f}")
 
-    def inputs(self, B):
+    def inputs(self, B, method="none"):
         """The prompt ids (B, T) and pixel values (B, 3, S, S) of B identical rows."""
-        ids = torch.tensor([self.prompt] * B, device=self.dev)
+        ids = torch.tensor([self.prompt(method)] * B, device=self.dev)
         S = self.cfg.vision.image_size
         px = torch.randn(1, 3, S, S, device=self.dev, generator=torch.Generator(self.dev).manual_seed(0))
         return ids, px.to(self.ours.language_model.lm_head.weight.dtype).expand(B, -1, -1, -1)  # (B, 3, S, S)
@@ -412,9 +424,9 @@ class Workload:
         each of the B prompts with N beams (B * N rows), the decode loop's chooser transformers' beam search."""
         base, compiled, beams = variant(method)
         llava, rows = self.compiled if compiled else self.ours, B * max(beams, 1)
-        ids, px = self.inputs(rows)
+        ids, px = self.inputs(rows, base)
         hook, caches = self.pruner(base, rows), llava.new_caches(rows, self.args.new_tokens)
-        lengths = torch.full((rows,), len(self.prompt), device=self.dev)
+        lengths = torch.full((rows,), ids.shape[1], device=self.dev)
         choose = beam.BeamSearch(B, beams, self.args.new_tokens, None, caches, hook).choose if beams else None
         steps = generate.decode(llava, ids, lengths, px, caches, self.args.new_tokens, hook, choose)
         return ((token[::max(beams, 1)], logits) for token, logits in steps), hook  # each prompt's first beam
@@ -496,7 +508,8 @@ class Workload:
 
     def row(self, method, B, r, largest):
         """One result row: timings, the FLOPs and KV bytes of the first row (all rows are alike), memory, tokens."""
-        cfg, N, n, T, hook = self.cfg, self.cfg.n_image_tokens, self.args.new_tokens, len(self.prompt), r["hook"]
+        cfg, N, n, hook = self.cfg, self.cfg.n_image_tokens, self.args.new_tokens, r["hook"]
+        T = len(self.prompt(method))
         dtype = self.ours.language_model.lm_head.weight.dtype
 
         def summary(steps):  # the first `steps` steps: kept counts, FLOPs, KV bytes (no pruner: K changes no cost)
@@ -548,8 +561,8 @@ def measure(work, methods, batches, log):
 def save(rows, searches, args, work, dev):
     """The JSON results and, with --plot, the throughput plot, each written atomically."""
     weights = sum(t.numel() * t.element_size() for t in work.ours.state_dict().values())
-    result = dict(vars(args), prompt_tokens_total=len(work.prompt), weights_bytes=weights, device_name=device_name(dev),
-                  results=rows, largest_batch=searches)
+    result = dict(vars(args), prompt_tokens_total=len(work.prompt("none")), weights_bytes=weights,
+                  device_name=device_name(dev), results=rows, largest_batch=searches)
     processing.write_json(args.out, result)
     log(f"wrote {args.out}")
     if args.plot:
@@ -575,7 +588,7 @@ def main(argv=None):
     work = Workload(args, hf, ours, compiled, predictor, dev)
     work.match_vtw(methods, log)
     rows, searches = measure(work, methods, batches, log)
-    report(rows, args, ours.config, len(work.prompt), searches)
+    report(rows, args, ours.config, len(work.prompt("none")), searches)
     save(rows, searches, args, work, dev)
     return rows
 
@@ -639,7 +652,8 @@ def report(rows, args, cfg, T, searches):
     mem = "peak MiB" if torch.device(args.device).type == "cuda" else "RSS MiB"
     k = f"--k {args.k} for every rule" if args.k else "each rule's own"
     print(f"\n{args.model or args.geometry + ' geometry (random weights)'}, {device_name(args.device)}, {args.dtype}, "
-          f"prompt {T} tokens ({cfg.n_image_tokens} image), {args.new_tokens} greedy new tokens, K: {k}, "
+          f"prompt {T} tokens ({cfg.n_image_tokens} image; VisionZip's fewer), {args.new_tokens} greedy new tokens, "
+          f"K: {k}, "
           f"rate {args.rate}, median of {args.repeats} interleaved rounds; (x) = ratio to none at the same batch; "
           f"{mem}: the run's measured peak")
     print(f"{'method':20}{'K':>3}{'batch':>6}{'prefill ms':>11}{'(x)':>6}{'prefill TF':>11}{'(x)':>6}"

@@ -33,7 +33,7 @@ FASTV_R = [0.25, 0.5, 0.625, 0.75, 0.8125, 0.875, 0.9375, 0.97]
 RAMP_START = [0.0, 0.25, 0.5, 0.625, 0.75, 0.875, 0.9375, 0.97]
 # eps down to 1e-7: the shapes model's layer-1 attention sits on a few patches, so the rest carry almost nothing
 MASS_EPS = [1e-7, 1e-6, 1e-5, 1e-4, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4]
-PDROP_LAM = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.75, 0.9]  # stages at layers 3, 6, 9 of the shapes model's 12
+PDROP_LAM = [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.75, 0.9]  # stages at layers 3, 6, 9 of 12
 DEPTH_R = [0.0, 0.25, 0.5, 0.625, 0.75, 0.875, 0.9375]
 VISIONZIP = [(14, 2), (27, 5), (54, 10), (81, 15), (108, 20), (162, 30)]  # (dominant, contextual): its papers' 5.4 : 1
 PREDICTORS = [f"models/shapes/predictor-{name}" for name in  # the shipped ones: 4 targets per budget, one extension
@@ -123,6 +123,26 @@ def table(results, predictors):
     return "\n".join(lines) + "\n"
 
 
+AT = [("kv", 0.3), ("kv", 0.45), ("flops", 0.4)]  # where every curve is read side by side
+
+
+def curves_at(results):
+    """Markdown: every curve's accuracy at each cost of AT (linear between its two nearest points), and the learned
+    points nearest there (within 0.02), on each task."""
+    methods = ("none", *CURVES)
+    lines = ["| task | cost | " + " | ".join(methods[1:]) + " | learned (nearest) |",
+             "|---|---|" + "---:|" * len(methods)]
+    for task in none_accuracy(results):
+        for budget, c in AT:
+            cells = [at(curve(results, task, m, budget), c) for m in methods[1:]]
+            near = [f"{r['param']} {r['accuracy']:.3f}" for r in results if r["task"] == task and
+                    r["method"].startswith("learned") and abs(r[f"{budget}_ratio"] - c) <= 0.02]
+            lines.append(f"| {task} | {COSTS[budget]} {c} | " + " | ".join("-" if a is None else f"{a:.3f}"
+                                                                            for a in cells)
+                         + f" | {', '.join(near) or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
 def plots(results, out):
     for task, none in none_accuracy(results).items():
         for cost, name in COSTS.items():
@@ -172,7 +192,7 @@ def main(argv=None):
                           log=lambda msg: print(msg, flush=True))
     plots(results, args.out)
     with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(table(results, predictors))
+        f.write(table(results, predictors) + "\n" + curves_at(results))
     print(open(os.path.join(args.out, "table.md")).read())
     return results
 

@@ -372,6 +372,8 @@ def test_sweep_reads_every_curve_at_each_learned_cost(tmp_path):
     # fastv at mean KV 0.4: 0.4 + (0.8 - 0.4) * (0.4 - 0.2) / (0.6 - 0.2) = 0.6; the ramp has one point: no curve there
     assert rows[0] == "| detail | p-kv | mean KV cache 0.400 | **0.750** | 0.600 | - | - | - | - | - | - | - | 0.900 |"
     assert rows[1].startswith("| detail | p-step (+step) | mean KV cache 0.300 | **0.700** | 0.500 |")
+    at = [line for line in sweep.curves_at(results).splitlines() if line.startswith("| detail")]
+    assert at[0].startswith("| detail | mean KV cache 0.3 | 0.500 | - |") and at[0].endswith("| p-step 0.700 |")
     sweep.plots(results, tmp_path)
     assert len(list(tmp_path.glob("*.png"))) == 9
 

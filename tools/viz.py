@@ -160,7 +160,8 @@ def curves_plot(series, none, title, xlabel, width=720, height=440):
     draw.text(((left + right) // 2 - 60, height - 18), xlabel, fill="black", font=font)
     draw.text((6, top - 18), "accuracy", fill="black", font=font)
     draw.line((left, y_of(none), right, y_of(none)), fill=(150, 150, 150), width=1)
-    palette = COLOURS + [(148, 103, 189), (140, 86, 75)]
+    palette = COLOURS + [(148, 103, 189), (140, 86, 75), (227, 119, 194), (188, 189, 34), (23, 190, 207),
+                         (0, 0, 0), (255, 187, 120)]  # tab10's, then black and a light orange: eleven series apart
     names = list(series) + ["none"]
     for j, name in enumerate(names):
         colour = (150, 150, 150) if name == "none" else palette[j % len(palette)]

@@ -239,6 +239,19 @@ def test_chunked_prefill_is_bit_identical(rule, ours):
     assert not hasattr(llava.language_model.model.layers_forward, "one_pass")  # rows = 0: one pass again
 
 
+def test_chunked_prefill_gives_visionzip_its_tokens(ours):
+    """VisionZip's probe of the vision tower goes through the chunked tower too: the same tokens for every row."""
+    llava, tok = ours
+    images, prompts = [random_image(s) for s in (1, 2, 3)], ["What is it?", "Describe it.", "What color is it?"]
+    run = lambda: generate.generate(llava, tok, images, prompts, 4, rule="visionzip:dominant=12:contextual=4").rows  # noqa: E731
+    whole = run()
+    try:
+        fast.chunk_prefill(llava, 2)
+        assert [r["token_ids"] for r in run()] == [r["token_ids"] for r in whole]
+    finally:
+        fast.chunk_prefill(llava, 0)
+
+
 def test_generate_compile_flag_runs_the_compiled_decode(ckpt, tmp_path, capsys, monkeypatch):
     """generate.py --compile decodes through fast.compile_decode (here with the eager backend: the wiring, not the
     compiler) and writes the eager run's tokens."""

@@ -228,8 +228,9 @@ def chunk_prefill(llava, rows):
         probs = None if probe_rows is None else torch.cat([p for _, p in parts])
         return torch.cat([x for x, _ in parts]), probs
 
-    def chunked_vision(pixel_values, n_layers):
-        return torch.cat([vision(pixel_values[i:i + rows], n_layers) for i in range(0, len(pixel_values), rows)])
+    def chunked_vision(pixel_values, n_layers, probe=False):
+        parts = [vision(pixel_values[i:i + rows], n_layers, probe) for i in range(0, len(pixel_values), rows)]
+        return tuple(map(torch.cat, zip(*parts))) if probe else torch.cat(parts)  # probe: VisionZip's three tensors
     chunked_layers.one_pass, chunked_vision.one_pass = layers, vision
     lm.layers_forward, tower.forward = chunked_layers, chunked_vision
     return llava

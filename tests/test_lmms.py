@@ -190,7 +190,8 @@ def test_the_lmms_eval_command_fails_on_a_mistyped_model_arg_naming_the_valid_on
     run, results, _ = lmms_eval(task, tmp_path, "method=fastv,raito=0.875")
     assert run.returncode == 1 and results is None
     assert ("unknown model arg 'raito': the valid ones are model, method, k, predictor, conv, pad, dtype, device, "
-            "batch_size, num_beams, allow_protocol_mismatch, and fastv's own ratio.") in run.stderr
+            "batch_size, num_beams, allow_protocol_mismatch, fastv's own ratio, and every rule's stages, lam.") \
+        in run.stderr
 
 
 def test_model_args_are_checked_before_the_weights_load(tmp_path):

@@ -16,15 +16,28 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the reposi
 CHECKS = [name for names in gpu_check.checks_of(gpu_check.DRY).values() for name in names]
 
 
+def dry_runs(*runs):
+    """The script's dry runs [(out, flags)], started at once (two take the CI's two cores, a thread each), each with
+    its temporary folders under a scratch folder of its own, which it must leave empty. Returns [(run, summary)]."""
+    started = []
+    for out, flags in runs:
+        scratch = out.parent / f"{out.name}-tmp"
+        scratch.mkdir(exist_ok=True)
+        env = dict(os.environ, TMPDIR=str(scratch), **({"OMP_NUM_THREADS": "1"} if len(runs) > 1 else {}))
+        started.append((subprocess.Popen([sys.executable, "-m", "tools.gpu_check", "--dry-run", "--out", str(out),
+                                          *flags], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                         env=env), out, scratch))
+    results = []
+    for process, out, scratch in started:
+        stdout, stderr = process.communicate(timeout=900)
+        assert not [n for n in os.listdir(scratch) if n.startswith("gpu-check-")], "its scratch folder was left behind"
+        results.append((subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr),
+                        json.loads((out / "summary.json").read_text())))
+    return results
+
+
 def dry_run(out, *flags):
-    """The script's dry run into `out`, its temporary folders under out.parent / "tmp" (its own it must remove)."""
-    scratch = out.parent / "tmp"
-    scratch.mkdir(exist_ok=True)
-    run = subprocess.run([sys.executable, "-m", "tools.gpu_check", "--dry-run", "--out", str(out), *flags], cwd=HERE,
-                         capture_output=True, text=True, timeout=900, env=dict(os.environ, TMPDIR=str(scratch)))
-    assert not [n for n in os.listdir(scratch) if n.startswith("gpu-check-")], "its scratch folder was left behind"
-    summary = json.loads((out / "summary.json").read_text())
-    return run, summary
+    return dry_runs((out, flags))[0]
 
 
 def test_plan_rejects_unknown_steps_and_plants():
@@ -59,13 +72,18 @@ def test_a_step_killed_at_the_deadline_leaves_its_checks_not_run(tmp_path):
     assert "killed at the deadline" in summary["checks"]["load-peak"]["why"]
 
 
-@pytest.fixture(scope="module", params=[0, 1], ids=["even-planted", "odd-planted"])
-def planted_run(request, tmp_path_factory):
-    """A whole dry run with a fault planted behind every other check (the even-numbered or the odd-numbered ones)."""
-    out = tmp_path_factory.mktemp(f"gpu-dry-{request.param}")
-    plants = CHECKS[request.param::2]
-    run, summary = dry_run(out, *[a for name in plants for a in ("--plant", name)])
-    return out, plants, run, summary
+@pytest.fixture(scope="module")
+def planted_runs(tmp_path_factory):
+    """Two whole dry runs, at once: one with a fault planted behind every even-numbered check, one behind every
+    odd-numbered one."""
+    outs, plants = [tmp_path_factory.mktemp(f"gpu-dry-{i}") for i in (0, 1)], [CHECKS[i::2] for i in (0, 1)]
+    runs = dry_runs(*[(out, [a for name in p for a in ("--plant", name)]) for out, p in zip(outs, plants)])
+    return [(out, p, run, summary) for out, p, (run, summary) in zip(outs, plants, runs)]
+
+
+@pytest.fixture(params=[0, 1], ids=["even-planted", "odd-planted"])
+def planted_run(request, planted_runs):
+    return planted_runs[request.param]
 
 
 @pytest.mark.slow

@@ -297,6 +297,12 @@ class Depth(FastV):
     """Depth-based pruning (the seed paper's ablation IV-D1): FastV's ratio at K, then at every deeper layer l the
     kept image tokens fall linearly with depth, keeping (L - l) / (L - K) of K's (docs/costs.md)."""
 
+    def check(self):
+        super().check()
+        if (self.stages, self.lam) != (1, 0.5):
+            raise ValueError("depth has a stage at every layer from K, its share set by depth: leave stages= and lam= "
+                             "out.")
+
     def layers(self, k, n_layers):
         return [(layer, (n_layers - layer) / (n_layers - k)) for layer in range(k, n_layers)]
 

@@ -575,6 +575,8 @@ def test_staged_rules_settings_and_errors():
         dyrate.parse_rule("pdrop:lam=2")
     with pytest.raises(ValueError, match="stages must be a whole number"):
         dyrate.parse_rule("fastv:stages=0")
+    with pytest.raises(ValueError, match="depth has a stage at every layer"):
+        dyrate.parse_rule("depth:stages=2")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -36,8 +36,9 @@ MASS_EPS = [1e-7, 1e-6, 1e-5, 1e-4, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.
 PDROP_LAM = [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.75, 0.9]  # stages at layers 3, 6, 9 of 12
 DEPTH_R = [0.0, 0.25, 0.5, 0.625, 0.75, 0.875, 0.9375]
 VISIONZIP = [(14, 2), (27, 5), (54, 10), (81, 15), (108, 20), (162, 30)]  # (dominant, contextual): its papers' 5.4 : 1
-PREDICTORS = [f"models/shapes/predictor-{name}" for name in  # the shipped ones: 4 targets per budget, one extension
-              ("0.7", "0.55", "0.4", "0.33", "kv-0.6", "kv-0.45", "kv-0.36", "kv-0.3", "kv-0.3-step")]
+PREDICTORS = [f"models/shapes/predictor-{name}" for name in  # the shipped ones: 4 targets per budget, two extensions
+              ("0.7", "0.55", "0.4", "0.33", "kv-0.6", "kv-0.45", "kv-0.36", "kv-0.3", "kv-0.3-step",
+               "kv-0.3-step-grid")]
 COSTS = {"flops": "FLOPs (KV cache)", "kv": "mean KV cache", "nocache": "no-cache FLOPs"}
 CURVES = ("fastv", "vtw", "ramp", "mass", "random", "pdrop", "depth", "visionzip")  # the curves learned points meet
 

@@ -28,7 +28,8 @@ N_SCENES = 100
 # each curve's points around the predictors' mean KV (0.29-0.6), a subset of shapes.sweep's grids
 GRIDS = dict(fastv=[0.5, 0.625, 0.75, 0.8125, 0.875, 0.9375, 0.97], ramp=[0.0, 0.25, 0.5, 0.625, 0.75, 0.875, 0.9375],
              mass=[1e-7, 1e-6, 1e-5, 1e-4, 0.002, 0.01, 0.05])
-PREDICTORS = [f"models/shapes/predictor-{name}" for name in ("kv-0.3", "kv-0.3-step", "kv-0.36", "kv-0.45", "kv-0.6")]
+PREDICTORS = [f"models/shapes/predictor-{name}" for name in ("kv-0.3", "kv-0.3-step", "kv-0.3-step-grid", "kv-0.36",
+                                                             "kv-0.45", "kv-0.6")]
 CURVES = ("fastv", "mass", "ramp")
 TASKS = ("detail", "caption")
 

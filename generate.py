@@ -285,10 +285,12 @@ def summary_line(out, cfg):
     n_new = len(r["token_ids"])
     speed = f"{1e3 / out.decode_ms_per_token:.1f} tok/s" if n_new > 1 else "n/a (one new token)"
     flops, kv = (dyrate.row_cost(cfg, r, budget) for budget in ("flops", "kv"))
+    stages = f" (at layers {'/'.join(map(str, r['stages']))}: {'/'.join(map(str, r['kept_stages'][-1]))})" \
+        if len(r["stages"]) > 1 else ""
     return (f"prompt tokens {r['prompt_tokens']} | new tokens {n_new} | prefill {out.prefill_ms:.1f} ms | decode "
             f"{speed} | peak memory {out.peak_memory_bytes / 2**30:.2f} GiB | {r['rule']}: image tokens kept "
-            f"{r['kept_visual'][0]} -> {r['kept_visual'][-1]} of {cfg.n_image_tokens}, FLOPs {flops[0] / flops[1]:.2f} "
-            f"of none's, mean KV cache {kv[0] / kv[1]:.2f} of none's")
+            f"{r['kept_visual'][0]} -> {r['kept_visual'][-1]}{stages} of {cfg.n_image_tokens}, FLOPs "
+            f"{flops[0] / flops[1]:.2f} of none's, mean KV cache {kv[0] / kv[1]:.2f} of none's")
 
 
 def main(argv=None):

@@ -98,6 +98,8 @@ def test_cli_json(ckpt, ours, tmp_path, capsys):
     assert capsys.readouterr().out == out.rows[0]["text"] + "\n"  # streamed text, then the summary on stderr
     with pytest.raises(SystemExit, match="error: No LLaVA checkpoint"):
         generate.main(["--image", str(path), "--model", str(tmp_path / "none")])
+    generate.main(["--image", str(path), "--model", ckpt[0], "--max-new-tokens", "2", "--method", "pdrop"])
+    assert "pdrop: image tokens kept 32 -> 32 (at layers 1/2/3: 32/16/8) of 64, FLOPs" in capsys.readouterr().err
 
 
 def test_cli_pruning_json_and_viz(ckpt, ours, tmp_path, capsys):

@@ -171,6 +171,17 @@ def test_the_lmms_eval_command_finds_the_model_and_writes_the_score_and_the_cost
 
 @pytest.mark.slow
 @needs_entry_point
+def test_the_lmms_eval_command_runs_visionzip(task, tmp_path):
+    """--model_args method=visionzip,dominant=40: VisionZip's 40 + 10 tokens before the language model, scored and
+    costed like the other rules."""
+    run, results, samples = lmms_eval(task, tmp_path, "method=visionzip,dominant=40", limit=3)
+    assert run.returncode == 0 and results is not None, run.stdout[-3000:] + run.stderr[-3000:]
+    written = cost_keys(results, "visionzip:dominant=40:contextual=10:k=2", "vicuna_v1", "true")  # the papers' protocol
+    assert written["mean_kept_image_tokens"] == 50 and written["answers"] == 3 and written["flops_ratio"] < 0.5
+
+
+@pytest.mark.slow
+@needs_entry_point
 def test_two_ranks_under_torchrun_give_one_process_answers_score_and_costs(task, one_process, tmp_path):
     # 7 records: rank 0 answers 4, rank 1 answers 3 and one filler request that lmms-eval drops (and the costs skip)
     two, results, samples = lmms_eval(task, tmp_path, f"method=dyrate,predictor={PREDICTOR}",

@@ -299,7 +299,7 @@ class Depth(FastV):
 
     def check(self):
         super().check()
-        if (self.stages, self.lam) != (1, 0.5):
+        if (self.stages, self.lam) != (Rule.stages, Rule.lam):  # the defaults
             raise ValueError("depth has a stage at every layer from K, its share set by depth: leave stages= and lam= "
                              "out.")
 
@@ -439,7 +439,7 @@ def parse_rule(spec, cfg=None, device="cpu"):
     for param in params:
         key, _, value = param.partition("=")
         if key not in types or not value:
-            common = ("k", "stages", "lam")  # every rule's, after its own
+            common = [f.name for f in fields(Rule)]  # every rule's (k, stages, lam), after its own
             takes = ", ".join(f"{k}=..." for k in sorted(types, key=lambda k: k in common and common.index(k) + 1))
             raise ValueError(f"{spec!r}: {name} takes {takes}, not {param!r}.")
         try:

@@ -496,7 +496,7 @@ class Llava(nn.Module):
         if n_ids:
             compress = getattr(pruner, "compress_image", None)
             vision = self.vision_features(pixel_values, compress) if vision is None else vision
-            features = torch.cat(list(vision))  # (n_ids, Cv): the images' features in order
+            features = vision if torch.is_tensor(vision) else torch.cat(vision)  # per-image lengths: (n_ids, Cv)
             x = x.masked_scatter(is_image[..., None], self.multi_modal_projector(features).to(x.dtype))
         return x
 

@@ -131,13 +131,14 @@ class DyRate(lmms):
         name = str(method).split(":")[0]
         if name not in dyrate.RULES:
             raise ValueError(f"method={method!r}: choose one of {', '.join(dyrate.RULES)}.")
-        own = [f.name for f in fields(dyrate.RULES[name]) if f.name not in ("k", "predictor", "stages", "lam")]
-        unknown = [key for key in params if key not in own + ["stages", "lam"]]  # every rule's stages, lam
+        common = [f.name for f in fields(dyrate.Rule) if f.name != "k"]  # every rule's stages, lam (k is an arg)
+        own = [f.name for f in fields(dyrate.RULES[name]) if f.name not in ("k", "predictor", *common)]
+        unknown = [key for key in params if key not in own + common]
         if unknown:
             args = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "params")]
             raise ValueError(f"unknown model arg {', '.join(map(repr, unknown))}: the valid ones are {', '.join(args)}"
                              + (f", {name}'s own {', '.join(own)}" if own else f" ({name} has no parameters of its "
-                                f"own)") + ", and every rule's stages, lam.")
+                                f"own)") + f", and every rule's {', '.join(common)}.")
         twice = [key for key in params if key in {p.partition("=")[0] for p in str(method).split(":")[1:]}]
         if twice:
             raise ValueError(f"{', '.join(twice)} given twice, in method={method!r} and as a model arg of its own.")

@@ -91,14 +91,23 @@ def task(tmp_path_factory):
     return folder
 
 
-def lmms_eval(task, out, model_args, launcher=(), limit=7):
-    """lmms-eval's own command line on the local task, as a researcher runs it: the process, and the results and the
-    per-record samples it wrote (None where it wrote none)."""
-    cmd = [sys.executable, *launcher, "-m", "lmms_eval", "--model", "dyrate", "--model_args", model_args, "--tasks",
-           "dyrate_shapes_short", "--include_path", str(task / "tasks"), "--batch_size", "4", "--limit", str(limit),
-           "--log_samples", "--output_path", str(out)]
-    run = subprocess.run(cmd, cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                         timeout=600)
+def lmms_evals(task, *runs):
+    """lmms-eval's own command line on the local task, as a researcher runs it, for each (out, model_args, launcher,
+    limit) in runs, started at once (one thread each: the CI's two cores take two): for each, the process, and the
+    results and the per-record samples it wrote (None where it wrote none)."""
+    started = []
+    for out, model_args, launcher, limit in runs:
+        cmd = [sys.executable, *launcher, "-m", "lmms_eval", "--model", "dyrate", "--model_args", model_args, "--tasks",
+               "dyrate_shapes_short", "--include_path", str(task / "tasks"), "--batch_size", "4", "--limit", str(limit),
+               "--log_samples", "--output_path", str(out)]
+        started.append((subprocess.Popen(cmd, cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1"), text=True,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE), cmd, out))
+    return [finished(process, cmd, out) for process, cmd, out in started]
+
+
+def finished(process, cmd, out):
+    stdout, stderr = process.communicate(timeout=600)
+    run = subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
     found = [glob.glob(os.path.join(out, "**", pattern), recursive=True)
              for pattern in ("*_results.json", "*_samples_dyrate_shapes_short.jsonl")]
     if not all(len(paths) == 1 for paths in found):
@@ -116,9 +125,20 @@ def cost_keys(results, method, conv, pad):
 
 
 @pytest.fixture(scope="module")
-def one_process(task, tmp_path_factory):
-    """lmms-eval's command line, one process, DyRate with a learned predictor on 7 records."""
-    return lmms_eval(task, tmp_path_factory.mktemp("one"), f"method=dyrate,predictor={PREDICTOR}")
+def cli_runs(task, tmp_path_factory):
+    """lmms-eval's command lines, run side by side: DyRate with a learned predictor on 7 records, in one process and
+    in two under torchrun; VisionZip on 3; and a mistyped model arg."""
+    learned, torchrun = f"method=dyrate,predictor={PREDICTOR}", ("-m", "torch.distributed.run", "--nproc_per_node=2",
+                                                                  "--standalone")
+    runs = {"one": (learned, (), 7), "two": (learned, torchrun, 7),
+            "visionzip": ("method=visionzip,dominant=40", (), 3), "mistyped": ("method=fastv,raito=0.875", (), 7)}
+    done = lmms_evals(task, *[(tmp_path_factory.mktemp(name), *run) for name, run in runs.items()])
+    return dict(zip(runs, done))
+
+
+@pytest.fixture(scope="module")
+def one_process(cli_runs):
+    return cli_runs["one"]
 
 
 @pytest.mark.slow
@@ -171,10 +191,10 @@ def test_the_lmms_eval_command_finds_the_model_and_writes_the_score_and_the_cost
 
 @pytest.mark.slow
 @needs_entry_point
-def test_the_lmms_eval_command_runs_visionzip(task, tmp_path):
+def test_the_lmms_eval_command_runs_visionzip(cli_runs):
     """--model_args method=visionzip,dominant=40: VisionZip's 40 + 10 tokens before the language model, scored and
     costed like the other rules."""
-    run, results, samples = lmms_eval(task, tmp_path, "method=visionzip,dominant=40", limit=3)
+    run, results, samples = cli_runs["visionzip"]
     assert run.returncode == 0 and results is not None, run.stdout[-3000:] + run.stderr[-3000:]
     written = cost_keys(results, "visionzip:dominant=40:contextual=10:k=2", "vicuna_v1", "true")  # the papers' protocol
     assert written["mean_kept_image_tokens"] == 50 and written["answers"] == 3 and written["flops_ratio"] < 0.5
@@ -182,10 +202,9 @@ def test_the_lmms_eval_command_runs_visionzip(task, tmp_path):
 
 @pytest.mark.slow
 @needs_entry_point
-def test_two_ranks_under_torchrun_give_one_process_answers_score_and_costs(task, one_process, tmp_path):
+def test_two_ranks_under_torchrun_give_one_process_answers_score_and_costs(cli_runs, one_process):
     # 7 records: rank 0 answers 4, rank 1 answers 3 and one filler request that lmms-eval drops (and the costs skip)
-    two, results, samples = lmms_eval(task, tmp_path, f"method=dyrate,predictor={PREDICTOR}",
-                                      ("-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"))
+    two, results, samples = cli_runs["two"]
     assert two.returncode == 0 and results is not None, two.stdout[-3000:] + two.stderr[-3000:]
     _, one_results, one_samples = one_process
     assert [s["filtered_resps"] for s in samples] == [s["filtered_resps"] for s in one_samples]
@@ -197,8 +216,8 @@ def test_two_ranks_under_torchrun_give_one_process_answers_score_and_costs(task,
 
 @pytest.mark.slow
 @needs_entry_point
-def test_the_lmms_eval_command_fails_on_a_mistyped_model_arg_naming_the_valid_ones(task, tmp_path):
-    run, results, _ = lmms_eval(task, tmp_path, "method=fastv,raito=0.875")
+def test_the_lmms_eval_command_fails_on_a_mistyped_model_arg_naming_the_valid_ones(cli_runs):
+    run, results, _ = cli_runs["mistyped"]
     assert run.returncode == 1 and results is None
     assert ("unknown model arg 'raito': the valid ones are model, method, k, predictor, conv, pad, dtype, device, "
             "batch_size, num_beams, allow_protocol_mismatch, fastv's own ratio, and every rule's stages, lam.") \

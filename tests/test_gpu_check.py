@@ -17,7 +17,7 @@ CHECKS = [name for names in gpu_check.checks_of(gpu_check.DRY).values() for name
 
 
 def dry_runs(*runs):
-    """The script's dry runs [(out, flags)], started at once (two take the CI's two cores, a thread each), each with
+    """The script's dry runs [(out, flags)], started at once (a thread each: two take the CI's two cores), each with
     its temporary folders under a scratch folder of its own, which it must leave empty. Returns [(run, summary)]."""
     started = []
     for out, flags in runs:
@@ -73,12 +73,18 @@ def test_a_step_killed_at_the_deadline_leaves_its_checks_not_run(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def planted_runs(tmp_path_factory):
-    """Two whole dry runs, at once: one with a fault planted behind every even-numbered check, one behind every
-    odd-numbered one."""
-    outs, plants = [tmp_path_factory.mktemp(f"gpu-dry-{i}") for i in (0, 1)], [CHECKS[i::2] for i in (0, 1)]
-    runs = dry_runs(*[(out, [a for name in p for a in ("--plant", name)]) for out, p in zip(outs, plants)])
-    return [(out, p, run, summary) for out, p, (run, summary) in zip(outs, plants, runs)]
+def dry_runs_at_once(tmp_path_factory):
+    """Three dry runs, at once: two whole ones, with a fault planted behind every even-numbered check and behind every
+    odd-numbered one, and a clean one of the cheap steps."""
+    outs, plants = [tmp_path_factory.mktemp(f"gpu-dry-{i}") for i in (0, 1, 2)], [CHECKS[i::2] for i in (0, 1)]
+    runs = dry_runs(*[(out, [a for name in p for a in ("--plant", name)]) for out, p in zip(outs, plants)],
+                    (outs[2], ["--steps", "loading,dropping"]))
+    return [(out, p, run, summary) for out, p, (run, summary) in zip(outs, plants + [[]], runs)]
+
+
+@pytest.fixture(scope="module")
+def planted_runs(dry_runs_at_once):
+    return dry_runs_at_once[:2]
 
 
 @pytest.fixture(params=[0, 1], ids=["even-planted", "odd-planted"])
@@ -116,7 +122,7 @@ def test_dry_run_writes_everything_into_one_folder(planted_run):
 
 
 @pytest.mark.slow
-def test_clean_dry_run_of_the_cheap_steps_exits_zero(tmp_path):
-    run, summary = dry_run(tmp_path, "--steps", "loading,dropping")
+def test_clean_dry_run_of_the_cheap_steps_exits_zero(dry_runs_at_once):
+    _, _, run, summary = dry_runs_at_once[2]
     assert run.returncode == 0, run.stdout + run.stderr
     assert {n: c["status"] for n, c in summary["checks"].items()} == {"load-peak": "pass", "kv-dropped": "pass"}

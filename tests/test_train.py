@@ -325,11 +325,20 @@ def test_answers_are_cut_to_max_answer_tokens_and_what_is_too_long_is_counted_on
     assert skipped == {"longer than the context (512)": 3}
 
 
-@pytest.mark.slow
-def test_a_failure_on_one_rank_saves_the_state_and_stops_every_rank(ckpt, data, tmp_path):
-    """Rank 1 of a two-process torchrun (gloo) raises in step 3: both ranks learn it at that step's all-reduce and
-    exit non-zero naming rank 1 and its error (none waits for a collective's timeout), rank 0 having saved step 2's
-    state, from which --resume under torchrun finishes the run."""
+def side_by_side(*commands):
+    """Run each command (a thread per process) at once; returns their CompletedProcesses."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    started = [(cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                      cwd=ROOT)) for cmd in commands]
+    outputs = [(cmd, p.communicate(timeout=180), p) for cmd, p in started]
+    return [subprocess.CompletedProcess(cmd, p.returncode, *out) for cmd, out, p in outputs]
+
+
+@pytest.fixture(scope="module")
+def torchruns(ckpt, data, tmp_path_factory):
+    """The two-process torchrun runs (gloo) of the tests below, two at a time: a failure injected on rank 1 beside a
+    sharded distillation, then the failed run resumed beside a training on the distilled answers."""
+    tmp = tmp_path_factory.mktemp("torchrun")
     inject = ("import os, sys, train\n"
               "real, calls = train.train_step, []\n"
               "def failing(*a, **kw):\n"
@@ -339,42 +348,48 @@ def test_a_failure_on_one_rank_saves_the_state_and_stops_every_rank(ckpt, data, 
               "    return real(*a, **kw)\n"
               "train.train_step = failing\n"
               "train.main(sys.argv[1:])\n")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
-    common = argv(ckpt, data, tmp_path / "p", "--max-iters", "4", "--batch-size", "2")
-    run = subprocess.run([*torchrun, "--no-python", sys.executable, "-c", inject, *common], capture_output=True,
-                         text=True, env=env, cwd=ROOT, timeout=180)
+    common = argv(ckpt, data, tmp / "p", "--max-iters", "4", "--batch-size", "2")
+    shutil.copytree(data, tmp / "raw", ignore=shutil.ignore_patterns("*.answers*"))
+    failed, distilled = side_by_side([*torchrun, "--no-python", sys.executable, "-c", inject, *common],
+                                     [*torchrun, "-m", "tools.distill", *distill_argv(ckpt, tmp / "raw")])
+    state = train.read_state(str(tmp / "p.state"))[1]["iter"] if os.path.isfile(tmp / "p.state") else None
+    resumed, trained = side_by_side([*torchrun, "train.py", *common, "--resume"],
+                                    [*torchrun, "train.py", *argv(ckpt, tmp / "raw", tmp / "ddp", "--max-iters", "3",
+                                                                  "--batch-size", "2")])
+    return dict(tmp=tmp, failed=failed, state=state, resumed=resumed, distilled=distilled, trained=trained)
+
+
+@pytest.mark.slow
+def test_a_failure_on_one_rank_saves_the_state_and_stops_every_rank(torchruns):
+    """Rank 1 of a two-process torchrun (gloo) raises in step 3: both ranks learn it at that step's all-reduce and
+    exit non-zero naming rank 1 and its error (none waits for a collective's timeout), rank 0 having saved step 2's
+    state, from which --resume under torchrun finishes the run."""
+    run = torchruns["failed"]
     assert run.returncode != 0
     stops = re.findall(r"error: step 3 failed \(rank 1: RuntimeError: injected on rank 1\); the state of step 2 is "
                        r"saved", run.stderr)
     assert len(stops) == 2, run.stderr[-3000:]  # each rank's own
-    assert train.read_state(str(tmp_path / "p.state"))[1]["iter"] == 2
-    run = subprocess.run([*torchrun, "train.py", *common, "--resume"], capture_output=True, text=True, env=env,
-                         cwd=ROOT, timeout=180)
+    assert torchruns["state"] == 2
+    run = torchruns["resumed"]
     assert run.returncode == 0, run.stderr[-3000:]
     assert "resumed from" in run.stdout and run.stdout.count("step 4/4") == 1
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes(ckpt, data, tmp_path):
+def test_torchrun_two_processes(ckpt, data, torchruns):
     """DDP on CPU (gloo): two ranks distil each its share of the answers (one answers file each, read together), then
     train, each with a frozen model copy, the predictor's gradients all-reduced."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
-    shutil.copytree(data, tmp_path / "raw", ignore=shutil.ignore_patterns("*.answers*"))
-    run = subprocess.run([*torchrun, "-m", "tools.distill", *distill_argv(ckpt, tmp_path / "raw")], capture_output=True,
-                         text=True, env=env, cwd=ROOT, timeout=120)
+    tmp, run = torchruns["tmp"], torchruns["distilled"]
     assert run.returncode == 0, run.stderr[-2000:]
-    assert os.path.isfile(tmp_path / "raw" / "train.jsonl.answers.rank1.jsonl")
-    sharded = train.read_answers(str(tmp_path / "raw" / "train.jsonl"))  # keyed by image path: the folders differ
-    assert {k.replace(str(tmp_path / "raw"), str(data)): v for k, v in sharded.items()} == \
+    assert os.path.isfile(tmp / "raw" / "train.jsonl.answers.rank1.jsonl")
+    sharded = train.read_answers(str(tmp / "raw" / "train.jsonl"))  # keyed by image path: the folders differ
+    assert {k.replace(str(tmp / "raw"), str(data)): v for k, v in sharded.items()} == \
         train.read_answers(str(data / "train.jsonl"))
-    run = subprocess.run([*torchrun, "train.py", *argv(ckpt, tmp_path / "raw", tmp_path / "ddp", "--max-iters", "3",
-                                                        "--batch-size", "2")],
-                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    run = torchruns["trained"]
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.count("step 3/3") == 1  # only rank 0 logs
-    assert dyrate.RatePredictor.load(tmp_path / "ddp",
+    assert dyrate.RatePredictor.load(tmp / "ddp",
                                      model.Llava.from_pretrained(ckpt[0]).config).meta["trained_iters"] == 3
 
 
